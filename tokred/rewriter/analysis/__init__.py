@@ -1,0 +1,104 @@
+"""Facts about a captured graph, computed once and read by every pass (see DESIGN.md).
+
+    facts = analyze(gm)
+    facts.attention_sites   AttentionSite per attention core (SDPA or softmax chain)
+    facts.projections       ProjectionSite per linear-like node, with its role
+    facts.blocks            Block per transformer block on the residual stream
+    facts.token_axes        TokenAxes: which dims of which node run over tokens
+    facts.token_count       N, the tokens the blocks see; facts.prefix_tokens: class/distill/register
+    facts.shape_literals    (node, position, value): literals in shape arguments equal to a token count
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Optional
+
+import networkx as nx
+from torch import fx
+
+from tokred.rewriter.analysis.blocks import assign_roles, find_blocks, find_prefix_tokens
+from tokred.rewriter.analysis.graph import shape_of, to_networkx
+from tokred.rewriter.analysis.literals import find_shape_literals
+from tokred.rewriter.analysis.sites import (
+    AttentionSite, Block, ProjectionSite, find_attention_sites, find_projections,
+)
+from tokred.rewriter.analysis.token_axis import TokenAxes, infer_token_axes
+from tokred.rewriter.report import FOUND, SKIPPED, Report, SiteRecord
+
+__all__ = ["analyze", "GraphFacts", "AttentionSite", "Block", "ProjectionSite", "TokenAxes"]
+
+
+@dataclass
+class GraphFacts:
+    gm: fx.GraphModule
+    attention_sites: list
+    projections: list
+    blocks: list
+    token_axes: TokenAxes
+    token_count: Optional[int]
+    prefix_tokens: int
+    shape_literals: list
+    nx_graph: nx.DiGraph = field(repr=False, default=None)
+
+    def block_of(self, site: AttentionSite) -> Optional[Block]:
+        return next((b for b in self.blocks if b.attention is site), None)
+
+    def to_report(self) -> Report:
+        report = Report(blocks=len(self.blocks), token_count=self.token_count,
+                        prefix_tokens=self.prefix_tokens)
+        for p in self.projections:
+            report.projections[p.role] = report.projections.get(p.role, 0) + 1
+        for site in self.attention_sites:
+            record = SiteRecord(
+                module=site.module or "?", layer=site.layer, kind=site.kind,
+                q_shape=shape_of(site.q), kv_shape=shape_of(site.k), heads=site.heads,
+                kv_heads=site.kv_heads, head_dim=site.head_dim, causal=site.causal,
+                has_mask=site.mask is not None,
+            )
+            if site.skip_reason:
+                record.mark(SKIPPED, site.skip_reason)
+            site.record = record
+            report.attention_sites.append(record)
+        return report
+
+
+def analyze(gm: fx.GraphModule) -> GraphFacts:
+    """Find sites, blocks, the token axis and shape literals of a Dynamo-captured graph."""
+    graph = gm.graph
+    nxg = to_networkx(graph)
+    sites = find_attention_sites(graph)
+    for i, site in enumerate(sites):
+        site.layer = i
+    counts = Counter(s.q_len for s in sites if s.q_len == s.kv_len)
+    token_counts = set(counts)
+    seeds = {}
+    for site in sites:
+        for node, dims in _site_seeds(site).items():
+            seeds[node] = seeds.get(node, frozenset()) | dims
+    axes = infer_token_axes(graph, token_counts, seeds)
+    projections = find_projections(graph)
+    blocks = find_blocks([s for s in sites if s.q_len == s.kv_len], nxg)
+    for site in sites:
+        if site.q_len != site.kv_len and not site.skip_reason:
+            site.skip_reason = f"cross-attention ({site.q_len} queries, {site.kv_len} keys)"
+    assign_roles(projections, sites, blocks, graph)
+    prefix = find_prefix_tokens(graph, axes, blocks[0].input if blocks else None, nxg)
+    token_count = counts.most_common(1)[0][0] if counts else None
+    literals = find_shape_literals(graph, axes, token_counts)
+    return GraphFacts(gm=gm, attention_sites=sites, projections=projections, blocks=blocks,
+                      token_axes=axes, token_count=token_count, prefix_tokens=prefix,
+                      shape_literals=literals, nx_graph=nxg)
+
+
+def _site_seeds(site: AttentionSite) -> dict:
+    seeds = {}
+    for node in (site.q, site.k, site.v):
+        shape = shape_of(node)
+        if shape is not None and len(shape) >= 2:
+            seeds[node] = seeds.get(node, frozenset()) | {len(shape) - 2}
+    if site.scores is not None:
+        nd = len(shape_of(site.scores))
+        seeds[site.scores] = frozenset({nd - 2, nd - 1})
+    return seeds

@@ -1,0 +1,209 @@
+"""Blocks on the residual stream, projection roles and prefix tokens."""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import networkx as nx
+import torch
+from torch import fx
+
+from tokred.rewriter.analysis.graph import (
+    ADD_FUNCS, LAYER_NORM_FUNCS, RMS_NORM_FUNCS, common_module_path, is_call, is_parameter_like,
+    module_path, shape_of,
+)
+from tokred.rewriter.analysis.sites import (
+    LAYOUT_FUNCS, LAYOUT_METHODS, AttentionSite, Block, is_projection_node,
+)
+from tokred.rewriter.analysis.token_axis import TokenAxes
+
+
+def is_add(node) -> bool:
+    return is_call(node, *ADD_FUNCS, "add")
+
+
+def is_norm(node) -> bool:
+    return is_call(node, *LAYER_NORM_FUNCS, *RMS_NORM_FUNCS)
+
+
+def find_out_projection(site: AttentionSite, max_steps: int = 12) -> Optional[fx.Node]:
+    """The projection that reads the attention output, through layout ops."""
+    cur = site.node
+    for _ in range(max_steps):
+        users = [u for u in cur.users]
+        if len(users) != 1:
+            # SDPA wrappers may return a tuple (output, weights): follow element 0
+            items = [u for u in users if u.target is operator.getitem and u.args[1] == 0]
+            if len(items) != 1:
+                return None
+            cur = items[0]
+            continue
+        cur = users[0]
+        if is_projection_node(cur):
+            return cur
+        if not (is_call(cur, *LAYOUT_METHODS, *LAYOUT_FUNCS) or cur.target is operator.getitem):
+            return None
+    return None
+
+
+def find_residual_add(start: fx.Node, residual_candidates: set, max_nodes: int = 64) -> Optional[fx.Node]:
+    """The first add downstream of ``start`` whose other operand is one of ``residual_candidates``.
+
+    ``start`` is the branch output (e.g. the out projection); the walk passes through dropout,
+    layer scale and post-branch norms (Gemma's post_attention_layernorm) on its way to the add.
+    """
+    frontier, seen = [start], set()
+    while frontier and len(seen) < max_nodes:
+        cur = frontier.pop(0)
+        if cur in seen:
+            continue
+        seen.add(cur)
+        for user in cur.users:
+            if is_add(user):
+                operands = [a for a in user.args[:2] if isinstance(a, fx.Node)]
+                others = [a for a in operands if a is not cur]
+                if len(operands) == 2 and others and others[0] in residual_candidates and \
+                        shape_of(user) == shape_of(others[0]):
+                    return user
+            frontier.append(user)
+    return None
+
+
+def stream_after(add: fx.Node) -> tuple:
+    """The residual stream after an add: the add itself (pre-norm) or its norm (post-norm)."""
+    users = list(add.users)
+    if len(users) == 1 and is_norm(users[0]):
+        return users[0], True
+    return add, False
+
+
+def find_blocks(sites: list, nxg: nx.DiGraph) -> list:
+    """One Block per self-attention site that sits on a residual stream."""
+    blocks = []
+    for site in sites:
+        site.out_proj = find_out_projection(site)
+        if site.out_proj is None:
+            site.skip_reason = "no output projection found after the attention core"
+            continue
+        q_entry = site.q_proj.args[0] if site.q_proj is not None else site.q
+        candidates = nx.ancestors(nxg, q_entry) | {q_entry}
+        attn_add = find_residual_add(site.out_proj, candidates)
+        if attn_add is None:
+            site.skip_reason = "no residual add found after the attention output projection"
+            continue
+        site.residual_add = attn_add
+        residual = next(a for a in attn_add.args[:2] if isinstance(a, fx.Node) and a in candidates)
+        mid, post_norm = stream_after(attn_add)
+        mlp_add = _find_mlp_add(mid)
+        output = stream_after(mlp_add)[0] if mlp_add is not None else None
+        module = site.module.rsplit(".", 1)[0] if "." in site.module else site.module
+        if mlp_add is not None:
+            module = common_module_path([site.module, module_path(mlp_add)]) or module
+        blocks.append(Block(index=len(blocks), attention=site, input=residual, attn_add=attn_add, mid=mid,
+                            mlp_add=mlp_add, output=output, module=module, post_norm=post_norm))
+    return blocks
+
+
+def _find_mlp_add(mid: fx.Node, max_nodes: int = 96) -> Optional[fx.Node]:
+    """The add that closes the MLP branch: add(mid, f(mid)) with a projection inside f."""
+    for user in mid.users:
+        if is_add(user):
+            other = next((a for a in user.args[:2] if isinstance(a, fx.Node) and a is not mid), None)
+            if other is not None and _branch_has_projection(other, mid, max_nodes):
+                return user
+    return None
+
+
+def _branch_has_projection(node: fx.Node, root: fx.Node, max_nodes: int) -> bool:
+    frontier, seen = [node], set()
+    while frontier and len(seen) < max_nodes:
+        cur = frontier.pop()
+        if cur in seen or cur is root:
+            continue
+        seen.add(cur)
+        if is_projection_node(cur):
+            return True
+        frontier.extend(cur.all_input_nodes)
+    return False
+
+
+def assign_roles(projections: list, sites: list, blocks: list, graph: fx.Graph) -> None:
+    """Fill ``ProjectionSite.role`` from the attention sites and blocks."""
+    by_node = {p.node: p for p in projections}
+    for site in sites:
+        q, k, v = site.q_proj, site.k_proj, site.v_proj
+        if q is not None and q is k and k is v:
+            _set_role(by_node, q, "qkv")
+        else:
+            if k is not None and k is v:
+                _set_role(by_node, k, "kv")
+            else:
+                _set_role(by_node, k, "k")
+                _set_role(by_node, v, "v")
+            _set_role(by_node, q, "q")
+        _set_role(by_node, site.out_proj, "out")
+    for block in blocks:
+        if block.mlp_add is None:
+            continue
+        branch = [a for a in block.mlp_add.args[:2] if isinstance(a, fx.Node) and a is not block.mid]
+        inside = _between(block.mid, branch[0]) if branch else []
+        projs = [n for n in inside if n in by_node]
+        for i, node in enumerate(projs):
+            _set_role(by_node, node, "mlp_out" if i == len(projs) - 1 else "mlp_in")
+    # the head after the last block: lm_head where it projects to an embedding table's rows
+    vocab = {shape_of(n.args[1])[0] for n in graph.nodes
+             if is_call(n, torch.nn.functional.embedding) and shape_of(n.args[1])}
+    last = blocks[-1].output if blocks and blocks[-1].output is not None else None
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for p in projections:
+        if p.role == "other" and last is not None and order[p.node] > order[last]:
+            p.role = "lm_head" if p.out_features in vocab else "head"
+
+
+def _set_role(by_node: dict, node, role: str) -> None:
+    if node is not None and node in by_node:
+        by_node[node].role = role
+
+
+def _between(root: fx.Node, leaf: fx.Node, max_nodes: int = 256) -> list:
+    """Nodes on paths from ``root`` to ``leaf`` (exclusive of root), in graph order."""
+    up, frontier = set(), [leaf]
+    while frontier and len(up) < max_nodes:
+        cur = frontier.pop()
+        if cur in up or cur is root:
+            continue
+        up.add(cur)
+        frontier.extend(cur.all_input_nodes)
+    order = {n: i for i, n in enumerate(root.graph.nodes)}
+    return sorted(up, key=lambda n: order[n])
+
+
+def find_prefix_tokens(graph: fx.Graph, axes: TokenAxes, first_input: Optional[fx.Node],
+                       nxg: nx.DiGraph) -> int:
+    """Class/distillation/register tokens: parameter-derived pieces cat'ed in front of the tokens.
+
+    Only ``cat`` nodes upstream of the first block along a token dim count; the prefix is the number
+    of parameter-derived tokens before the first data-derived piece.
+    """
+    if first_input is None:
+        return 0
+    upstream = nx.ancestors(nxg, first_input) | {first_input}
+    best = 0
+    for node in graph.nodes:
+        if node not in upstream or not is_call(node, torch.cat, "cat", torch.concat):
+            continue
+        shape = shape_of(node)
+        if shape is None:
+            continue
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+        dim = dim + len(shape) if dim < 0 else dim
+        if dim not in axes.of(node):
+            continue
+        prefix = 0
+        for piece in node.args[0]:
+            if not isinstance(piece, fx.Node) or not is_parameter_like(piece):
+                break
+            prefix += shape_of(piece)[dim]
+        best = max(best, prefix)
+    return best

@@ -1,0 +1,404 @@
+"""Attention sites, projection sites and blocks of a Dynamo (torch-level) graph.
+
+An attention site is an SDPA call or the decomposed chain ``softmax(q @ k^T * scale [+ mask]) @ v``.
+q, k, v are traced back through layout ops (view/reshape/permute/transpose/unbind/split/...),
+GQA's repeat_kv (expand + reshape) and rotary arithmetic to the projections that made them.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from tokred.rewriter.analysis.graph import (
+    ADD_FUNCS, DROPOUT_FUNCS, LAYER_NORM_FUNCS, LINEAR_TARGETS, MATMUL_TARGETS, RMS_NORM_FUNCS,
+    SDPA_TARGETS, arg, common_module_path, is_call, is_parameter_like, module_path, shape_of,
+)
+
+# ops that move data around without mixing tokens or channels
+LAYOUT_METHODS = {"view", "reshape", "permute", "transpose", "contiguous", "unflatten", "flatten",
+                  "to", "float", "half", "type_as", "clone", "expand", "squeeze", "unsqueeze"}
+LAYOUT_FUNCS = {torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.unflatten,
+                torch.squeeze, torch.unsqueeze}
+SPLIT_CALLS = ("unbind", torch.unbind, "split", torch.split, "chunk", torch.chunk)
+# rotary embeddings: q*cos + rotate_half(q)*sin, with rotate_half = cat(-x2, x1) of slices
+ROTARY_FUNCS = {operator.add, operator.mul, operator.neg, torch.cat, operator.getitem, torch.add,
+                torch.mul, torch.neg}
+
+
+@dataclass
+class ProjectionSite:
+    """A linear-like node: linear, addmm (GPT-2 Conv1D), or matmul with a weight placeholder."""
+
+    node: fx.Node
+    weight: fx.Node
+    in_features: int
+    out_features: int
+    module: str
+    role: str = "other"  # q, k, v, qkv, kv, out, mlp_in, mlp_out, lm_head, other
+
+
+@dataclass
+class AttentionSite:
+    """The attention core of one layer, with everything a pass needs to rewrite it.
+
+    q, k, v: the tensors entering the core, [B, H, Nq, D] / [B, Hkv, Nk, D] (k as given to SDPA;
+    for the manual chain ``k`` is the key before its transpose). ``out`` is the core's output
+    [B, H, Nq, Dv]; ``out_proj`` the projection that consumes it; ``residual_add`` the add of its
+    result into the residual stream.
+    """
+
+    kind: str  # "sdpa" | "manual"
+    node: fx.Node  # the SDPA call, or the final (attn @ v) matmul
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    module: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    q_len: int
+    kv_len: int
+    batch: int
+    causal: bool = False
+    mask: Optional[fx.Node] = None
+    scale: Optional[float] = None
+    softmax: Optional[fx.Node] = None
+    scores: Optional[fx.Node] = None  # q @ k^T (manual chain)
+    gqa: bool = False
+    q_proj: Optional[fx.Node] = None
+    k_proj: Optional[fx.Node] = None
+    v_proj: Optional[fx.Node] = None
+    out_proj: Optional[fx.Node] = None
+    residual_add: Optional[fx.Node] = None
+    layer: Optional[int] = None
+    skip_reason: str = ""
+
+    @property
+    def self_attention(self) -> bool:
+        return self.q_len == self.kv_len and (self.q_proj is None or self.k_proj is None or
+                                              _same_input(self.q_proj, self.k_proj))
+
+
+@dataclass
+class Block:
+    """One transformer block on the residual stream.
+
+    input:  the residual stream entering the block (feeds the attention branch and its residual add)
+    mid:    the stream after the attention residual add (post-norm: after its norm)
+    output: the stream after the MLP residual add (post-norm: after its norm); None if not found
+    """
+
+    index: int
+    attention: AttentionSite
+    input: fx.Node
+    attn_add: fx.Node
+    mid: fx.Node
+    mlp_add: Optional[fx.Node] = None
+    output: Optional[fx.Node] = None
+    module: str = ""
+    post_norm: bool = False
+
+
+def _same_input(a: fx.Node, b: fx.Node) -> bool:
+    return a.args[0] is b.args[0] if a.args and b.args else False
+
+
+# ----------------------------------------------------------------------------- tracing helpers
+
+def skip_layout(node, max_steps: int = 32) -> fx.Node:
+    """Walk back through layout ops (single tensor input) to the node that made the data."""
+    for _ in range(max_steps):
+        if not isinstance(node, fx.Node):
+            return node
+        if is_call(node, *LAYOUT_METHODS, *LAYOUT_FUNCS) or (
+                node.op == "call_function" and node.target in DROPOUT_FUNCS):
+            node = node.args[0]
+            continue
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            src = node.args[0]
+            if is_call(src, *SPLIT_CALLS) or (isinstance(node.args[1], (slice, tuple)) and
+                                              _is_noop_index(node.args[1])):
+                node = src.args[0] if is_call(src, *SPLIT_CALLS) else src
+                continue
+        return node
+    return node
+
+
+def _is_noop_index(idx) -> bool:
+    items = idx if isinstance(idx, tuple) else (idx,)
+    return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in items)
+
+
+def is_projection_node(node) -> bool:
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    if node.target in LINEAR_TARGETS or node.target is torch.addmm:
+        return True
+    if node.target in MATMUL_TARGETS:
+        b = node.args[1]
+        return isinstance(b, fx.Node) and is_parameter_like(b)
+    return False
+
+
+def trace_projection(node, max_depth: int = 48) -> Optional[fx.Node]:
+    """The projection that produced ``node``: back through layout, GQA repeat and rotary ops.
+
+    Rotary arithmetic mixes the tensor with cos/sin tables (parameter- or position-derived); the
+    walk follows the operand that is not a table, i.e. the one that reaches a projection.
+    """
+    seen = set()
+    frontier = [node]
+    while frontier and max_depth > 0:
+        max_depth -= 1
+        cur = skip_layout(frontier.pop(0))
+        if not isinstance(cur, fx.Node) or cur in seen:
+            continue
+        seen.add(cur)
+        if is_projection_node(cur):
+            return cur
+        if cur.op == "call_function" and (cur.target in ROTARY_FUNCS or cur.target in MATMUL_TARGETS) \
+                or is_call(cur, "add", "mul", "neg", "__getitem__"):
+            frontier.extend(a for a in cur.all_input_nodes if not is_parameter_like(a))
+    return None
+
+
+def _scalar(x) -> Optional[float]:
+    if isinstance(x, (int, float)) and not isinstance(x, bool):
+        return float(x)
+    return None
+
+
+# ----------------------------------------------------------------------------- attention sites
+
+def find_sdpa_site(node: fx.Node) -> AttentionSite:
+    q, k, v = node.args[0], node.args[1], node.args[2]
+    mask = arg(node, 3, "attn_mask")
+    causal = bool(arg(node, 5, "is_causal", False))
+    scale = arg(node, 6, "scale")
+    gqa = bool(node.kwargs.get("enable_gqa", False))
+    return _make_site("sdpa", node, q, k, v, mask, causal, _scalar(scale), None, None, gqa)
+
+
+def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
+    """``softmax(q @ k^T * scale [+ mask]) [dropout] @ v`` around a softmax node, or None."""
+    dim = arg(softmax, 1, "dim", None)
+    x_shape = shape_of(softmax)
+    if x_shape is None or len(x_shape) < 3 or dim not in (-1, len(x_shape) - 1):
+        return None
+    # backward from softmax to the scores matmul, collecting scale and mask
+    scale, mask, cur = None, None, softmax.args[0]
+    for _ in range(8):
+        cur_shape = shape_of(cur)
+        if not isinstance(cur, fx.Node):
+            return None
+        if cur.target in MATMUL_TARGETS or is_call(cur, "matmul", "bmm"):
+            break
+        if is_call(cur, operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+            a, b = cur.args[0], cur.args[1]
+            s = _scalar(b)
+            if s is not None:
+                scale = (scale or 1.0) * (s if cur.target in (operator.mul, torch.mul, "mul") else 1.0 / s)
+                cur = a
+                continue
+            return None
+        if is_call(cur, operator.add, torch.add, "add"):
+            a, b = cur.args[0], cur.args[1]
+            # the scores operand has the full [.., Nq, Nk] shape and comes from a matmul chain
+            if isinstance(a, fx.Node) and _reaches_matmul(a):
+                mask, cur = b, a
+            elif isinstance(b, fx.Node) and _reaches_matmul(b):
+                mask, cur = a, b
+            else:
+                return None
+            continue
+        if is_call(cur, "masked_fill", torch.masked_fill, torch.where):
+            if cur.target is torch.where:
+                mask, cur = cur.args[0], cur.args[1]
+            else:
+                mask, cur = cur.args[1], cur.args[0]
+            continue
+        if is_call(cur, "to", "float", "type_as", "contiguous"):
+            cur = cur.args[0]
+            continue
+        return None
+    else:
+        return None
+    scores = cur
+    if not (scores.target in MATMUL_TARGETS or is_call(scores, "matmul", "bmm")):
+        return None
+    q, kt = scores.args[0], scores.args[1]
+    # forward from softmax to the (attn @ v) matmul
+    cur = softmax
+    for _ in range(6):
+        users = list(cur.users)
+        if len(users) != 1:
+            # attention weights returned as an output as well: follow the matmul user
+            mm = [u for u in users if u.target in MATMUL_TARGETS or is_call(u, "matmul", "bmm")]
+            if len(mm) != 1:
+                return None
+            cur = mm[0]
+            break
+        cur = users[0]
+        if cur.target in MATMUL_TARGETS or is_call(cur, "matmul", "bmm"):
+            break
+        if not (is_call(cur, "to", "float", "type_as", "contiguous", "half", "bfloat16")
+                or (cur.op == "call_function" and cur.target in DROPOUT_FUNCS)):
+            return None
+    else:
+        return None
+    out = cur
+    if out.args[0] is not softmax and skip_layout(out.args[0]) is not softmax and \
+            not _reaches(out.args[0], softmax):
+        return None
+    v = out.args[1]
+    k = _untranspose(kt)
+    # q pre-scaled as in timm's eager path (q = q * scale; attn = q @ k^T)
+    if isinstance(q, fx.Node) and is_call(q, operator.mul, torch.mul, "mul") and _scalar(q.args[1]) is not None:
+        scale = (scale or 1.0) * _scalar(q.args[1])
+    causal = _looks_causal(mask)
+    site = _make_site("manual", out, q, k, v, mask, causal, scale, softmax, scores, False)
+    return site
+
+
+def _reaches_matmul(node: fx.Node) -> bool:
+    cur = node
+    for _ in range(6):
+        if not isinstance(cur, fx.Node):
+            return False
+        if cur.target in MATMUL_TARGETS or is_call(cur, "matmul", "bmm"):
+            return True
+        if is_call(cur, operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", "to", "float"):
+            cur = cur.args[0]
+            continue
+        return False
+    return False
+
+
+def _reaches(node, target: fx.Node, depth: int = 4) -> bool:
+    if node is target:
+        return True
+    if not isinstance(node, fx.Node) or depth == 0:
+        return False
+    return any(_reaches(a, target, depth - 1) for a in node.all_input_nodes)
+
+
+def _untranspose(kt):
+    """``k.transpose(-2, -1)`` -> k (the manual chain's key before its transpose)."""
+    if is_call(kt, "transpose", torch.transpose):
+        return kt.args[0]
+    if is_call(kt, "permute", torch.permute):
+        return kt.args[0]
+    if is_call(kt, "mT", "t"):
+        return kt.args[0]
+    return kt
+
+
+def _looks_causal(mask) -> bool:
+    """A mask built from tril/triu or an index comparison (q_idx >= kv_idx) within a few steps."""
+    if not isinstance(mask, fx.Node):
+        return False
+    frontier, seen = [mask], set()
+    while frontier and len(seen) < 64:
+        cur = frontier.pop()
+        if not isinstance(cur, fx.Node) or cur in seen:
+            continue
+        seen.add(cur)
+        if is_call(cur, torch.tril, torch.triu, "tril", "triu", "triu_", "tril_"):
+            return True
+        if is_call(cur, operator.le, operator.ge, operator.lt, operator.gt, torch.le, torch.ge, "le", "ge"):
+            a, b = cur.args[0], cur.args[1]
+            if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+                sa, sb = shape_of(a), shape_of(b)
+                if sa and sb and len(sa) == len(sb) and sa != sb:
+                    return True
+        frontier.extend(cur.all_input_nodes)
+    return False
+
+
+def _make_site(kind, node, q, k, v, mask, causal, scale, softmax, scores, gqa) -> AttentionSite:
+    qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
+    kv_heads = ks[-3] if ks and len(ks) >= 3 else 1
+    # eager GQA (repeat_kv): k is expand+reshape of [B, Hkv, N, D]; report the pre-repeat heads
+    pre = _pre_repeat_heads(k)
+    if pre is not None:
+        kv_heads, gqa = pre, True
+    paths = [module_path(n) for n in (node, softmax, scores) if isinstance(n, fx.Node)]
+    module = common_module_path(paths) if kind == "manual" else module_path(node)
+    site = AttentionSite(
+        kind=kind, node=node, q=q, k=k, v=v, module=module,
+        heads=qs[-3] if len(qs) >= 3 else 1, kv_heads=kv_heads, head_dim=qs[-1],
+        q_len=qs[-2], kv_len=ks[-2], batch=qs[0] if len(qs) >= 4 else 1, causal=causal, mask=mask,
+        scale=scale, softmax=softmax, scores=scores, gqa=gqa or kv_heads != (qs[-3] if len(qs) >= 3 else 1),
+    )
+    site.q_proj, site.k_proj, site.v_proj = trace_projection(q), trace_projection(k), trace_projection(v)
+    return site
+
+
+def _pre_repeat_heads(k) -> Optional[int]:
+    """Heads before repeat_kv: reshape(expand(x[:, :, None], B, Hkv, n_rep, N, D), B, H, N, D)."""
+    if not is_call(k, "reshape", "view", torch.reshape):
+        cur = k
+    else:
+        cur = k.args[0]
+    if is_call(cur, "contiguous"):
+        cur = cur.args[0]
+    if is_call(cur, "expand"):
+        src = shape_of(cur.args[0])
+        out = shape_of(cur)
+        if src and out and len(out) == 5 and src[2] == 1 and out[2] > 1:
+            return out[1]
+    if is_call(cur, "repeat_interleave", torch.repeat_interleave):
+        src = shape_of(cur.args[0])
+        return src[1] if src and len(src) == 4 else None
+    return None
+
+
+def find_attention_sites(graph: fx.Graph) -> list:
+    """All attention sites of ``graph``, in graph order."""
+    sites = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in SDPA_TARGETS:
+            sites.append(find_sdpa_site(node))
+        elif is_call(node, F.softmax, torch.softmax, "softmax", torch._softmax if hasattr(torch, "_softmax") else F.softmax):
+            site = find_manual_site(node)
+            if site is not None:
+                sites.append(site)
+    return sites
+
+
+# ----------------------------------------------------------------------------- projections
+
+def find_projections(graph: fx.Graph) -> list:
+    """Every linear-like node with its weight and feature sizes (role filled in later)."""
+    out = []
+    for node in graph.nodes:
+        if not is_projection_node(node):
+            continue
+        if node.target is torch.addmm:  # addmm(bias, x2d, weight[in, out])
+            w = node.args[2]
+            ws = shape_of(w)
+            if not ws:
+                continue
+            fin, fout = ws
+        elif node.target in LINEAR_TARGETS:
+            w = node.args[1]
+            ws = shape_of(w)
+            if not ws or len(ws) != 2:
+                continue
+            fout, fin = ws
+        else:
+            w = node.args[1]
+            ws = shape_of(w)
+            if not ws or len(ws) != 2:
+                continue
+            fin, fout = ws
+        out.append(ProjectionSite(node=node, weight=w, in_features=fin, out_features=fout,
+                                  module=module_path(node)))
+    return out

@@ -1,0 +1,122 @@
+"""The rewrite report: what was found in the graph, what changed where, and what it costs.
+
+``print(report)`` shows one row per attention site; ``report.attention_sites`` is the list of
+:class:`SiteRecord` behind it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+FOUND, REWRITTEN, SKIPPED = "found", "rewritten", "skipped"
+
+
+@dataclass
+class SiteRecord:
+    """One attention site as the report shows it.
+
+    module:  qualified module name, e.g. ``blocks.3.attn`` (``?`` when the graph has no module stack)
+    q_shape / kv_shape: shapes of the query and key tensors ([B, H, N, D])
+    status:  found / rewritten / skipped; reason: why skipped (or what was rewritten)
+    """
+
+    module: str
+    layer: Optional[int]
+    kind: str  # "sdpa" or "manual"
+    q_shape: tuple
+    kv_shape: tuple
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+    has_mask: bool
+    status: str = FOUND
+    reason: str = ""
+    passes: list = field(default_factory=list)
+
+    def mark(self, status: str, reason: str = "", pass_name: str | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        if pass_name and pass_name not in self.passes:
+            self.passes.append(pass_name)
+
+
+@dataclass
+class Report:
+    """Everything tokred did to one captured graph (or, merged, to a whole model)."""
+
+    attention_sites: list = field(default_factory=list)
+    projections: dict = field(default_factory=dict)  # role -> count
+    blocks: int = 0
+    token_count: Optional[int] = None
+    prefix_tokens: int = 0
+    flops_before: float = 0.0
+    flops_after: float = 0.0
+    notes: list = field(default_factory=list)
+    graphs: int = 0
+
+    def note(self, line: str) -> None:
+        if line not in self.notes:
+            self.notes.append(line)
+
+    @property
+    def changed(self) -> bool:
+        return any(s.status == REWRITTEN for s in self.attention_sites)
+
+    def merge(self, other: "Report") -> None:
+        """Fold the report of another captured graph (a graph break) into this one."""
+        self.attention_sites.extend(other.attention_sites)
+        for role, n in other.projections.items():
+            self.projections[role] = self.projections.get(role, 0) + n
+        self.blocks += other.blocks
+        self.token_count = self.token_count or other.token_count
+        self.prefix_tokens = max(self.prefix_tokens, other.prefix_tokens)
+        self.flops_before += other.flops_before
+        self.flops_after += other.flops_after
+        for line in other.notes:
+            self.note(line)
+        self.graphs += other.graphs
+
+    def table(self) -> str:
+        headers = ["module", "layer", "kind", "q [B,H,N,D]", "kv [B,H,N,D]", "heads", "kv_heads",
+                   "head_dim", "causal", "mask", "status", "reason"]
+        rows = [[s.module, "" if s.layer is None else str(s.layer), s.kind,
+                 "x".join(map(str, s.q_shape)), "x".join(map(str, s.kv_shape)), str(s.heads),
+                 str(s.kv_heads), str(s.head_dim), "yes" if s.causal else "no",
+                 "yes" if s.has_mask else "no", s.status, s.reason]
+                for s in self.attention_sites]
+        widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+                  for i, h in enumerate(headers)]
+        line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+        out = [line(headers), line(["-" * w for w in widths])]
+        out += [line(r) for r in rows]
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        parts = ["tokred report"]
+        if not self.attention_sites:
+            parts.append("no attention found: the model passes through unchanged")
+        else:
+            parts.append(self.table())
+        summary = [f"attention sites: {len(self.attention_sites)}", f"blocks: {self.blocks}"]
+        if self.token_count is not None:
+            summary.append(f"tokens: {self.token_count} ({self.prefix_tokens} prefix)")
+        if self.projections:
+            summary.append("projections: " + ", ".join(f"{k} {v}" for k, v in sorted(self.projections.items())))
+        parts.append("; ".join(summary))
+        if self.flops_before:
+            ratio = self.flops_after / self.flops_before
+            parts.append(f"FLOPs: {_fmt_flops(self.flops_before)} before, {_fmt_flops(self.flops_after)} after "
+                         f"({ratio:.3f}x)")
+        parts += [f"note: {n}" for n in self.notes]
+        return "\n".join(parts)
+
+    __repr__ = __str__
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.2f} {unit}"
+    return f"{x:.0f} "
