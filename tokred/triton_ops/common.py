@@ -52,8 +52,7 @@ class LazyTritonKernel:
 
     def jitted(self):
         """The ``triton.jit`` object for the current TRITON_INTERPRET setting."""
-        if not HAS_TRITON:
-            raise RuntimeError(f"{self.fn.__name__} needs triton, which is not installed")
+        require_triton(self.fn.__name__)
         mode = interpreter_enabled()
         if mode not in self._jitted:
             self._jitted[mode] = triton.jit(self.fn)
@@ -66,6 +65,12 @@ class LazyTritonKernel:
 def triton_kernel(fn: Callable) -> LazyTritonKernel:
     """Decorator for tokred kernels: ``triton.jit``, applied lazily (see ``LazyTritonKernel``)."""
     return LazyTritonKernel(fn)
+
+
+def require_triton(op_name: str) -> None:
+    """Raise a clear error where a Triton launch is asked for without Triton installed."""
+    if not HAS_TRITON:
+        raise RuntimeError(f"{op_name}: the Triton kernel needs the triton package; use the reference path")
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

@@ -57,6 +57,7 @@ def gather_tokens_triton(x: Tensor, index: Tensor, block_m: int | None = None, b
     ``block_m``/``block_c`` override the block sizes chosen from the shapes (powers of two;
     tests use small ones to exercise partial tiles on tiny tensors).
     """
+    common.require_triton("gather_tokens")
     common.check_token_index("gather_tokens", x, index)
     batch, tokens_out = index.shape
     rows = common.as_token_rows(x)

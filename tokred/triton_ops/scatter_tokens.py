@@ -19,12 +19,15 @@ from tokred.triton_ops.gather_tokens import gather_tokens
 def check_scatter_args(base: Tensor, index: Tensor, src: Tensor) -> None:
     """Raise unless ``src`` is ``[B, M, *row]`` for ``base[B, N, *row]``, ``index[B, M]``, same dtype."""
     common.check_token_index("scatter_tokens", base, index)
-    torch._check(
-        src.dim() == base.dim() and src.shape[0] == index.shape[0] and src.shape[1] == index.shape[1]
-        and all(s == b for s, b in zip(src.shape[2:], base.shape[2:])),
-        lambda: f"scatter_tokens: src {tuple(src.shape)} must be [B, M, *row] for base "
-        f"{tuple(base.shape)} and index {tuple(index.shape)}",
-    )
+
+    def shape_message():
+        return (f"scatter_tokens: src {tuple(src.shape)} must be [B, M, *row] for base "
+                f"{tuple(base.shape)} and index {tuple(index.shape)}")
+
+    torch._check(src.dim() == base.dim(), shape_message)
+    # One check per size, so symbolic sizes become separate guards rather than one forced bool.
+    for src_size, expected in zip(src.shape, (*index.shape, *base.shape[2:])):
+        torch._check(src_size == expected, shape_message)
     torch._check(src.dtype == base.dtype, lambda: f"scatter_tokens: src {src.dtype} vs base {base.dtype}")
     torch._check(src.device == base.device, lambda: f"scatter_tokens: src on {src.device}, base on {base.device}")
 
@@ -32,8 +35,8 @@ def check_scatter_args(base: Tensor, index: Tensor, src: Tensor) -> None:
 def scatter_tokens_reference(base: Tensor, index: Tensor, src: Tensor) -> Tensor:
     """Plain-torch scatter along the token axis; the CPU path and the reference for the kernel."""
     check_scatter_args(base, index, src)
-    # Out-of-place scatter clones base (contiguous here, so the output is contiguous too).
-    return base.contiguous().scatter(1, common.expand_token_index(index, base), src)
+    out = base.clone(memory_format=torch.contiguous_format)
+    return out.scatter_(1, common.expand_token_index(index, out), src)
 
 
 if HAS_TRITON:
@@ -75,6 +78,7 @@ def scatter_tokens_triton(
 
     ``block_m``/``block_c`` override the block sizes chosen from the shapes (powers of two).
     """
+    common.require_triton("scatter_tokens")
     check_scatter_args(base, index, src)
     batch, tokens_in = index.shape
     out = base.clone(memory_format=torch.contiguous_format)

@@ -14,7 +14,7 @@ from tokred.rewriter.analysis.graph import (
     module_path, shape_of,
 )
 from tokred.rewriter.analysis.sites import (
-    LAYOUT_FUNCS, LAYOUT_METHODS, AttentionSite, Block, is_projection_node,
+    LAYOUT_FUNCS, LAYOUT_METHODS, AttentionSite, Block, is_projection_node, projection_input,
 )
 from tokred.rewriter.analysis.token_axis import TokenAxes
 
@@ -31,7 +31,8 @@ def find_out_projection(site: AttentionSite, max_steps: int = 12) -> Optional[fx
     """The projection that reads the attention output, through layout ops."""
     cur = site.node
     for _ in range(max_steps):
-        users = [u for u in cur.users]
+        # size()/dim() calls read the shape, not the data
+        users = [u for u in cur.users if not is_call(u, "size", "dim", "numel")]
         if len(users) != 1:
             # SDPA wrappers may return a tuple (output, weights): follow element 0
             items = [u for u in users if u.target is operator.getitem and u.args[1] == 0]
@@ -86,7 +87,7 @@ def find_blocks(sites: list, nxg: nx.DiGraph) -> list:
         if site.out_proj is None:
             site.skip_reason = "no output projection found after the attention core"
             continue
-        q_entry = site.q_proj.args[0] if site.q_proj is not None else site.q
+        q_entry = projection_input(site.q_proj) if site.q_proj is not None else site.q
         candidates = nx.ancestors(nxg, q_entry) | {q_entry}
         attn_add = find_residual_add(site.out_proj, candidates)
         if attn_add is None:
@@ -96,7 +97,9 @@ def find_blocks(sites: list, nxg: nx.DiGraph) -> list:
         residual = next(a for a in attn_add.args[:2] if isinstance(a, fx.Node) and a in candidates)
         mid, post_norm = stream_after(attn_add)
         mlp_add = _find_mlp_add(mid)
-        output = stream_after(mlp_add)[0] if mlp_add is not None else None
+        # post-norm is a property of the block, read off its attention add: the last block's MLP add
+        # of a pre-norm model also has a single norm user (the final norm), which is not the block's
+        output = (stream_after(mlp_add)[0] if post_norm else mlp_add) if mlp_add is not None else None
         module = site.module.rsplit(".", 1)[0] if "." in site.module else site.module
         if mlp_add is not None:
             module = common_module_path([site.module, module_path(mlp_add)]) or module

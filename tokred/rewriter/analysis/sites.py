@@ -136,6 +136,14 @@ def _is_noop_index(idx) -> bool:
     return all(i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None)) for i in items)
 
 
+def projection_input(node: fx.Node) -> fx.Node:
+    """The activation a projection reads, before GPT-2 Conv1D's ``view(-1, C)``."""
+    x = node.args[1] if node.target is torch.addmm else node.args[0]
+    if is_call(x, "view", "reshape", torch.reshape) and isinstance(x.args[0], fx.Node):
+        return x.args[0]
+    return x
+
+
 def is_projection_node(node) -> bool:
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
@@ -180,7 +188,7 @@ def _scalar(x) -> Optional[float]:
 def find_sdpa_site(node: fx.Node) -> AttentionSite:
     q, k, v = node.args[0], node.args[1], node.args[2]
     mask = arg(node, 3, "attn_mask")
-    causal = bool(arg(node, 5, "is_causal", False))
+    causal = bool(arg(node, 5, "is_causal", False)) or _looks_causal(mask)
     scale = arg(node, 6, "scale")
     gqa = bool(node.kwargs.get("enable_gqa", False))
     return _make_site("sdpa", node, q, k, v, mask, causal, _scalar(scale), None, None, gqa)
@@ -224,7 +232,7 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
             else:
                 mask, cur = cur.args[1], cur.args[0]
             continue
-        if is_call(cur, "to", "float", "type_as", "contiguous"):
+        if is_call(cur, "to", "float", "type", "type_as", "contiguous"):
             cur = cur.args[0]
             continue
         return None
@@ -248,7 +256,7 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
         cur = users[0]
         if cur.target in MATMUL_TARGETS or is_call(cur, "matmul", "bmm"):
             break
-        if not (is_call(cur, "to", "float", "type_as", "contiguous", "half", "bfloat16")
+        if not (is_call(cur, "to", "float", "type", "type_as", "contiguous", "half", "bfloat16")
                 or (cur.op == "call_function" and cur.target in DROPOUT_FUNCS)):
             return None
     else:

@@ -1,0 +1,195 @@
+"""Changing the token count of a graph between two points of the residual stream.
+
+    cut = reduce_tokens(gm, facts, block, make_index, keep=M)
+
+inserts, after ``block``'s output (or its mid point, between attention and MLP), a node that keeps
+``M`` of the ``N`` tokens (``make_index(graph, stream) -> index node [B, M]``), and makes the rest of
+the graph valid for M tokens:
+
+- every literal N on a token dim of a shape argument downstream becomes M (DESIGN.md: token axis);
+- side inputs that carry the token axis (attention masks, rotary tables, position ids) are gathered
+  with the same index where the reduced region reads them;
+- at the end of the last block the token axis is restored (``scatter_tokens`` into the stream as it
+  was at the cut): removed tokens exit early with the value they had when removed, so everything
+  after the blocks (final norm, pooling, heads, the graph outputs) sees N tokens again (invariant 1).
+
+The rewrite is checked by fake-tensor shape propagation; on any failure the graph is restored and a
+:class:`RewriteError` names the node.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import networkx as nx
+import torch
+from torch import fx
+
+import tokred.triton_ops  # noqa: F401  (registers the tokred:: ops used below)
+from tokred.rewriter import tokens
+from tokred.rewriter.analysis.graph import shape_of, to_networkx
+from tokred.rewriter.analysis.literals import literals_of, set_path
+from tokred.rewriter.verify import check_output_contract, output_signature, propagate_shapes
+
+
+class RewriteError(ValueError):
+    """A rewrite that cannot be done; the message names the graph node and the reason."""
+
+
+@dataclass
+class TokenCut:
+    """What :func:`reduce_tokens` did: where, the index node, and the nodes it added."""
+
+    stream: fx.Node  # residual stream at the cut [B, N, C]
+    gathered: fx.Node  # [B, M, C]
+    index: fx.Node  # [B, M]
+    restored: Optional[fx.Node]  # [B, N, C] after the last block (None: no block after the cut)
+    region: list  # nodes computed on M tokens
+    side_inputs: list  # (node, dims) gathered for the region
+    literals: int  # literals rewritten
+    token_dims: dict  # region node -> its token dims (from the analysis, before the rewrite)
+
+
+def reduce_tokens(gm: fx.GraphModule, facts, block, make_index: Callable, keep: int,
+                  where: str = "output", example_inputs=None) -> TokenCut:
+    """Keep ``keep`` tokens after ``block`` (``where``: "output" or "mid"); see the module doc."""
+    stream = block.output if where == "output" else block.mid
+    if stream is None:
+        raise RewriteError(f"block {block.module or block.index}: no residual stream node at its {where}")
+    n = _token_count(facts, stream)
+    if not 0 < keep <= n:
+        raise RewriteError(f"node {stream.name}: cannot keep {keep} of {n} tokens")
+    last = facts.blocks[-1].output
+    if last is None:
+        raise RewriteError(f"block {facts.blocks[-1].module}: its output (MLP residual add) was not found")
+    backup = _copy_graph(gm.graph)
+    outputs_before = output_signature(gm)
+    try:
+        cut = _reduce(gm, facts, stream, last, make_index, keep, n)
+        gm.recompile()
+        if example_inputs is not None:
+            _check(gm, cut, example_inputs, keep, n)
+            check_output_contract(outputs_before, output_signature(gm))
+        return cut
+    except Exception as exc:
+        gm.graph = backup
+        gm.recompile()
+        if isinstance(exc, RewriteError):
+            raise
+        raise RewriteError(f"reducing tokens after {stream.name} failed: {exc}") from exc
+
+
+def _reduce(gm, facts, stream, last, make_index, keep, n) -> TokenCut:
+    graph = gm.graph
+    axes = facts.token_axes
+    nxg = to_networkx(graph)
+    if stream is last:
+        region = []
+    else:
+        region_set = (nx.descendants(nxg, stream) & (nx.ancestors(nxg, last) | {last}))
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        region = sorted(region_set, key=order.__getitem__)
+    region_set = set(region)
+    if 1 not in axes.of(stream):
+        raise RewriteError(f"node {stream.name}: token axis is not dim 1 of the residual stream")
+    _check_escapes(nxg, stream, last, region_set, axes)
+
+    with graph.inserting_after(stream):
+        index = make_index(graph, stream)
+    with graph.inserting_after(index):
+        gathered = graph.call_function(tokens.gather_stream, (stream, index))
+    for user in list(stream.users):
+        if user in region_set:
+            user.replace_input_with(stream, gathered)
+
+    # side inputs: tensors from outside the region that carry the token axis where it reads them
+    side = []
+    gathered_side = {}
+    for node in region:
+        for inp in list(node.all_input_nodes):
+            if inp in region_set or inp is gathered or inp is index:
+                continue
+            dims = sorted(d for d in axes.of(inp) if shape_of(inp)[d] == n)
+            if not dims:
+                continue
+            if 0 in dims:
+                raise RewriteError(f"node {inp.name} (read by {node.name}) has its token axis at dim 0; "
+                                   f"cannot gather it per sample")
+            if inp not in gathered_side:
+                with graph.inserting_before(node):  # its first reader: inp is defined by now
+                    cur = inp
+                    for d in dims:
+                        cur = graph.call_function(tokens.gather_token_dim, (cur, index, d))
+                gathered_side[inp] = cur
+                side.append((inp, tuple(dims)))
+            node.replace_input_with(inp, gathered_side[inp])
+
+    # literals: N on a token dim of a shape argument becomes M (k*N -> k*M for merged dims)
+    rewritten = 0
+    for node in region:
+        for lit in literals_of(node, axes, {n}):
+            set_path(node, lit.path, lit.value // n * keep)
+            rewritten += 1
+
+    restored = None
+    if region:
+        with graph.inserting_after(last):
+            restored = graph.call_function(tokens.scatter_stream, (stream, index, last))
+        for user in list(last.users):
+            if user is not restored:
+                user.replace_input_with(last, restored)
+    graph.lint()
+    return TokenCut(stream=stream, gathered=gathered, index=index, restored=restored, region=region,
+                    side_inputs=side, literals=rewritten,
+                    token_dims={node: axes.of(node) for node in region})
+
+
+def _token_count(facts, stream: fx.Node) -> int:
+    shape = shape_of(stream)
+    if shape is None or len(shape) != 3:
+        raise RewriteError(f"node {stream.name}: the residual stream is not a [B, N, C] tensor")
+    return shape[1]
+
+
+def _check_escapes(nxg, stream, last, region_set, axes) -> None:
+    """Region nodes read outside the region (other than by the restore point) must not carry tokens.
+
+    Example: HF ``output_attentions`` returns per-layer attention maps [B, H, N, N]; their removed
+    rows cannot be restored, so such a graph is not rewritten.
+    """
+    for node in region_set:
+        if node is last:
+            continue
+        for user in node.users:
+            if user not in region_set and axes.carries_tokens(node):
+                raise RewriteError(
+                    f"node {node.name} carries the token axis out of the reduced region (read by "
+                    f"{user.name}); its removed tokens cannot be restored")
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    new = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
+    value_map = {}
+    out = new.graph_copy(graph, value_map)
+    new.output(out)
+    return new
+
+
+def _check(gm, cut: TokenCut, example_inputs, keep: int, n: int) -> None:
+    """Shape-propagate the rewritten graph; every region node's token dims must now hold M."""
+    before = {node: shape_of(node) for node in cut.region}
+    propagate_shapes(gm, example_inputs)
+    for node in cut.region:
+        old, new = before[node], shape_of(node)
+        if old is None:
+            continue
+        if new is None or len(new) != len(old):
+            raise RewriteError(f"node {node.name}: shape changed from {old} to {new}")
+        for d, (a, b) in enumerate(zip(old, new)):
+            expected = a // n * keep if d in cut.token_dims[node] and a % n == 0 else a
+            if b != expected:
+                raise RewriteError(f"node {node.name}: dim {d} is {b} after the rewrite, expected "
+                                   f"{expected} (shape before {old})")
+

@@ -1,0 +1,41 @@
+"""Plain functions that the surgery inserts into graphs to move tokens around.
+
+They are ordinary torch code (traced by inductor, exported by torch.onnx); the [B, N, C] residual
+stream goes through the ``tokred::gather_tokens`` / ``tokred::scatter_tokens`` kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_token_dim(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Take tokens ``index`` [B, M] along ``dim`` of ``x`` [B or 1, ..., N, ...] -> [B, ..., M, ...].
+
+    Used for side inputs of the reduced region: masks ([B, 1, N, N], once per token dim), rotary
+    tables ([B, N, D]), position ids ([B, N]). A broadcast batch dim of 1 is expanded to B.
+    """
+    batch = index.shape[0]
+    if x.shape[0] != batch:
+        x = x.expand(batch, *x.shape[1:])
+    view = [batch] + [1] * (x.dim() - 1)
+    view[dim] = index.shape[1]
+    expand = list(x.shape)
+    expand[dim] = index.shape[1]
+    return torch.gather(x, dim, index.reshape(view).expand(expand))
+
+
+def gather_stream(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Kept tokens of the residual stream: x [B, N, C], index [B, M] -> [B, M, C]."""
+    return torch.ops.tokred.gather_tokens(x, index)
+
+
+def scatter_stream(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """Restore the token axis: ``base`` [B, N, C] with rows ``index`` [B, M] replaced by src [B, M, C]."""
+    return torch.ops.tokred.scatter_tokens(base, index, src)
+
+
+def fixed_token_index(x: torch.Tensor, keep: tuple) -> torch.Tensor:
+    """The same kept token positions for every sample: x [B, N, ...] -> index [B, len(keep)] int64."""
+    index = torch.tensor(keep, dtype=torch.int64, device=x.device)
+    return index.unsqueeze(0).expand(x.shape[0], len(keep))

@@ -1,0 +1,49 @@
+"""Checks run after a rewrite: graph lint, fake-tensor shape propagation, the output contract."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+
+def _fake_mode(example_inputs) -> FakeTensorMode:
+    mode = torch._guards.detect_fake_mode(example_inputs)
+    return mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
+    """Recompute ``node.meta['example_value']`` of every node with fake tensors.
+
+    Raises whatever shape error the first inconsistent node gives, with the node named.
+    """
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = _fake_mode(example_inputs)
+    prop = FakeTensorProp(gm, mode)
+    try:
+        prop.propagate(*example_inputs)
+    except Exception as exc:  # name the node that failed
+        raise ValueError(f"shape propagation failed: {exc}") from exc
+    for node in gm.graph.nodes:
+        if "val" in node.meta:
+            node.meta["example_value"] = node.meta["val"]
+
+
+def output_signature(gm: fx.GraphModule) -> list:
+    """(shape, dtype) of every graph output, from the node metadata."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    sig = []
+    for arg in torch.utils._pytree.tree_leaves(out.args[0]):
+        ev = arg.meta.get("example_value", arg.meta.get("val")) if isinstance(arg, fx.Node) else None
+        sig.append((tuple(ev.shape), ev.dtype) if isinstance(ev, torch.Tensor) else None)
+    return sig
+
+
+def check_output_contract(before: list, after: list) -> None:
+    """Invariant 1: same number of outputs, same shapes and dtypes."""
+    if len(before) != len(after):
+        raise ValueError(f"output contract broken: {len(before)} outputs before, {len(after)} after")
+    for i, (a, b) in enumerate(zip(before, after)):
+        if a != b:
+            raise ValueError(f"output contract broken at output {i}: {a} before, {b} after")
