@@ -1,7 +1,8 @@
 """``tokred.export_onnx``: capture -> tokred rewrite -> ONNX -> checked in onnxruntime -> file.
 
     result = tokred.export_onnx(model, (images,), "vit.onnx")
-    result = tokred.export_onnx(bert, (), "bert.onnx", example_kwargs={"input_ids": ids, "attention_mask": mask})
+    result = tokred.export_onnx(bert, (), "bert.onnx",
+                                example_kwargs={"input_ids": ids, "attention_mask": mask})
 
 Steps, each named in the error it raises when it fails:
 
@@ -10,10 +11,12 @@ Steps, each named in the error it raises when it fails:
 3. ``rewrite``: :func:`tokred.backend.rewrite` analyses it and applies the passes in ``options``.
 4. ``onnx export``: the rewritten graph, wrapped as a standalone module, goes through
    ``torch.onnx.export(dynamo=True)`` with tokred's op lowerings as the custom translation table.
-5. ``onnxruntime``: the ONNX model runs on the CPU provider, on the example inputs and (dynamic batch)
-   on a second batch size, and every output is compared with PyTorch. Only when every comparison is
-   within tolerance is the file moved to ``path`` (DESIGN.md, invariant 6); otherwise no file is
-   written and :class:`ExportMismatchError` says which output differed and by how much.
+5. ``onnx save``: the model is written to a temporary directory next to ``path``.
+6. ``onnxruntime`` / ``onnxruntime check``: the ONNX model runs on the CPU provider, on the example
+   inputs and (dynamic batch) on a second batch size, and every output is compared with PyTorch.
+   Only when every comparison is within tolerance is the file moved to ``path`` (DESIGN.md,
+   invariant 6); otherwise no file is written and :class:`ExportMismatchError` says which output
+   differed and by how much.
 
 Capture route: ``torch.compile(model, backend=<capturing backend>, fullgraph=True)``.
 It hands :func:`tokred.backend.rewrite` exactly the graph and ``example_inputs`` the tokred backend
@@ -25,6 +28,7 @@ backend's, which the analysis would have to support twice. The price of this rou
 the calling convention, which :class:`CapturedProgram` does: every placeholder is bound, by object
 identity at the captured call, to a user input tensor, a constant (parameter/buffer), or a dynamic
 size read from an input's shape; every model output tensor is bound to a graph output the same way.
+Capturing calls ``torch._dynamo.reset()`` before and after (as ``tokred.explain`` does).
 
 Dynamic batch: dim 0 of every tensor input whose dim 0 equals the first input's is marked dynamic
 (``torch._dynamo.mark_dynamic`` on shallow copies, so the caller's tensors are left unmarked), so
@@ -472,7 +476,7 @@ def _translation_table() -> dict:
 def _name_batch_axes(onnx_program: Any, input_names: Sequence[str], output_names: Sequence[str],
                      batch_inputs: Sequence[int], batch_outputs: Sequence[int]) -> None:
     """Name dim 0 ``batch`` on the ONNX inputs/outputs that have the dynamic batch."""
-    import onnx_ir as ir
+    from onnxscript import ir  # the exporter's IR (onnx_ir, re-exported)
 
     graph = onnx_program.model.graph
     wanted = {input_names[k] for k in batch_inputs} | {output_names[k] for k in batch_outputs}
@@ -544,7 +548,8 @@ def second_batch_inputs(tensors: Sequence[torch.Tensor], batch_inputs: Sequence[
         if t.is_floating_point():
             ref = tensors[k].double()
             std = ref.std().item() if ref.numel() > 1 else 1.0
-            t = (torch.randn(t.shape, generator=g, dtype=torch.float64) * (std or 1.0) + ref.mean()).to(t.dtype)
+            noise = torch.randn(t.shape, generator=g, dtype=torch.float64)
+            t = (noise * (std or 1.0) + ref.mean()).to(t.dtype)
         elif t.dtype != torch.bool and not t.is_complex() and torch.unique(tensors[k]).numel() > 2:
             low, high = int(tensors[k].min()), int(tensors[k].max())
             t = torch.randint(low, high + 1, t.shape, generator=g, dtype=t.dtype)
@@ -585,8 +590,9 @@ def compare(onnx_outputs: Sequence[Any], reference: Sequence[torch.Tensor], name
         got_t = torch.as_tensor(got)
         ref_t = ref.detach().cpu()
         if tuple(got_t.shape) != tuple(ref_t.shape):
-            raise ExportMismatchError(f"output {i} ('{names[i]}') has shape {tuple(got_t.shape)} in onnxruntime "
-                                      f"and {tuple(ref_t.shape)} in PyTorch ({what})", i, float("inf"))
+            raise ExportMismatchError(f"output {i} ('{names[i]}') has shape {tuple(got_t.shape)} in "
+                                      f"onnxruntime and {tuple(ref_t.shape)} in PyTorch ({what})",
+                                      i, float("inf"))
         if ref_t.numel() == 0:
             continue
         got_d, ref_d = got_t.to(torch.float64), ref_t.to(torch.float64)

@@ -1,6 +1,7 @@
 """Changing the token count of a graph between two points of the residual stream.
 
-    cut = reduce_tokens(gm, facts, block, make_index, keep=M)
+    cut = reduce_tokens(gm, facts, block, make_index, keep=M)          # keep M tokens, others exit early
+    cut = cut_tokens(gm, facts, start, end, make_reduction, keep=M)   # any reducing op (e.g. merging)
 
 inserts, after ``block``'s output (or its mid point, between attention and MLP), a node that keeps
 ``M`` of the ``N`` tokens (``make_index(graph, stream) -> index node [B, M]``), and makes the rest of
@@ -39,35 +40,78 @@ class RewriteError(ValueError):
 
 
 @dataclass
+class Reduction:
+    """What a token-reducing op inserted at the cut gives the surgery.
+
+    stream:  the reduced stream [B, M, C] that replaces the stream for the region
+    index:   [B, M] int64: for each kept (or merged) token, the original position whose side inputs
+             (mask row/column, rotary row, position id) it takes
+    restore: ``restore(graph, cut_stream, end) -> node`` [B, N, C]: puts the token axis back after
+             ``end`` (exit early: scatter into the stream at the cut; unmerge: gather by a map)
+    """
+
+    stream: fx.Node
+    index: fx.Node
+    restore: Callable
+
+
+@dataclass
 class TokenCut:
     """What :func:`reduce_tokens` did: where, the index node, and the nodes it added."""
 
-    stream: fx.Node  # residual stream at the cut [B, N, C]
-    gathered: fx.Node  # [B, M, C]
+    stream: fx.Node  # the stream at the cut [B, N, C]
+    gathered: fx.Node  # the reduced stream [B, M, C]
     index: fx.Node  # [B, M]
-    restored: Optional[fx.Node]  # [B, N, C] after the last block (None: no block after the cut)
+    restored: Optional[fx.Node]  # [B, N, C] after ``end`` (None: nothing between the cut and end)
     region: list  # nodes computed on M tokens
     side_inputs: list  # (node, dims) gathered for the region
     literals: int  # literals rewritten
     token_dims: dict  # region node -> its token dims (from the analysis, before the rewrite)
 
 
+def keep_index(make_index: Callable) -> Callable:
+    """A reduction that keeps the tokens ``make_index(graph, stream) -> [B, M]`` gives; the others
+    exit early (restored with the value they had at the cut)."""
+
+    def make(graph: fx.Graph, stream: fx.Node) -> Reduction:
+        index = make_index(graph, stream)
+        with graph.inserting_after(index):
+            kept = graph.call_function(tokens.gather_stream, (stream, index))
+        restore = lambda g, cut_stream, end: g.call_function(tokens.scatter_stream, (cut_stream, index, end))
+        return Reduction(stream=kept, index=index, restore=restore)
+
+    return make
+
+
 def reduce_tokens(gm: fx.GraphModule, facts, block, make_index: Callable, keep: int,
                   where: str = "output", example_inputs=None) -> TokenCut:
-    """Keep ``keep`` tokens after ``block`` (``where``: "output" or "mid"); see the module doc."""
+    """Keep ``keep`` tokens after ``block`` (``where``: "output" or "mid"), the others exit early and
+    are restored after the last block; see the module doc."""
     stream = block.output if where == "output" else block.mid
     if stream is None:
         raise RewriteError(f"block {block.module or block.index}: no residual stream node at its {where}")
-    n = _token_count(facts, stream)
-    if not 0 < keep <= n:
-        raise RewriteError(f"node {stream.name}: cannot keep {keep} of {n} tokens")
-    last = facts.blocks[-1].output
-    if last is None:
+    end = facts.blocks[-1].output
+    if end is None:
         raise RewriteError(f"block {facts.blocks[-1].module}: its output (MLP residual add) was not found")
+    return cut_tokens(gm, facts, stream, end, keep_index(make_index), keep, example_inputs)
+
+
+def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_reduction: Callable,
+               keep: int, example_inputs=None) -> TokenCut:
+    """Run the nodes between ``start`` and ``end`` (both [B, N, C]) on ``keep`` tokens.
+
+    ``make_reduction(graph, start) -> Reduction`` inserts the reducing op (inserting after
+    ``start``). Everything between that reads ``start`` reads the reduced stream instead; readers of
+    ``end`` read its restored value. Literals, side inputs and the token axes of the new nodes are
+    kept consistent, so that later cuts compose with this one.
+    """
+    n = _token_count(facts, start)
+    if not 0 < keep <= n:
+        raise RewriteError(f"node {start.name}: cannot keep {keep} of {n} tokens")
     backup = _copy_graph(gm.graph)
     outputs_before = output_signature(gm)
     try:
-        cut = _reduce(gm, facts, stream, last, make_index, keep, n)
+        cut = _reduce(gm, facts, start, end, make_reduction, keep, n)
         gm.recompile()
         if example_inputs is not None:
             _check(gm, cut, example_inputs, keep, n)
@@ -78,10 +122,10 @@ def reduce_tokens(gm: fx.GraphModule, facts, block, make_index: Callable, keep: 
         gm.recompile()
         if isinstance(exc, RewriteError):
             raise
-        raise RewriteError(f"reducing tokens after {stream.name} failed: {exc}") from exc
+        raise RewriteError(f"reducing tokens after {start.name} failed: {exc}") from exc
 
 
-def _reduce(gm, facts, stream, last, make_index, keep, n) -> TokenCut:
+def _reduce(gm, facts, stream, last, make_reduction, keep, n) -> TokenCut:
     graph = gm.graph
     axes = facts.token_axes
     nxg = to_networkx(graph)
@@ -95,21 +139,22 @@ def _reduce(gm, facts, stream, last, make_index, keep, n) -> TokenCut:
     if 1 not in axes.of(stream):
         raise RewriteError(f"node {stream.name}: token axis is not dim 1 of the residual stream")
     _check_escapes(nxg, stream, last, region_set, axes)
+    readers = [user for user in stream.users if user in region_set]
 
     with graph.inserting_after(stream):
-        index = make_index(graph, stream)
-    with graph.inserting_after(index):
-        gathered = graph.call_function(tokens.gather_stream, (stream, index))
-    for user in list(stream.users):
-        if user in region_set:
-            user.replace_input_with(stream, gathered)
+        reduction = make_reduction(graph, stream)
+    index, gathered = reduction.index, reduction.stream
+    for user in readers:
+        user.replace_input_with(stream, gathered)
+    axes.dims[gathered] = axes.of(stream)
 
     # side inputs: tensors from outside the region that carry the token axis where it reads them
     side = []
     gathered_side = {}
+    added = set(_added_nodes(graph, stream, gathered))
     for node in region:
         for inp in list(node.all_input_nodes):
-            if inp in region_set or inp is gathered or inp is index:
+            if inp in region_set or inp in added:
                 continue
             dims = sorted(d for d in axes.of(inp) if shape_of(inp)[d] == n)
             if not dims:
@@ -123,6 +168,7 @@ def _reduce(gm, facts, stream, last, make_index, keep, n) -> TokenCut:
                     for d in dims:
                         cur = graph.call_function(tokens.gather_token_dim, (cur, index, d))
                 gathered_side[inp] = cur
+                axes.dims[cur] = axes.of(inp)
                 side.append((inp, tuple(dims)))
             node.replace_input_with(inp, gathered_side[inp])
 
@@ -136,14 +182,24 @@ def _reduce(gm, facts, stream, last, make_index, keep, n) -> TokenCut:
     restored = None
     if region:
         with graph.inserting_after(last):
-            restored = graph.call_function(tokens.scatter_stream, (stream, index, last))
+            restored = reduction.restore(graph, stream, last)
         for user in list(last.users):
             if user is not restored:
                 user.replace_input_with(last, restored)
+        axes.dims[restored] = axes.of(last)
     graph.lint()
     return TokenCut(stream=stream, gathered=gathered, index=index, restored=restored, region=region,
                     side_inputs=side, literals=rewritten,
                     token_dims={node: axes.of(node) for node in region})
+
+
+def _added_nodes(graph: fx.Graph, start: fx.Node, end: fx.Node) -> list:
+    """The nodes inserted between ``start`` and ``end`` (the reducing op and its helpers)."""
+    out, cur = [], start.next
+    while cur is not end.next and cur.op != "output":
+        out.append(cur)
+        cur = cur.next
+    return out
 
 
 def _token_count(facts, stream: fx.Node) -> int:
