@@ -11,13 +11,18 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from tokred.rewriter.options import Options, parse_options
-from tokred.rewriter.report import Report
+from tokred.passes import merge
 from tokred.rewriter import analysis
 from tokred.rewriter.flops import graph_flops
+from tokred.rewriter.options import Options, parse_options, register_pass_options
+from tokred.rewriter.report import Report
 
-# The pass table (option name -> pass module). Filled by the pass issues; rewriter/ never imports it.
-PASSES: dict[str, Any] = {}
+# The pass table (option name -> pass module, in the order they run). rewriter/ never imports it.
+# A pass module has ``validate(value) -> dict`` (its options) and
+# ``apply(gm, facts, opts, report, options, example_inputs)``.
+PASSES: dict[str, Any] = {merge.NAME: merge}
+for _name, _module in PASSES.items():
+    register_pass_options(_name, _module.validate)
 
 
 def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.GraphModule, Report]:
@@ -28,8 +33,9 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
     facts = analysis.analyze(gm)
     report = facts.to_report()
     report.flops_before = graph_flops(gm)
-    for name, pass_options in options.passes.items():
-        PASSES[name].apply(gm, facts, pass_options, report, options)
+    for name, module in PASSES.items():
+        if name in options.passes:
+            module.apply(gm, facts, options.passes[name], report, options, example_inputs)
     if report.changed:
         gm.graph.lint()
         gm.recompile()

@@ -51,6 +51,7 @@ class Report:
     blocks: int = 0
     token_count: Optional[int] = None
     prefix_tokens: int = 0
+    readout_positions: list = field(default_factory=list)
     flops_before: float = 0.0
     flops_after: float = 0.0
     notes: list = field(default_factory=list)
@@ -72,6 +73,7 @@ class Report:
         self.blocks += other.blocks
         self.token_count = self.token_count or other.token_count
         self.prefix_tokens = max(self.prefix_tokens, other.prefix_tokens)
+        self.readout_positions = sorted(set(self.readout_positions) | set(other.readout_positions))
         self.flops_before += other.flops_before
         self.flops_after += other.flops_after
         for line in other.notes:
@@ -102,6 +104,8 @@ class Report:
         summary = [f"attention sites: {len(self.attention_sites)}", f"blocks: {self.blocks}"]
         if self.token_count is not None:
             summary.append(f"tokens: {self.token_count} ({self.prefix_tokens} prefix)")
+        if self.readout_positions:
+            summary.append("read out at " + ", ".join(map(str, self.readout_positions)))
         if self.projections:
             summary.append("projections: " + ", ".join(f"{k} {v}" for k, v in sorted(self.projections.items())))
         parts.append("; ".join(summary))

@@ -108,7 +108,7 @@ def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_red
     n = _token_count(facts, start)
     if not 0 < keep <= n:
         raise RewriteError(f"node {start.name}: cannot keep {keep} of {n} tokens")
-    backup = _copy_graph(gm.graph)
+    undo = GraphUndo(gm.graph)
     outputs_before = output_signature(gm)
     try:
         cut = _reduce(gm, facts, start, end, make_reduction, keep, n)
@@ -118,11 +118,40 @@ def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_red
             check_output_contract(outputs_before, output_signature(gm))
         return cut
     except Exception as exc:
-        gm.graph = backup
+        undo.restore()
         gm.recompile()
         if isinstance(exc, RewriteError):
             raise
         raise RewriteError(f"reducing tokens after {start.name} failed: {exc}") from exc
+
+
+class GraphUndo:
+    """Puts a graph back as it was: arguments, metadata shapes, and no added nodes.
+
+    Restores in place (rather than swapping in a copy) so that the nodes the analysis holds stay the
+    graph's nodes, and Dynamo's attributes on placeholders survive.
+    """
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.nodes = {node: (node.args, node.kwargs, node.meta.get("example_value"), node.meta.get("val"))
+                      for node in graph.nodes}
+
+    def restore(self) -> None:
+        for node, (args, kwargs, example_value, val) in self.nodes.items():
+            if node.args is not args or node.kwargs is not kwargs:
+                node.args, node.kwargs = args, kwargs
+            for key, value in (("example_value", example_value), ("val", val)):
+                if value is not None:
+                    node.meta[key] = value
+                else:
+                    node.meta.pop(key, None)
+        added = [node for node in self.graph.nodes if node not in self.nodes]
+        while added:  # erase users before what they use
+            free = [node for node in added if not node.users]
+            for node in free:
+                self.graph.erase_node(node)
+            added = [node for node in added if node not in free]
 
 
 def _reduce(gm, facts, stream, last, make_reduction, keep, n) -> TokenCut:
@@ -139,9 +168,14 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n) -> TokenCut:
     if 1 not in axes.of(stream):
         raise RewriteError(f"node {stream.name}: token axis is not dim 1 of the residual stream")
     _check_escapes(nxg, stream, last, region_set, axes)
-    readers = [user for user in stream.users if user in region_set]
+    readers = [node for node in region if node in stream.users]  # in graph order
+    if not readers:
+        raise RewriteError(f"node {stream.name}: nothing between it and {last.name} reads it")
 
-    with graph.inserting_after(stream):
+    # insert the reducing op just before the region first reads the stream: whatever the op reads
+    # (keys, masks) is defined by then; inserting before a node keeps creation (topological) order
+    existing = set(graph.nodes)
+    with graph.inserting_before(readers[0]):
         reduction = make_reduction(graph, stream)
     index, gathered = reduction.index, reduction.stream
     for user in readers:
@@ -151,7 +185,7 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n) -> TokenCut:
     # side inputs: tensors from outside the region that carry the token axis where it reads them
     side = []
     gathered_side = {}
-    added = set(_added_nodes(graph, stream, gathered))
+    added = {node for node in graph.nodes if node not in existing}
     for node in region:
         for inp in list(node.all_input_nodes):
             if inp in region_set or inp in added:
@@ -181,7 +215,7 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n) -> TokenCut:
 
     restored = None
     if region:
-        with graph.inserting_after(last):
+        with graph.inserting_before(last.next):
             restored = reduction.restore(graph, stream, last)
         for user in list(last.users):
             if user is not restored:
@@ -191,15 +225,6 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n) -> TokenCut:
     return TokenCut(stream=stream, gathered=gathered, index=index, restored=restored, region=region,
                     side_inputs=side, literals=rewritten,
                     token_dims={node: axes.of(node) for node in region})
-
-
-def _added_nodes(graph: fx.Graph, start: fx.Node, end: fx.Node) -> list:
-    """The nodes inserted between ``start`` and ``end`` (the reducing op and its helpers)."""
-    out, cur = [], start.next
-    while cur is not end.next and cur.op != "output":
-        out.append(cur)
-        cur = cur.next
-    return out
 
 
 def _token_count(facts, stream: fx.Node) -> int:
@@ -223,14 +248,6 @@ def _check_escapes(nxg, stream, last, region_set, axes) -> None:
                 raise RewriteError(
                     f"node {node.name} carries the token axis out of the reduced region (read by "
                     f"{user.name}); its removed tokens cannot be restored")
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    new = fx.Graph(owning_module=graph.owning_module, tracer_cls=graph._tracer_cls)
-    value_map = {}
-    out = new.graph_copy(graph, value_map)
-    new.output(out)
-    return new
 
 
 def _check(gm, cut: TokenCut, example_inputs, keep: int, n: int) -> None:

@@ -18,7 +18,9 @@ from typing import Optional
 import networkx as nx
 from torch import fx
 
-from tokred.rewriter.analysis.blocks import assign_roles, find_blocks, find_prefix_tokens
+from tokred.rewriter.analysis.blocks import (
+    assign_roles, find_blocks, find_prefix_tokens, find_readout_positions,
+)
 from tokred.rewriter.analysis.graph import shape_of, to_networkx
 from tokred.rewriter.analysis.literals import find_shape_literals
 from tokred.rewriter.analysis.sites import (
@@ -40,14 +42,22 @@ class GraphFacts:
     token_count: Optional[int]
     prefix_tokens: int
     shape_literals: list
+    readout_positions: list = field(default_factory=list)
     nx_graph: nx.DiGraph = field(repr=False, default=None)
+
+    @property
+    def protected_tokens(self) -> int:
+        """Leading tokens no pass may merge or prune: class/distill/register tokens and the positions
+        the model reads out by index after its blocks (BERT's pooler reads [CLS] at 0)."""
+        readout = [p for p in self.readout_positions if 0 <= p < 8]
+        return max([self.prefix_tokens] + [p + 1 for p in readout])
 
     def block_of(self, site: AttentionSite) -> Optional[Block]:
         return next((b for b in self.blocks if b.attention is site), None)
 
     def to_report(self) -> Report:
         report = Report(blocks=len(self.blocks), token_count=self.token_count,
-                        prefix_tokens=self.prefix_tokens)
+                        prefix_tokens=self.prefix_tokens, readout_positions=list(self.readout_positions))
         for p in self.projections:
             report.projections[p.role] = report.projections.get(p.role, 0) + 1
         for site in self.attention_sites:
@@ -87,9 +97,10 @@ def analyze(gm: fx.GraphModule) -> GraphFacts:
     prefix = find_prefix_tokens(graph, axes, blocks[0].input if blocks else None, nxg)
     token_count = counts.most_common(1)[0][0] if counts else None
     literals = find_shape_literals(graph, axes, token_counts)
+    readout = find_readout_positions(graph, axes, blocks[-1].output if blocks else None)
     return GraphFacts(gm=gm, attention_sites=sites, projections=projections, blocks=blocks,
                       token_axes=axes, token_count=token_count, prefix_tokens=prefix,
-                      shape_literals=literals, nx_graph=nxg)
+                      shape_literals=literals, readout_positions=readout, nx_graph=nxg)
 
 
 def _site_seeds(site: AttentionSite) -> dict:

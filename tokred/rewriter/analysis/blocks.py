@@ -210,3 +210,27 @@ def find_prefix_tokens(graph: fx.Graph, axes: TokenAxes, first_input: Optional[f
             prefix += shape_of(piece)[dim]
         best = max(best, prefix)
     return best
+
+
+def find_readout_positions(graph: fx.Graph, axes: TokenAxes, after: Optional[fx.Node]) -> list:
+    """Token positions read by an integer index after the blocks (BERT's pooler ``x[:, 0]``).
+
+    Such a token is the model's summary of the sequence; token-reducing passes protect it.
+    """
+    if after is None:
+        return []
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    positions = set()
+    for node in graph.nodes:
+        if node.target is not operator.getitem or order[node] <= order[after]:
+            continue
+        src, idx = node.args[0], node.args[1]
+        if not isinstance(src, fx.Node) or shape_of(src) is None:
+            continue
+        items = idx if isinstance(idx, tuple) else (idx,)
+        for d, item in enumerate(items):
+            if item is Ellipsis:
+                break
+            if isinstance(item, int) and not isinstance(item, bool) and d in axes.of(src):
+                positions.add(item)
+    return sorted(positions)

@@ -1,0 +1,357 @@
+"""Token merging (ToMe): bipartite soft matching in every block, at graph level.
+
+    torch.compile(model, backend="tokred", options={"merge": {"r": 8}})
+
+Global mode (ToMe): in each block, between the attention residual add and the MLP, ``r`` tokens are
+merged by bipartite soft matching: the tokens are split alternately into sets A and B, each A token
+is matched to its most similar B token (cosine similarity of the attention keys, averaged over
+heads), and the ``r`` best-matched A tokens are merged into their B tokens as size-weighted averages.
+Sizes are tracked through the graph; with ``prop_attn`` later attention adds ``log(size)`` to its
+logits (through SDPA's additive mask, so SDPA is kept). Protected tokens (class, distillation and
+register tokens found by the analysis) and, in padded encoder batches, tokens of different padding
+status never match. After the last block every original position takes its merged token's value
+(unmerge), so the outputs keep their shapes.
+
+Local mode (tomesd): before the attention and before the MLP of each block the branch input is
+merged (metric: the hidden states themselves) and the branch output is unmerged before its residual
+add; the residual stream keeps all tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+import tokred.triton_ops  # noqa: F401  (registers tokred::tome_match / tokred::tome_merge)
+from tokred.rewriter import tokens
+from tokred.rewriter.analysis.graph import arg, shape_of
+from tokred.rewriter.analysis.sites import find_manual_site, is_projection_node, projection_input
+from tokred.rewriter.report import REWRITTEN, SKIPPED
+from tokred.rewriter.surgery import Reduction, RewriteError, cut_tokens
+from tokred.rewriter.verify import propagate_shapes
+
+NAME = "merge"
+SCHEDULES = ("constant", "decreasing")
+MODES = ("global", "local")
+
+
+# ----------------------------------------------------------------------------- options
+
+def validate(value: Any) -> dict:
+    """``{"r": int | list[int], "schedule", "prop_attn", "mode", "trace_source"}``; an int is r."""
+    if isinstance(value, bool) or not isinstance(value, (int, dict)):
+        raise ValueError(f"tokred option 'merge' must be a dict like {{'r': 8}} or an int r, got {value!r}")
+    if isinstance(value, int):
+        value = {"r": value}
+    known = {"r", "schedule", "prop_attn", "mode", "trace_source"}
+    for key in value:
+        if key not in known:
+            raise ValueError(f"unknown tokred option 'merge.{key}'; known: {', '.join(sorted(known))}")
+    r = value.get("r", 0)
+    if isinstance(r, bool) or not (isinstance(r, int) or (isinstance(r, (list, tuple)) and
+                                                          all(isinstance(x, int) and not isinstance(x, bool) for x in r))):
+        raise ValueError(f"tokred option 'merge.r' must be an int or a list of ints (one per block), got {r!r}")
+    if any(x < 0 for x in (r if isinstance(r, (list, tuple)) else [r])):
+        raise ValueError(f"tokred option 'merge.r' must be >= 0, got {r!r}")
+    schedule = value.get("schedule", "constant")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"tokred option 'merge.schedule' must be one of {SCHEDULES}, got {schedule!r}")
+    if isinstance(r, (list, tuple)) and "schedule" in value:
+        raise ValueError("tokred option 'merge.schedule' applies to an int r, not to a per-block list")
+    mode = value.get("mode", "global")
+    if mode not in MODES:
+        raise ValueError(f"tokred option 'merge.mode' must be one of {MODES}, got {mode!r}")
+    for flag in ("prop_attn", "trace_source"):
+        if flag in value and not isinstance(value[flag], bool):
+            raise ValueError(f"tokred option 'merge.{flag}' must be True or False, got {value[flag]!r}")
+    return {"r": list(r) if isinstance(r, (list, tuple)) else r, "schedule": schedule, "mode": mode,
+            "prop_attn": value.get("prop_attn", mode == "global"),
+            "trace_source": value.get("trace_source", False)}
+
+
+def r_per_block(r, schedule: str, blocks: int) -> list:
+    """r for each block: a list as given, or an int spread by the schedule.
+
+    "constant": r in every block. "decreasing": linearly from 2r down to 0 (the same total as
+    constant, more merging early where tokens are most redundant).
+    """
+    if isinstance(r, list):
+        if len(r) != blocks:
+            raise ValueError(f"tokred option 'merge.r' lists {len(r)} values but the model has {blocks} blocks")
+        return list(r)
+    if schedule == "constant" or blocks == 1:
+        return [r] * blocks
+    return [int(round(2 * r * (blocks - 1 - i) / (blocks - 1))) for i in range(blocks)]
+
+
+# ----------------------------------------------------------------------------- graph functions
+
+def merge_groups(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Matching groups [B, N] int64: 0 for real tokens, 1 for padding; tokens of different groups
+    never match.
+
+    ``mask`` is the attention mask as the block's attention reads it ([B, 1|H, N|1, N], boolean
+    "may attend" or additive); a key nobody may attend to is padding.
+    """
+    b, n = x.shape[0], x.shape[1]
+    if mask is None:
+        return torch.zeros(b, n, dtype=torch.int64, device=x.device)
+    m = mask.expand(b, *mask.shape[1:]) if mask.shape[0] != b else mask
+    m = m[:, 0]
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    return (~allowed.any(dim=-2)).to(torch.int64)
+
+
+def tome_step(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
+              group: torch.Tensor, r: int, prefix: int):
+    """One bipartite soft matching merge of ``r`` tokens; the first ``prefix`` tokens are protected.
+
+    x [B, N, C], metric [B, N, D], size [B, N, 1] (None: all ones), group [B, N].
+    Returns (x [B, M, C], size [B, M, 1], group [B, M], rep [B, M], dest [B, N]) with M = N - r:
+    ``rep`` is, for each new token, the original position it stands for (its B token, or itself),
+    ``dest`` maps each original position to its new token (the unmerge map).
+
+    Protected tokens are set aside, not put in set A with -inf scores as ToMe's code does: that
+    keeps them at positions 0..prefix-1 in every layer (static), where ToMe's distillation-token
+    protection points at the wrong position after the first merge.
+    """
+    b, n, _ = x.shape
+    if size is None:
+        size = torch.ones(b, n, 1, dtype=torch.float32, device=x.device)
+    if prefix == 0:
+        return _bipartite_merge(x, metric, size, group, r)
+    head = torch.arange(prefix, device=x.device).unsqueeze(0).expand(b, prefix)
+    xr, sr, gr, rep, dest = _bipartite_merge(x[:, prefix:], metric[:, prefix:], size[:, prefix:],
+                                             group[:, prefix:], r)
+    return (torch.cat([x[:, :prefix], xr], dim=1), torch.cat([size[:, :prefix], sr], dim=1),
+            torch.cat([group[:, :prefix], gr], dim=1), torch.cat([head, rep + prefix], dim=1),
+            torch.cat([head, dest + prefix], dim=1))
+
+
+def _bipartite_merge(x, metric, size, group, r: int):
+    b, n, _ = x.shape
+    na, nb = (n + 1) // 2, n // 2
+    node_max, node_idx = torch.ops.tokred.tome_match(metric, group)
+    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
+    unm_idx = edge_idx[:, r:].sort(dim=-1).values  # unmerged A tokens keep their order
+    src_idx = edge_idx[:, :r]
+    dst_idx = node_idx.gather(1, src_idx)
+    x_out, size_out = torch.ops.tokred.tome_merge(x, size, unm_idx, src_idx, dst_idx)
+    nu = na - r
+    b_rows = torch.arange(nb, device=x.device).unsqueeze(0).expand(b, nb)
+    rep = torch.cat([2 * unm_idx, 2 * b_rows + 1], dim=1)
+    a_slot = torch.zeros(b, na, dtype=torch.int64, device=x.device)
+    a_slot = a_slot.scatter(1, unm_idx, torch.arange(nu, device=x.device).unsqueeze(0).expand(b, nu))
+    a_slot = a_slot.scatter(1, src_idx, nu + dst_idx)
+    dest = interleave(a_slot, nu + b_rows)
+    return x_out, size_out, group.gather(1, rep), rep, dest
+
+
+def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a [B, ceil(N/2)], b [B, N//2] -> [B, N] with a at even and b at odd positions."""
+    bsz, na, nb = a.shape[0], a.shape[1], b.shape[1]
+    pairs = torch.stack([a[:, :nb], b], dim=-1).reshape(bsz, 2 * nb)
+    return torch.cat([pairs, a[:, nb:]], dim=1) if na > nb else pairs
+
+
+def head_mean(k: torch.Tensor) -> torch.Tensor:
+    """Keys [B, H, N, D] averaged over heads -> [B, N, D] (ToMe's matching metric)."""
+    return k.mean(dim=1)
+
+
+def size_bias(size: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Proportional attention: log(size) [B, M, 1] as an additive key bias [B, 1, 1, M]."""
+    return size.log()[:, None, None, :, 0].to(dtype)
+
+
+def add_key_bias(mask: Optional[torch.Tensor], bias: torch.Tensor) -> torch.Tensor:
+    """Combine an SDPA attn_mask (None, boolean or additive) with an additive key bias."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, torch.full_like(bias, float("-inf")))
+    return mask + bias
+
+
+def getitem(t, i):
+    return t[i]
+
+
+# ----------------------------------------------------------------------------- the pass
+
+def current_mask(site) -> Optional[fx.Node]:
+    """The attention mask this site reads now (after earlier rewrites replaced its inputs)."""
+    if site.kind == "sdpa":
+        mask = arg(site.node, 3, "attn_mask")
+        return mask if isinstance(mask, fx.Node) else None
+    found = find_manual_site(site.softmax)
+    return found.mask if found is not None and isinstance(found.mask, fx.Node) else None
+
+
+def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs) -> None:
+    """Merge tokens in every block that can take it; report every site."""
+    blocks = facts.blocks
+    if not blocks:
+        report.note("merge: no transformer blocks found; nothing merged")
+        return
+    rs = r_per_block(opts["r"], opts["schedule"], len(blocks))
+    if opts["mode"] == "local":
+        _apply_local(gm, facts, rs, report, options, example_inputs)
+        return
+    prefix = facts.protected_tokens
+    state = {"size": None, "group": None, "merges": 0}
+    sizes_before = {}  # block index -> the size node its attention reads (proportional attention)
+    for block, r in zip(blocks, rs):
+        site, record = block.attention, block.attention.record
+        if state["size"] is not None:
+            sizes_before[block.index] = state["size"]
+        reason = _cannot_merge(block, site)
+        if reason:
+            record.mark(SKIPPED, f"merge: {reason}", NAME)
+            _fail(options, record)
+            continue
+        n = shape_of(block.mid)[1]
+        r_eff = min(r, (n - prefix) // 2)  # at most half of the unprotected tokens
+        if r_eff <= 0:
+            record.mark(record.status, record.reason or f"merge: r=0 at this block ({n} tokens)", NAME)
+            continue
+        try:
+            make = _global_reduction(site, r_eff, prefix, state)
+            cut_tokens(gm, facts, block.mid, blocks[-1].output, make, n - r_eff, example_inputs)
+        except RewriteError as exc:
+            record.mark(SKIPPED, f"merge: {exc}", NAME)
+            _fail(options, record)
+            continue
+        state["merges"] += 1
+        state["size"], state["group"] = state.pop("pending")
+        record.mark(REWRITTEN, f"merge r={r_eff}: {n} -> {n - r_eff} tokens after attention", NAME)
+    if opts["prop_attn"] and sizes_before:
+        for block in blocks:
+            size = sizes_before.get(block.index)
+            if size is not None and block.attention.record.status != SKIPPED:
+                _add_size_bias(gm, block.attention, size)
+        gm.graph.lint()
+        gm.recompile()
+        if example_inputs is not None:
+            propagate_shapes(gm, example_inputs)
+    if state["merges"]:
+        report.note(f"merge: {state['merges']} blocks merged, prop_attn={'on' if opts['prop_attn'] else 'off'}, "
+                    f"{prefix} protected leading tokens")
+
+
+def _cannot_merge(block, site) -> str:
+    if site.causal:
+        return "causal attention: merging would mix later tokens into earlier ones"
+    if block.mlp_add is None or block.output is None:
+        return "the block's MLP residual add was not found"
+    if shape_of(block.mid) is None or len(shape_of(block.mid)) != 3:
+        return "the residual stream is not [B, N, C]"
+    return ""
+
+
+def _fail(options, record) -> None:
+    if options.strict:
+        raise ValueError(f"tokred strict: {record.module}: {record.reason}")
+
+
+def _global_reduction(site, r: int, prefix: int, state: dict):
+    """make_reduction for one ToMe merge at a block's mid point."""
+
+    def make(graph: fx.Graph, stream: fx.Node) -> Reduction:
+        metric = graph.call_function(head_mean, (site.k,))
+        group = state["group"]
+        if group is None:
+            group = graph.call_function(merge_groups, (stream, current_mask(site)))
+        step = graph.call_function(tome_step, (stream, metric, state["size"], group, r, prefix))
+        merged, size, new_group, rep, dest = (graph.call_function(getitem, (step, i)) for i in range(5))
+        state["pending"] = (size, new_group)
+        restore = lambda g, cut_stream, end: g.call_function(tokens.gather_stream, (end, dest))
+        return Reduction(stream=merged, index=rep, restore=restore)
+
+    return make
+
+
+def _add_size_bias(gm: fx.GraphModule, site, size: fx.Node) -> None:
+    """Add log(size) to the logits of ``site``: SDPA through its attn_mask, manual before softmax."""
+    graph = gm.graph
+    dtype = site.q.meta["example_value"].dtype if "example_value" in site.q.meta else torch.float32
+    with graph.inserting_before(site.node if site.kind == "sdpa" else site.softmax):
+        bias = graph.call_function(size_bias, (size, dtype))
+        if site.kind == "sdpa":
+            mask = current_mask(site)
+            combined = graph.call_function(add_key_bias, (mask, bias))
+            if len(site.node.args) > 3:
+                args = list(site.node.args)
+                args[3] = combined
+                site.node.args = tuple(args)
+            else:
+                site.node.kwargs = {**site.node.kwargs, "attn_mask": combined}
+        else:
+            logits = site.softmax.args[0]
+            biased = graph.call_function(torch.add, (logits, bias))
+            site.softmax.replace_input_with(logits, biased)
+
+
+def _apply_local(gm, facts, rs, report, options, example_inputs) -> None:
+    """tomesd: merge each branch input, unmerge the branch output before its residual add."""
+    prefix = facts.protected_tokens
+    for block, r in zip(facts.blocks, rs):
+        site = block.attention
+        record = site.record
+        reason = _cannot_merge(block, site)
+        if not reason and site.q_proj is None:
+            reason = "the query projection was not found"
+        if reason:
+            record.mark(SKIPPED, f"merge (local): {reason}", NAME)
+            _fail(options, record)
+            continue
+        done = []
+        mask = current_mask(site)  # read before the attention branch's cut gathers it
+        for branch, start, end in _local_branches(block, site):
+            n = shape_of(start)[1]
+            r_eff = min(r, (n - prefix) // 2)
+            if r_eff <= 0:
+                continue
+            try:
+                cut_tokens(gm, facts, start, end, _local_reduction(mask, r_eff, prefix), n - r_eff,
+                           example_inputs)
+                done.append(f"{branch} {n}->{n - r_eff}")
+            except RewriteError as exc:
+                record.mark(SKIPPED, f"merge (local, {branch}): {exc}", NAME)
+                _fail(options, record)
+                break
+        else:
+            if done:
+                record.mark(REWRITTEN, "merge (local) " + ", ".join(done), NAME)
+
+
+def _local_branches(block, site) -> list:
+    """(name, branch input, branch output) for the attention and MLP branches of a block."""
+    out = []
+    attn_in = projection_input(site.q_proj)
+    attn_out = next((a for a in block.attn_add.args[:2] if isinstance(a, fx.Node) and a is not block.input), None)
+    if attn_out is not None and shape_of(attn_in) == shape_of(attn_out):
+        out.append(("attention", attn_in, attn_out))
+    mlp_out = next((a for a in block.mlp_add.args[:2] if isinstance(a, fx.Node) and a is not block.mid), None)
+    mlp_in = next((u for u in block.mid.users if u is not block.mlp_add), None)
+    if mlp_in is not None and is_projection_node(mlp_in):  # post-norm: the MLP reads the stream
+        mlp_in = block.mid
+    if mlp_out is not None and mlp_in is not None and shape_of(mlp_in) == shape_of(mlp_out):
+        out.append(("mlp", mlp_in, mlp_out))
+    return out
+
+
+def _local_reduction(mask: Optional[fx.Node], r: int, prefix: int):
+    """make_reduction for a tomesd merge of a branch input (metric: the hidden states)."""
+
+    def make(graph: fx.Graph, stream: fx.Node) -> Reduction:
+        group = graph.call_function(merge_groups, (stream, mask))
+        step = graph.call_function(tome_step, (stream, stream, None, group, r, prefix))
+        merged, _, _, rep, dest = (graph.call_function(getitem, (step, i)) for i in range(5))
+        restore = lambda g, cut_stream, end: g.call_function(tokens.gather_stream, (end, dest))
+        return Reduction(stream=merged, index=rep, restore=restore)
+
+    return make
