@@ -26,6 +26,8 @@ import torch
 from torch import fx
 
 import tokred.triton_ops  # noqa: F401  (registers tokred::tome_match / tokred::tome_merge)
+from tokred.triton_ops.tome_match import tome_match_reference
+from tokred.triton_ops.tome_merge import tome_merge_reference
 from tokred.rewriter import tokens
 from tokred.rewriter.analysis.graph import arg, shape_of
 from tokred.rewriter.analysis.sites import find_manual_site, is_projection_node, projection_input
@@ -134,12 +136,15 @@ def tome_step(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor
 def _bipartite_merge(x, metric, size, group, r: int):
     b, n, _ = x.shape
     na, nb = (n + 1) // 2, n // 2
-    node_max, node_idx = torch.ops.tokred.tome_match(metric, group)
+    # CUDA: the fused Triton kernels; elsewhere the references, inlined for inductor to fuse
+    match = torch.ops.tokred.tome_match if x.is_cuda else tome_match_reference
+    merge = torch.ops.tokred.tome_merge if x.is_cuda else tome_merge_reference
+    node_max, node_idx = match(metric, group)
     edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
     unm_idx = edge_idx[:, r:].sort(dim=-1).values  # unmerged A tokens keep their order
     src_idx = edge_idx[:, :r]
     dst_idx = node_idx.gather(1, src_idx)
-    x_out, size_out = torch.ops.tokred.tome_merge(x, size, unm_idx, src_idx, dst_idx)
+    x_out, size_out = merge(x, size, unm_idx, src_idx, dst_idx)
     nu = na - r
     b_rows = torch.arange(nb, device=x.device).unsqueeze(0).expand(b, nb)
     rep = torch.cat([2 * unm_idx, 2 * b_rows + 1], dim=1)
@@ -180,6 +185,27 @@ def getitem(t, i):
     return t[i]
 
 
+def compose_dest(total: Optional[torch.Tensor], dest: torch.Tensor) -> torch.Tensor:
+    """Where each original token is after one more merge: total [B, N0] (None: identity), dest [B, N]."""
+    return dest if total is None else dest.gather(1, total)
+
+
+class SourceRecorder(torch.nn.Module):
+    """Records, per forward, which merged token each original token ended in ([B, N] int64).
+
+    Inserted by ``trace_source``; the graph must run eagerly (``tokred.explain`` does) for the
+    record to happen: a compiled graph traces it away.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.sources: list = []
+
+    def forward(self, groups: torch.Tensor) -> torch.Tensor:
+        self.sources.append(groups.detach().clone())
+        return groups
+
+
 # ----------------------------------------------------------------------------- the pass
 
 def current_mask(site) -> Optional[fx.Node]:
@@ -202,7 +228,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         _apply_local(gm, facts, rs, report, options, example_inputs)
         return
     prefix = facts.protected_tokens
-    state = {"size": None, "group": None, "merges": 0}
+    state = {"size": None, "group": None, "merges": 0, "source": None}
     sizes_before = {}  # block index -> the size node its attention reads (proportional attention)
     for block, r in zip(blocks, rs):
         site, record = block.attention, block.attention.record
@@ -219,14 +245,14 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
             record.mark(record.status, record.reason or f"merge: r=0 at this block ({n} tokens)", NAME)
             continue
         try:
-            make = _global_reduction(site, r_eff, prefix, state)
+            make = _global_reduction(site, r_eff, prefix, state, opts["trace_source"])
             cut_tokens(gm, facts, block.mid, blocks[-1].output, make, n - r_eff, example_inputs)
         except RewriteError as exc:
             record.mark(SKIPPED, f"merge: {exc}", NAME)
             _fail(options, record)
             continue
         state["merges"] += 1
-        state["size"], state["group"] = state.pop("pending")
+        state["size"], state["group"], state["source"] = state.pop("pending")
         record.mark(REWRITTEN, f"merge r={r_eff}: {n} -> {n - r_eff} tokens after attention", NAME)
     if opts["prop_attn"] and sizes_before:
         for block in blocks:
@@ -237,6 +263,15 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         gm.recompile()
         if example_inputs is not None:
             propagate_shapes(gm, example_inputs)
+    if opts["trace_source"] and state["source"] is not None:
+        recorder = SourceRecorder()
+        gm.add_submodule("tokred_merge_sources", recorder)
+        with gm.graph.inserting_after(state["source"]):
+            gm.graph.call_module("tokred_merge_sources", (state["source"],))
+        gm.recompile()
+        report.sources = recorder.sources
+        if options.inner != "eager":
+            report.note("merge: trace_source records only when the graph runs eagerly (tokred.explain)")
     if state["merges"]:
         report.note(f"merge: {state['merges']} blocks merged, prop_attn={'on' if opts['prop_attn'] else 'off'}, "
                     f"{prefix} protected leading tokens")
@@ -257,7 +292,7 @@ def _fail(options, record) -> None:
         raise ValueError(f"tokred strict: {record.module}: {record.reason}")
 
 
-def _global_reduction(site, r: int, prefix: int, state: dict):
+def _global_reduction(site, r: int, prefix: int, state: dict, trace: bool):
     """make_reduction for one ToMe merge at a block's mid point."""
 
     def make(graph: fx.Graph, stream: fx.Node) -> Reduction:
@@ -267,7 +302,8 @@ def _global_reduction(site, r: int, prefix: int, state: dict):
             group = graph.call_function(merge_groups, (stream, current_mask(site)))
         step = graph.call_function(tome_step, (stream, metric, state["size"], group, r, prefix))
         merged, size, new_group, rep, dest = (graph.call_function(getitem, (step, i)) for i in range(5))
-        state["pending"] = (size, new_group)
+        source = graph.call_function(compose_dest, (state["source"], dest)) if trace else None
+        state["pending"] = (size, new_group, source)
         restore = lambda g, cut_stream, end: g.call_function(tokens.gather_stream, (end, dest))
         return Reduction(stream=merged, index=rep, restore=restore)
 

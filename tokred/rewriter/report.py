@@ -56,6 +56,7 @@ class Report:
     flops_after: float = 0.0
     notes: list = field(default_factory=list)
     graphs: int = 0
+    sources: list = field(default_factory=list)  # merge trace_source: [B, N] merged-token ids per run
 
     def note(self, line: str) -> None:
         if line not in self.notes:
@@ -78,6 +79,7 @@ class Report:
         self.flops_after += other.flops_after
         for line in other.notes:
             self.note(line)
+        self.sources.extend(other.sources)
         self.graphs += other.graphs
 
     def table(self) -> str:

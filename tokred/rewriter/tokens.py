@@ -1,12 +1,17 @@
 """Plain functions that the surgery inserts into graphs to move tokens around.
 
-They are ordinary torch code (traced by inductor, exported by torch.onnx); the [B, N, C] residual
-stream goes through the ``tokred::gather_tokens`` / ``tokred::scatter_tokens`` kernels.
+They are ordinary torch code (traced by inductor, exported by torch.onnx). On CUDA the [B, N, C]
+residual stream goes through the ``tokred::gather_tokens`` / ``tokred::scatter_tokens`` Triton
+kernels; elsewhere through their plain-torch references, inlined so that inductor fuses them with
+their neighbours (a custom op is opaque to inductor: on CPU that costs more than it saves).
 """
 
 from __future__ import annotations
 
 import torch
+
+from tokred.triton_ops.gather_tokens import gather_tokens_reference
+from tokred.triton_ops.scatter_tokens import scatter_tokens_reference
 
 
 def gather_token_dim(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -27,12 +32,16 @@ def gather_token_dim(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Te
 
 def gather_stream(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Kept tokens of the residual stream: x [B, N, C], index [B, M] -> [B, M, C]."""
-    return torch.ops.tokred.gather_tokens(x, index)
+    if x.is_cuda:
+        return torch.ops.tokred.gather_tokens(x, index)
+    return gather_tokens_reference(x, index)
 
 
 def scatter_stream(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """Restore the token axis: ``base`` [B, N, C] with rows ``index`` [B, M] replaced by src [B, M, C]."""
-    return torch.ops.tokred.scatter_tokens(base, index, src)
+    if base.is_cuda:
+        return torch.ops.tokred.scatter_tokens(base, index, src)
+    return scatter_tokens_reference(base, index, src)
 
 
 def fixed_token_index(x: torch.Tensor, keep: tuple) -> torch.Tensor:

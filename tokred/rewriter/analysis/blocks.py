@@ -154,9 +154,11 @@ def assign_roles(projections: list, sites: list, blocks: list, graph: fx.Graph) 
         projs = [n for n in inside if n in by_node]
         for i, node in enumerate(projs):
             _set_role(by_node, node, "mlp_out" if i == len(projs) - 1 else "mlp_in")
-    # the head after the last block: lm_head where it projects to an embedding table's rows
+    # the head after the last block: lm_head where it projects to the rows of the embedding table
+    # that reads the user's token ids (not position or token-type tables)
     vocab = {shape_of(n.args[1])[0] for n in graph.nodes
-             if is_call(n, torch.nn.functional.embedding) and shape_of(n.args[1])}
+             if is_call(n, torch.nn.functional.embedding) and shape_of(n.args[1])
+             and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"}
     last = blocks[-1].output if blocks and blocks[-1].output is not None else None
     order = {n: i for i, n in enumerate(graph.nodes)}
     for p in projections:
