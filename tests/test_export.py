@@ -130,6 +130,36 @@ def test_bert_round_trip_with_padding(tmp_path, impl):
         assert_close(run_onnx(result.path, {"input_ids": ids, "attention_mask": mask}), want)
 
 
+@pytest.mark.parametrize("which", ["vit", "bert_sdpa", "bert_eager"])
+def test_merged_model_round_trip(tmp_path, which):
+    """Token merging (scatter_add + counts, pairwise-rank selection) exports with standard ops and
+    the file equals the merged model in PyTorch, also at a batch size it was not exported with."""
+    if which == "vit":
+        model, args, kwargs = vit(), (images(2, seed=1),), {}
+        feeds_at = lambda batch: ({"x": images(batch, seed=3)}, (images(batch, seed=3),), {})
+    else:
+        model = bert(which.split("_")[1])
+        ids, mask = text_inputs(batch=2, seq=10, seed=1)
+        args, kwargs = (ids,), {"attention_mask": mask}
+
+        def feeds_at(batch):
+            ids, mask = text_inputs(batch, 10, seed=5)
+            return {"input_ids": ids, "attention_mask": mask}, (ids,), {"attention_mask": mask}
+
+    result = export_onnx(model, args, tmp_path / f"{which}_merged.onnx", example_kwargs=kwargs, merge={"r": 3})
+    assert [s.status for s in result.report.attention_sites] == ["rewritten", "rewritten"]
+    proto = onnx.load(str(result.path))
+    assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}  # standard ops only
+    feeds, a, kw = feeds_at(4)
+    torch._dynamo.reset()
+    merged = torch.compile(model, backend=tokred.backend(inner="aot_eager", merge={"r": 3}))
+    with torch.no_grad():
+        out = merged(*a, **kw)
+    torch._dynamo.reset()
+    want = [out] if isinstance(out, torch.Tensor) else [out.last_hidden_state, out.pooler_output]
+    assert_close(run_onnx(result.path, feeds), want)
+
+
 # --------------------------------------------------------------------------- the pre-write check
 
 def _shift_first_output(gm: torch.fx.GraphModule, by: float) -> None:

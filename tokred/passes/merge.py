@@ -140,9 +140,7 @@ def _bipartite_merge(x, metric, size, group, r: int):
     match = torch.ops.tokred.tome_match if x.is_cuda else tome_match_reference
     merge = torch.ops.tokred.tome_merge if x.is_cuda else tome_merge_reference
     node_max, node_idx = match(metric, group)
-    edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-    unm_idx = edge_idx[:, r:].sort(dim=-1).values  # unmerged A tokens keep their order
-    src_idx = edge_idx[:, :r]
+    src_idx, unm_idx = split_best(node_max, r)
     dst_idx = node_idx.gather(1, src_idx)
     x_out, size_out = merge(x, size, unm_idx, src_idx, dst_idx)
     nu = na - r
@@ -153,6 +151,35 @@ def _bipartite_merge(x, metric, size, group, r: int):
     a_slot = a_slot.scatter(1, src_idx, nu + dst_idx)
     dest = interleave(a_slot, nu + b_rows)
     return x_out, size_out, group.gather(1, rep), rep, dest
+
+
+def stable_rank_desc(v: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry of v [B, M] in a stable descending sort (ties: lower index first).
+
+    Counted with pairwise comparisons instead of sorting: torch.onnx has no stable sort, and topk
+    breaks ties arbitrarily; M is half a sequence, so M^2 comparisons are cheap next to attention.
+    """
+    m = v.shape[1]
+    vi, vj = v.unsqueeze(2), v.unsqueeze(1)  # [B, i, 1], [B, 1, j]
+    j_before_i = torch.ones(m, m, dtype=torch.bool, device=v.device).tril(-1)
+    ahead = (vj > vi) | ((vj == vi) & j_before_i)
+    return ahead.sum(dim=2)
+
+
+def split_best(node_max: torch.Tensor, r: int):
+    """The ``r`` A tokens with the best match, best first, and the others in index order.
+
+    node_max [B, Na] -> (src_idx [B, r], unm_idx [B, Na - r]), as a stable descending sort would.
+    """
+    b, na = node_max.shape
+    rank = stable_rank_desc(node_max)
+    arange = torch.arange(na, device=node_max.device).unsqueeze(0).expand(b, na)
+    order = torch.zeros_like(rank).scatter(1, rank, arange)  # order[k]: the index of rank k
+    kept = rank >= r
+    # compact the kept indices in index order; the merged ones go to a spare last column
+    slot = torch.where(kept, kept.cumsum(dim=1) - 1, torch.full_like(rank, na - r))
+    unm_idx = torch.zeros(b, na - r + 1, dtype=torch.int64, device=node_max.device).scatter(1, slot, arange)
+    return order[:, :r], unm_idx[:, : na - r]
 
 
 def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,8 @@ def is_parameter_like(node: fx.Node) -> bool:
         return is_state(node)
     if node.op == "output":
         return False
-    inputs = [a for a in node.all_input_nodes]
+    # sizes (SymInt nodes under a dynamic batch, e.g. cls_token.expand(s0, -1, -1)) are not data
+    inputs = [a for a in node.all_input_nodes if isinstance(example_value(a), torch.Tensor)]
     return bool(inputs) and all(is_parameter_like(a) for a in inputs)
 
 
