@@ -3,6 +3,9 @@
 Ops (all under ``torch.ops.tokred``; token axis = dim 1, batch = dim 0, trailing dims = one row):
     gather_tokens(x[B, N, *row], index[B, M])                 -> [B, M, *row]
     scatter_tokens(base[B, N, *row], index[B, M], src[B, M, *row]) -> [B, N, *row]
+    tome_match(metric[B, N, D], group[B, N])                 -> (node_max[B, Na] fp32, node_idx[B, Na] int64)
+    tome_merge(x[B, N, C], size[B, N, 1], unm_idx[B, Nu], src_idx[B, R], dst_idx[B, R])
+                                                             -> (x[B, Nu + Nb, C], size[B, Nu + Nb, 1] fp32)
 
 The pattern every kernel follows (one module per op, ``<op>.py``; shared helpers in ``common.py``):
 
@@ -34,13 +37,13 @@ from __future__ import annotations
 
 from typing import Callable
 
-from tokred.triton_ops import gather_tokens, scatter_tokens
+from tokred.triton_ops import gather_tokens, scatter_tokens, tome_match, tome_merge
 from tokred.triton_ops.common import HAS_TRITON
 
 # Every op module: its custom op has the module's name, and it defines ``onnx_lowering()``.
-_OP_MODULES = (gather_tokens, scatter_tokens)
+_OP_MODULES = (gather_tokens, scatter_tokens, tome_match, tome_merge)
 
-__all__ = ["HAS_TRITON", "onnx_translation_table", "gather_tokens", "scatter_tokens"]
+__all__ = ["HAS_TRITON", "onnx_translation_table", "gather_tokens", "scatter_tokens", "tome_match", "tome_merge"]
 
 
 def onnx_translation_table() -> dict[Callable, Callable]:
