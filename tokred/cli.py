@@ -2,19 +2,22 @@
 
     tokred explain SPEC [--option KEY=JSON ...] [--inner eager]
     tokred export SPEC -o OUT.onnx [--option KEY=JSON ...] [--static-batch] [--atol 1e-4]
+    tokred demo [DEMO ARGS ...]      (tokred.demo; ``tokred demo --help`` lists its arguments)
 
 SPEC names a model and its example input (see :mod:`tokred.models`): ``minilm``, ``timm:NAME``,
 ``hf:MODEL_TYPE``, ``FILE.py:FACTORY``. Options are tokred options; each value is JSON
 (``--option strict=true``, ``--option 'merge={"r": 8}'``), and a value that is not JSON is taken
 as a string (``--option inner=eager``).
 
-Usage errors (bad spec, bad option, a failed export check) print one line on stderr and exit 2;
-``--debug`` shows the traceback instead.
+Errors (a bad spec, a bad option, a failed export check, ...) print the error's message on stderr,
+without a traceback, and exit with status 2; ``--debug`` raises them instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import itertools
 import json
 import sys
 from typing import Any, Sequence
@@ -63,31 +66,39 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--static-batch", action="store_true", help="export with a fixed batch size")
     export.add_argument("--atol", type=float, default=1e-4,
                         help="largest abs difference allowed between onnxruntime and PyTorch (default 1e-4)")
+    # The demo parses its own arguments (tokred.demo.main); listed here for the help text.
+    commands.add_parser("demo", add_help=False,
+                        help="token merging on the real MiniLM model (see: tokred demo --help)")
     return parser
+
+
+def _load_model(args: argparse.Namespace, options: dict[str, Any]):
+    """Validate ``options`` (before the model is built: that can take a while), then load the spec."""
+    import tokred
+    from tokred.models import load_spec
+
+    tokred.parse_options(options)
+    loaded = load_spec(args.spec)
+    print(f"model: {loaded.description}")
+    return loaded
 
 
 def run_explain(args: argparse.Namespace) -> None:
     import tokred
-    from tokred.models import load_spec
 
     options = parse_option_args(args.option)
     if args.inner is not None:
         options["inner"] = args.inner
-    tokred.parse_options(options)  # bad options fail here, before the model is built
-    loaded = load_spec(args.spec)
-    print(f"model: {loaded.description}")
+    loaded = _load_model(args, options)
     report = tokred.explain(loaded.model, *loaded.args, example_kwargs=loaded.kwargs, **options)
     print(report)
 
 
 def run_export(args: argparse.Namespace) -> None:
     import tokred
-    from tokred.models import load_spec
 
     options = parse_option_args(args.option)
-    tokred.parse_options(options)
-    loaded = load_spec(args.spec)
-    print(f"model: {loaded.description}")
+    loaded = _load_model(args, options)
     result = tokred.export_onnx(loaded.model, loaded.args, args.output, example_kwargs=loaded.kwargs,
                                 dynamic_batch=not args.static_batch, atol=args.atol, **options)
     print(result.report)
@@ -97,6 +108,15 @@ def run_export(args: argparse.Namespace) -> None:
     sizes = ", ".join(map(str, result.batch_sizes))
     print(f"checked in onnxruntime at batch sizes {sizes}: max |onnxruntime - torch| = "
           f"{result.max_abs_diff:.2e} (atol {args.atol:g})")
+
+
+def run_demo(demo_argv: list[str]) -> int:
+    from tokred.demo import main as demo_main
+
+    return demo_main(demo_argv)
+
+
+COMMANDS = {"explain": run_explain, "export": run_export}
 
 
 def _error_message(error: BaseException) -> str:
@@ -110,19 +130,24 @@ def _error_message(error: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok, 2 error)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    run = {"explain": run_explain, "export": run_export}[args.command]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags = list(itertools.takewhile(lambda a: a.startswith("-"), argv))
+    command = argv[len(flags):len(flags) + 1]
+    if command == ["demo"] and set(flags) <= {"--debug"}:
+        # Everything after 'demo' belongs to the demo's own parser.
+        debug, run = "--debug" in flags, functools.partial(run_demo, argv[len(flags) + 1:])
+    else:
+        args = build_parser().parse_args(argv)
+        debug, run = args.debug, functools.partial(COMMANDS[args.command], args)
     try:
-        run(args)
+        return run() or 0
     except KeyboardInterrupt:
         return 130
     except Exception as error:  # the CLI's contract: a message, not a traceback
-        if args.debug:
+        if debug:
             raise
         print(f"tokred: error: {_error_message(error)}", file=sys.stderr)
         return EXIT_ERROR
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,186 @@
+"""Compile time of tokred (analysis only, no passes) against plain inductor, cold, in one run.
+
+    python bench/compile_time.py [--model vit_small_patch16_224] [--repeats 2]
+
+Each measurement runs in its own subprocess with empty inductor/Triton cache directories, so every
+compile is cold and nothing is shared between measurements. The backends alternate (A B B A ...)
+so that drift in machine load hits both alike. A measurement is the time of the first call of the
+compiled model (capture + tokred's analysis + inductor), minus the time of a second, already
+compiled call, both as wall time and as CPU time. The CPU time (this process plus the compiler
+processes it waits for; inductor runs with one compile thread so that all of its work is counted)
+is what a loaded, shared machine disturbs least. Writes bench/results/compile_time.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run from a source checkout without installing: the repo root holds the tokred package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+BACKENDS = ("inductor", "tokred")
+TARGET_RATIO = 1.3
+RESULTS = Path(__file__).resolve().parent / "results" / "compile_time.md"
+
+
+def measure(backend: str, model_name: str, batch: int) -> dict:
+    """One cold compile in this process: build the model, compile, call twice; times in seconds."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False).eval()
+    image = torch.randn(batch, 3, 224, 224)
+    result = {"backend": backend}
+    if backend == "tokred":
+        import importlib
+
+        import tokred
+
+        # The module, not the tokred.backend() factory that the package exports under that name.
+        tokred_backend = importlib.import_module("tokred.backend")
+
+        compiler = tokred.backend()
+        # Time tokred's own share (analysis + passes) by wrapping the function the backend calls.
+        rewrite, spent = tokred_backend.rewrite, []
+
+        def timed_rewrite(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return rewrite(*args, **kwargs)
+            finally:
+                spent.append(time.perf_counter() - start)
+
+        tokred_backend.rewrite = timed_rewrite
+    else:
+        compiler = "inductor"
+    compiled = torch.compile(model, backend=compiler)
+    with torch.no_grad():
+        first_wall, first_cpu = _timed(lambda: compiled(image))
+        second_wall, second_cpu = _timed(lambda: compiled(image))
+    result["compile_s"] = first_wall - second_wall
+    result["compile_cpu_s"] = first_cpu - second_cpu
+    if backend == "tokred":
+        result["analysis_s"] = sum(spent)
+        result["attention_sites"] = len(compiler.report.attention_sites)
+    return result
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished, waited-for children (the C++ compiler)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``fn()``."""
+    wall, cpu = time.perf_counter(), _cpu_seconds()
+    fn()
+    return time.perf_counter() - wall, _cpu_seconds() - cpu
+
+
+def run_worker(backend: str, model_name: str, batch: int) -> dict:
+    """``measure`` in a fresh subprocess with empty compiler caches."""
+    with tempfile.TemporaryDirectory(prefix="tokred-bench-") as cache:
+        env = dict(os.environ,
+                   TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"),
+                   TRITON_CACHE_DIR=os.path.join(cache, "triton"),
+                   TORCHINDUCTOR_COMPILE_THREADS="1")
+        cmd = [sys.executable, __file__, "--worker", backend, "--model", model_name, "--batch", str(batch)]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{backend} measurement failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def schedule(repeats: int) -> list[str]:
+    """ABBA order: inductor, tokred, tokred, inductor, inductor, tokred, ..."""
+    order = []
+    for i in range(repeats):
+        order += list(BACKENDS if i % 2 == 0 else reversed(BACKENDS))
+    return order
+
+
+def summarize(runs: list[dict], key: str) -> tuple[dict, float]:
+    """Median of ``key`` per backend, and tokred's median over inductor's."""
+    medians = {b: statistics.median(r[key] for r in runs if r["backend"] == b) for b in BACKENDS}
+    return medians, medians["tokred"] / medians["inductor"]
+
+
+def render(runs: list[dict], model_name: str, batch: int, load: tuple) -> str:
+    import torch
+
+    lines = [
+        "# Compile time: tokred (analysis only) vs inductor",
+        "",
+        f"Model: timm `{model_name}` (pretrained=False), batch {batch}, 224x224, fp32, CPU, `torch.no_grad()`.",
+        f"torch {torch.__version__}, Python {platform.python_version()}, {os.cpu_count()} CPUs; "
+        f"load average before/after: {load[0]:.2f} / {load[1]:.2f}.",
+        "Each row is a cold compile in a fresh subprocess with empty inductor and Triton caches,",
+        "inductor with one compile thread; CPU time counts the compiler processes too.",
+        "",
+        "| # | backend | compile wall (s) | compile CPU (s) | tokred analysis wall (s) | attention sites found |",
+        "|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(runs, 1):
+        analysis = f"{r['analysis_s']:.2f}" if "analysis_s" in r else ""
+        sites = str(r.get("attention_sites", ""))
+        lines.append(f"| {i} | {r['backend']} | {r['compile_s']:.2f} | {r['compile_cpu_s']:.2f} | "
+                     f"{analysis} | {sites} |")
+    lines.append("")
+    for key, what in (("compile_s", "wall"), ("compile_cpu_s", "CPU")):
+        medians, ratio = summarize(runs, key)
+        verdict = "within" if ratio <= TARGET_RATIO else "over"
+        lines.append(f"Median compile {what} time: inductor {medians['inductor']:.2f} s, "
+                     f"tokred {medians['tokred']:.2f} s; ratio **{ratio:.2f}x** ({verdict} the {TARGET_RATIO}x target).")
+        lines.append("")
+    lines += [
+        f"Command: `python bench/compile_time.py --model {model_name} --batch {batch} "
+        f"--repeats {len(runs) // len(BACKENDS)}`",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_small_patch16_224", help="timm model name")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2, help="measurements per backend")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--worker", choices=BACKENDS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        print(json.dumps(measure(args.worker, args.model, args.batch)))
+        return 0
+
+    load_before = os.getloadavg()[0]
+    runs = []
+    for backend in schedule(args.repeats):
+        run = run_worker(backend, args.model, args.batch)
+        runs.append(run)
+        extra = f", analysis {run['analysis_s']:.2f} s, {run['attention_sites']} sites" if "analysis_s" in run else ""
+        print(f"{backend:9s} {run['compile_s']:7.2f} s wall, {run['compile_cpu_s']:7.2f} s CPU{extra}", flush=True)
+    text = render(runs, args.model, args.batch, (load_before, os.getloadavg()[0]))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print()
+    print(text)
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
