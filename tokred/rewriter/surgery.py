@@ -193,16 +193,10 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n) -> TokenCut:
             dims = sorted(d for d in axes.of(inp) if shape_of(inp)[d] == n)
             if not dims:
                 continue
-            if 0 in dims:
-                raise RewriteError(f"node {inp.name} (read by {node.name}) has its token axis at dim 0; "
-                                   f"cannot gather it per sample")
             if inp not in gathered_side:
                 with graph.inserting_before(node):  # its first reader: inp is defined by now
-                    cur = inp
-                    for d in dims:
-                        cur = graph.call_function(tokens.gather_token_dim, (cur, index, d))
-                gathered_side[inp] = cur
-                axes.dims[cur] = axes.of(inp)
+                    gathered_side[inp], new_dims = _gather_side_input(graph, inp, dims, node, index)
+                axes.dims[gathered_side[inp]] = frozenset(new_dims)
                 side.append((inp, tuple(dims)))
             node.replace_input_with(inp, gathered_side[inp])
 
@@ -225,6 +219,27 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n) -> TokenCut:
     return TokenCut(stream=stream, gathered=gathered, index=index, restored=restored, region=region,
                     side_inputs=side, literals=rewritten,
                     token_dims={node: axes.of(node) for node in region})
+
+
+def _gather_side_input(graph: fx.Graph, inp: fx.Node, dims: list, reader: fx.Node, index: fx.Node) -> tuple:
+    """Insert the gather of side input ``inp`` [B or 1, ..., N, ...] on its token ``dims``; returns the
+    gathered node and its token dims.
+
+    A tensor without a batch dim whose token axis is dim 0 (a causal mask ``ones(N, N).tril()``
+    built in the model) is given leading size-1 dims up to its reader's rank first, so that the
+    per-sample gather broadcasts the same way (its reader must broadcast, e.g. masked_fill).
+    """
+    if 0 in dims:
+        rank, reader_rank = len(shape_of(inp)), len(shape_of(reader) or ())
+        if reader_rank <= rank:
+            raise RewriteError(f"node {inp.name} (read by {reader.name}) has its token axis at dim 0 and "
+                               f"no batch dim to gather per sample on")
+        lead = reader_rank - rank
+        inp = graph.call_method("reshape", (inp, (1,) * lead + tuple(shape_of(inp))))
+        dims = [d + lead for d in dims]
+    for d in dims:
+        inp = graph.call_function(tokens.gather_token_dim, (inp, index, d))
+    return inp, dims
 
 
 def _token_count(facts, stream: fx.Node) -> int:

@@ -19,7 +19,7 @@ import networkx as nx
 from torch import fx
 
 from tokred.rewriter.analysis.blocks import (
-    assign_roles, find_blocks, find_prefix_tokens, find_readout_positions,
+    assign_roles, find_blocks, find_prefix_tokens, find_readout_positions, post_dominators,
 )
 from tokred.rewriter.analysis.graph import shape_of, to_networkx
 from tokred.rewriter.analysis.literals import find_shape_literals
@@ -89,7 +89,7 @@ def analyze(gm: fx.GraphModule) -> GraphFacts:
             seeds[node] = seeds.get(node, frozenset()) | dims
     axes = infer_token_axes(graph, token_counts, seeds)
     projections = find_projections(graph)
-    blocks = find_blocks([s for s in sites if s.q_len == s.kv_len], nxg)
+    blocks = find_blocks([s for s in sites if s.q_len == s.kv_len], nxg, post_dominators(graph, nxg))
     for site in sites:
         if site.q_len != site.kv_len and not site.skip_reason:
             site.skip_reason = f"cross-attention ({site.q_len} queries, {site.kv_len} keys)"
@@ -112,4 +112,14 @@ def _site_seeds(site: AttentionSite) -> dict:
     if site.scores is not None:
         nd = len(shape_of(site.scores))
         seeds[site.scores] = frozenset({nd - 2, nd - 1})
+    # the mask broadcasts against the scores [.., Nq, Nk]: its last dims are the key and query axes
+    mask_shape = shape_of(site.mask)
+    if mask_shape is not None and len(mask_shape) >= 1:
+        dims = set()
+        if mask_shape[-1] == site.kv_len and site.kv_len != 1:
+            dims.add(len(mask_shape) - 1)
+        if len(mask_shape) >= 2 and mask_shape[-2] == site.q_len and site.q_len != 1:
+            dims.add(len(mask_shape) - 2)
+        if dims:
+            seeds[site.mask] = frozenset(dims)
     return seeds

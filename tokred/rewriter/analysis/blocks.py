@@ -10,7 +10,7 @@ import torch
 from torch import fx
 
 from tokred.rewriter.analysis.graph import (
-    ADD_FUNCS, LAYER_NORM_FUNCS, RMS_NORM_FUNCS, common_module_path, is_call, is_parameter_like,
+    ADD_FUNCS, common_module_path, is_call, is_parameter_like,
     module_path, shape_of,
 )
 from tokred.rewriter.analysis.sites import (
@@ -21,10 +21,6 @@ from tokred.rewriter.analysis.token_axis import TokenAxes
 
 def is_add(node) -> bool:
     return is_call(node, *ADD_FUNCS, "add")
-
-
-def is_norm(node) -> bool:
-    return is_call(node, *LAYER_NORM_FUNCS, *RMS_NORM_FUNCS)
 
 
 def find_out_projection(site: AttentionSite, max_steps: int = 12) -> Optional[fx.Node]:
@@ -71,15 +67,28 @@ def find_residual_add(start: fx.Node, residual_candidates: set, max_nodes: int =
     return None
 
 
-def stream_after(add: fx.Node) -> tuple:
-    """The residual stream after an add: the add itself (pre-norm) or its norm (post-norm)."""
-    users = list(add.users)
-    if len(users) == 1 and is_norm(users[0]):
-        return users[0], True
-    return add, False
+def post_dominators(graph: fx.Graph, nxg: nx.DiGraph) -> dict:
+    """Immediate post-dominator of every node that reaches the output (networkx, reversed graph)."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    return nx.immediate_dominators(nxg.reverse(copy=False), output)
 
 
-def find_blocks(sites: list, nxg: nx.DiGraph) -> list:
+def norm_chain(add: fx.Node, ipdom: dict, max_steps: int = 4) -> list:
+    """``add`` and the nodes every path from it passes through while it stays a [B, N, C] stream
+    computed without projections: a post-norm (LayerNorm call, or a hand-written RMSNorm whose
+    internal branches rejoin) shows up here as the nodes after the add."""
+    chain, cur = [add], add
+    for _ in range(max_steps):
+        nxt = ipdom.get(cur)
+        if nxt is None or nxt is cur or nxt.op != "call_function" and nxt.op != "call_method" or \
+                is_projection_node(nxt) or shape_of(nxt) != shape_of(add):
+            break
+        chain.append(nxt)
+        cur = nxt
+    return chain
+
+
+def find_blocks(sites: list, nxg: nx.DiGraph, ipdom: dict) -> list:
     """One Block per self-attention site that sits on a residual stream."""
     blocks = []
     for site in sites:
@@ -95,11 +104,17 @@ def find_blocks(sites: list, nxg: nx.DiGraph) -> list:
             continue
         site.residual_add = attn_add
         residual = next(a for a in attn_add.args[:2] if isinstance(a, fx.Node) and a in candidates)
-        mid, post_norm = stream_after(attn_add)
-        mlp_add = _find_mlp_add(mid)
-        # post-norm is a property of the block, read off its attention add: the last block's MLP add
-        # of a pre-norm model also has a single norm user (the final norm), which is not the block's
-        output = (stream_after(mlp_add)[0] if post_norm else mlp_add) if mlp_add is not None else None
+        # the stream the MLP reads: the add itself (pre-norm) or the end of the norm after it
+        chain = norm_chain(attn_add, ipdom)
+        steps, mlp_add = next(((i, add) for i, cand in enumerate(chain) if (add := _find_mlp_add(cand))),
+                              (0, None))
+        mid, post_norm = chain[steps], steps > 0
+        # post-norm: the same norm follows the MLP add (as many post-dominator steps); decided from the
+        # attention side, since a pre-norm model's last MLP add is also followed by a (final) norm
+        output = None
+        if mlp_add is not None:
+            out_chain = norm_chain(mlp_add, ipdom)
+            output = out_chain[steps] if steps < len(out_chain) else None
         module = site.module.rsplit(".", 1)[0] if "." in site.module else site.module
         if mlp_add is not None:
             module = common_module_path([site.module, module_path(mlp_add)]) or module
