@@ -66,7 +66,8 @@ def main() -> None:
 
     lines = [f"# Token merging speed, {args.model}, batch {args.batch}, CPU",
              "",
-             f"`python bench/merge_speed.py --model {args.model} --batch {args.batch} --r {' '.join(map(str, args.r))}`"
+             f"`python bench/merge_speed.py --model {args.model} --batch {args.batch} --r {' '.join(map(str, args.r))}"
+             f" --repeats {args.repeats}`"
              f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
              f"{torch.__version__}, both sides compiled by inductor, median of {args.repeats} alternating rounds)",
              "",
