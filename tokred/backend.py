@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-import torch
 from torch import fx
 
 from tokred.passes import merge

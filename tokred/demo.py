@@ -135,7 +135,7 @@ def draw_word_groups(tokenizer, ids: torch.Tensor, mask: torch.Tensor, groups: t
     ax.axis("off")
     x, y, line = 0.0, 1.0, 0.085 if n > 60 else 0.12
     for word, g in zip(words, group):
-        text = ax.text(x, y, word, fontsize=9, family="monospace", va="top", transform=ax.transAxes,
+        ax.text(x, y, word, fontsize=9, family="monospace", va="top", transform=ax.transAxes,
                        bbox=dict(boxstyle="round,pad=0.15", fc=colour.get(g, "white"),
                                  ec="none" if sizes[g] == 1 else "0.3", lw=0.4))
         x += 0.012 * (len(word) + 2)

@@ -19,7 +19,6 @@ add; the residual stream keeps all tokens.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch

@@ -7,7 +7,6 @@ addmm, matmul/bmm, scaled_dot_product_attention, conv. Elementwise work is ignor
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 import torch.nn.functional as F

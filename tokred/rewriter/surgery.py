@@ -20,12 +20,10 @@ The rewrite is checked by fake-tensor shape propagation; on any failure the grap
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import networkx as nx
-import torch
 from torch import fx
 
 import tokred.triton_ops  # noqa: F401  (registers the tokred:: ops used below)

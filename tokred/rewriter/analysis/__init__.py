@@ -27,7 +27,7 @@ from tokred.rewriter.analysis.sites import (
     AttentionSite, Block, ProjectionSite, find_attention_sites, find_projections,
 )
 from tokred.rewriter.analysis.token_axis import TokenAxes, infer_token_axes
-from tokred.rewriter.report import FOUND, SKIPPED, Report, SiteRecord
+from tokred.rewriter.report import SKIPPED, Report, SiteRecord
 
 __all__ = ["analyze", "GraphFacts", "AttentionSite", "Block", "ProjectionSite", "TokenAxes"]
 

@@ -8,8 +8,7 @@ GQA's repeat_kv (expand + reshape) and rotary arithmetic to the projections that
 from __future__ import annotations
 
 import operator
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -17,8 +16,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from tokred.rewriter.analysis.graph import (
-    ADD_FUNCS, DROPOUT_FUNCS, LAYER_NORM_FUNCS, LINEAR_TARGETS, MATMUL_TARGETS, RMS_NORM_FUNCS,
-    SDPA_TARGETS, arg, common_module_path, is_call, is_parameter_like, module_path, shape_of,
+    DROPOUT_FUNCS, LINEAR_TARGETS, MATMUL_TARGETS, SDPA_TARGETS, arg, common_module_path, is_call,
+    is_parameter_like, module_path, shape_of,
 )
 
 # ops that move data around without mixing tokens or channels
@@ -203,7 +202,6 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     # backward from softmax to the scores matmul, collecting scale and mask
     scale, mask, cur = None, None, softmax.args[0]
     for _ in range(8):
-        cur_shape = shape_of(cur)
         if not isinstance(cur, fx.Node):
             return None
         if cur.target in MATMUL_TARGETS or is_call(cur, "matmul", "bmm"):
@@ -331,7 +329,7 @@ def _looks_causal(mask) -> bool:
 
 
 def _make_site(kind, node, q, k, v, mask, causal, scale, softmax, scores, gqa) -> AttentionSite:
-    qs, ks, vs = shape_of(q), shape_of(k), shape_of(v)
+    qs, ks = shape_of(q), shape_of(k)
     kv_heads = ks[-3] if ks and len(ks) >= 3 else 1
     # eager GQA (repeat_kv): k is expand+reshape of [B, Hkv, N, D]; report the pre-repeat heads
     pre = _pre_repeat_heads(k)
