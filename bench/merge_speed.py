@@ -13,23 +13,13 @@ import argparse
 import os
 import platform
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
-
-
-def timed(fn, x, repeats: int) -> list:
-    out = []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn(x)
-            out.append(time.perf_counter() - start)
-    return out
+from tokred.demo import time_per_batch  # noqa: E402
 
 
 def main() -> None:
@@ -57,12 +47,9 @@ def main() -> None:
     with torch.no_grad():
         for name, fn in tqdm(variants.items(), desc="compile + warm-up"):
             fn(x)
-            fn(x)
-    times = {name: [] for name in variants}
-    for _ in tqdm(range(args.repeats), desc="timing rounds"):
-        for name, fn in variants.items():  # alternate: every round times every variant once
-            times[name] += timed(fn, x, 1)
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    # alternating rounds: every round times every variant once; medians
+    median = time_per_batch({name: (lambda f: lambda **kw: f(kw["x"]))(fn) for name, fn in variants.items()},
+                            {"x": x}, repeats=args.repeats)
 
     lines = [f"# Token merging speed, {args.model}, batch {args.batch}, CPU",
              "",
