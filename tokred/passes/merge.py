@@ -272,7 +272,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
             continue
         try:
             make = _global_reduction(site, r_eff, prefix, state, opts["trace_source"])
-            cut_tokens(gm, facts, block.mid, blocks[-1].output, make, n - r_eff, example_inputs)
+            cut_tokens(gm, facts, block.mid, blocks[-1].output, make, n - r_eff, example_inputs, options.verify)
         except RewriteError as exc:
             record.mark(SKIPPED, f"merge: {exc}", NAME)
             _fail(options, record)
@@ -379,7 +379,7 @@ def _apply_local(gm, facts, rs, report, options, example_inputs) -> None:
                 continue
             try:
                 cut_tokens(gm, facts, start, end, _local_reduction(mask, r_eff, prefix), n - r_eff,
-                           example_inputs)
+                           example_inputs, options.verify)
                 done.append(f"{branch} {n}->{n - r_eff}")
             except RewriteError as exc:
                 record.mark(SKIPPED, f"merge (local, {branch}): {exc}", NAME)

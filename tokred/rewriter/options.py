@@ -19,7 +19,7 @@ class Options:
 
     inner:   the compiler the rewritten graph is handed to.
     strict:  a site that cannot be rewritten is an error instead of a report line.
-    verify:  run fake-tensor shape propagation and the output contract check after rewriting.
+    verify:  after each rewrite, check every rewritten node's shape and the output contract.
     passes:  per-pass option dicts, keyed by pass name (validated by the pass's own schema).
     """
 
