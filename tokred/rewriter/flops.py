@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from tokred.rewriter.analysis.graph import SDPA_TARGETS, MATMUL_TARGETS, LINEAR_TARGETS, shape_of
+from tokred.rewriter.analysis.graph import LINEAR_TARGETS, SDPA_TARGETS, is_matmul, shape_of
 
 
 def node_flops(node: fx.Node) -> float:
@@ -26,8 +26,7 @@ def node_flops(node: fx.Node) -> float:
     if node.op == "call_function" and node.target is torch.addmm:
         a = shape_of(node.args[1])
         return 2.0 * math.prod(out) * (a[-1] if a else 0)
-    if (node.op == "call_function" and node.target in MATMUL_TARGETS) or \
-            (node.op == "call_method" and node.target in ("matmul", "bmm")):
+    if is_matmul(node):
         a = shape_of(node.args[0])
         return 2.0 * math.prod(out) * (a[-1] if a else 0)
     if node.op == "call_function" and node.target in SDPA_TARGETS:

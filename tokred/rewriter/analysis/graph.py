@@ -33,6 +33,11 @@ def is_call(node: Any, *targets) -> bool:
     return False
 
 
+def is_matmul(node: Any) -> bool:
+    """A matrix product: torch.matmul / @ / bmm as a function or a method."""
+    return is_call(node, *MATMUL_TARGETS, "matmul", "bmm")
+
+
 def example_value(node: Any):
     if not isinstance(node, fx.Node):
         return None

@@ -17,7 +17,7 @@ from torch import fx
 
 from tokred.rewriter.analysis.graph import (
     DROPOUT_FUNCS, LINEAR_TARGETS, MATMUL_TARGETS, SDPA_TARGETS, arg, common_module_path, is_call,
-    is_parameter_like, module_path, shape_of,
+    is_matmul, is_parameter_like, module_path, shape_of,
 )
 
 # ops that move data around without mixing tokens or channels
@@ -204,7 +204,7 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     for _ in range(8):
         if not isinstance(cur, fx.Node):
             return None
-        if cur.target in MATMUL_TARGETS or is_call(cur, "matmul", "bmm"):
+        if is_matmul(cur):
             break
         if is_call(cur, operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
             a, b = cur.args[0], cur.args[1]
@@ -237,7 +237,7 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     else:
         return None
     scores = cur
-    if not (scores.target in MATMUL_TARGETS or is_call(scores, "matmul", "bmm")):
+    if not is_matmul(scores):
         return None
     q, kt = scores.args[0], scores.args[1]
     # forward from softmax to the (attn @ v) matmul
@@ -246,13 +246,13 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
         users = list(cur.users)
         if len(users) != 1:
             # attention weights returned as an output as well: follow the matmul user
-            mm = [u for u in users if u.target in MATMUL_TARGETS or is_call(u, "matmul", "bmm")]
+            mm = [u for u in users if is_matmul(u)]
             if len(mm) != 1:
                 return None
             cur = mm[0]
             break
         cur = users[0]
-        if cur.target in MATMUL_TARGETS or is_call(cur, "matmul", "bmm"):
+        if is_matmul(cur):
             break
         if not (is_call(cur, "to", "float", "type", "type_as", "contiguous", "half", "bfloat16")
                 or (cur.op == "call_function" and cur.target in DROPOUT_FUNCS)):
@@ -278,7 +278,7 @@ def _reaches_matmul(node: fx.Node) -> bool:
     for _ in range(6):
         if not isinstance(cur, fx.Node):
             return False
-        if cur.target in MATMUL_TARGETS or is_call(cur, "matmul", "bmm"):
+        if is_matmul(cur):
             return True
         if is_call(cur, operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", "to", "float"):
             cur = cur.args[0]

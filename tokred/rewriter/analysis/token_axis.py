@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from tokred.rewriter.analysis.graph import (
-    DROPOUT_FUNCS, LAYER_NORM_FUNCS, LINEAR_TARGETS, MATMUL_TARGETS, RMS_NORM_FUNCS, SDPA_TARGETS,
-    example_value, is_call, is_state, shape_of,
+    DROPOUT_FUNCS, LAYER_NORM_FUNCS, LINEAR_TARGETS, RMS_NORM_FUNCS, SDPA_TARGETS,
+    example_value, is_call, is_matmul, is_state, shape_of,
 )
 
 Dims = frozenset
@@ -206,7 +206,7 @@ def forward_dims(node: fx.Node, get: Callable, token_counts: set):
     if target is torch.addmm:
         a = node.args[1]
         return frozenset(d for d in get(a) if d == 0)
-    if target in MATMUL_TARGETS or is_call(node, "matmul", "bmm"):
+    if is_matmul(node):
         a, b = node.args[0], node.args[1]
         sa, sb = shape_of(a), shape_of(b)
         if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
@@ -325,10 +325,6 @@ def _getitem_dims(in_shape: tuple, in_dims: Dims, idx, out_shape: tuple, get, to
 
 # ----------------------------------------------------------------------------- backward rules
 
-BACKWARD_ELEMENTWISE_METHODS = {"contiguous", "float", "to", "type_as", "clone", "half", "bfloat16",
-                                "add", "mul", "sub", "div", "expand"}
-
-
 def backward_dims(node: fx.Node, out_dims, token_counts: set) -> dict:
     """Token dims that ``node``'s output dims imply for its inputs: {input_node: dims}."""
     result = {}
@@ -371,7 +367,7 @@ def backward_dims(node: fx.Node, out_dims, token_counts: set) -> dict:
                 result[t] = frozenset(d for d in out_dims if d == dim or shape_of(t)[d] == out_shape[d])
         return result
     elementwise = (node.op == "call_function" and target in ELEMENTWISE_FUNCS) or \
-        (node.op == "call_method" and target in BACKWARD_ELEMENTWISE_METHODS | ELEMENTWISE_METHODS)
+        (node.op == "call_method" and target in ELEMENTWISE_METHODS)
     if elementwise:
         inputs = _tensor_args(node)
         if target in LAYER_NORM_FUNCS or target in RMS_NORM_FUNCS:
