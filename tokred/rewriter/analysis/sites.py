@@ -193,6 +193,15 @@ def find_sdpa_site(node: fx.Node) -> AttentionSite:
     return _make_site("sdpa", node, q, k, v, mask, causal, _scalar(scale), None, None, gqa)
 
 
+def site_mask(site: AttentionSite) -> Optional[fx.Node]:
+    """The attention mask ``site`` reads now (after earlier rewrites replaced its inputs), or None."""
+    if site.kind == "sdpa":
+        mask = arg(site.node, 3, "attn_mask")
+        return mask if isinstance(mask, fx.Node) else None
+    found = find_manual_site(site.softmax)
+    return found.mask if found is not None and isinstance(found.mask, fx.Node) else None
+
+
 def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     """``softmax(q @ k^T * scale [+ mask]) [dropout] @ v`` around a softmax node, or None."""
     dim = arg(softmax, 1, "dim", None)

@@ -1,0 +1,322 @@
+"""Speculative decoding speed: tokred.generate against transformers' generate, side by side, one run.
+
+    python bench/speculative.py                      # SmolLM2-135M, 6 prompts x 64 new tokens (~10 min on 2 cores)
+    python bench/speculative.py --prompts 12 --new-tokens 128 --exit-layer 12
+    python bench/speculative.py --qwen               # Qwen2.5-Coder 1.5B target, 0.5B draft (slow: ~7 GB fp32)
+
+Prompts are input-grounded: Wikipedia lead extracts (``tokred.offline.wiki_texts``) inside the
+model's chat template, asking to summarise the text, to continue it, or to answer from it. Every
+method decodes greedily from the same prompts; methods alternate prompt by prompt (the order
+rotates), so a loaded machine slows them alike. Methods (SmolLM2):
+
+    tokred plain          tokred.generate(draft=None)
+    hf plain              model.generate(do_sample=False)
+    tokred prompt_lookup  tokred.generate(draft="prompt_lookup", k=--k, ngram=--ngram)
+    hf prompt_lookup      model.generate(prompt_lookup_num_tokens=--hf-lookup-tokens)
+    tokred early_exit     tokred.generate(draft="early_exit", exit_layer=L)   (L from a quick sweep)
+    hf early_exit         model.generate(assistant_early_exit=L)
+
+``--qwen``: tokred.generate(draft=<0.5B model>) against model.generate(assistant_model=<0.5B>), and
+both plain. Tokens/s is new tokens over wall time, summed over the prompts. Every method's output
+is compared with tokred's plain greedy output (and transformers' plain with it); mismatches are
+reported. Writes bench/results/speculative.md (or speculative_qwen.md) with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tokred.generate import generate  # noqa: E402
+from tokred.offline import load_causal_lm, wiki_texts  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+TASKS = {
+    "summarise": "Summarise the following text in a few sentences, using its own words.\n\n{text}",
+    "continue": "Here is the start of an encyclopedia article:\n\n{text}\n\nRepeat its last sentence, "
+                "then continue the article.",
+    "answer": "Read the text and answer the question using only the text.\n\nText: {text}\n\n"
+              "Question: What is the text about, and what are its key facts? Quote the text.",
+}
+TARGETS = {"prompt_lookup": 1.8, "early_exit": 1.3, "draft_model": None}
+
+
+# ----------------------------------------------------------------------------- prompts
+
+def build_prompts(tokenizer, n: int, max_chars: int, seed: int = 0) -> list:
+    """n chat-template prompts [1, T] cycling over TASKS, each with its own Wikipedia extract."""
+    texts = [t for t in wiki_texts(seed) if len(t) >= max_chars // 2]
+    prompts = []
+    for i in range(n):
+        task = list(TASKS)[i % len(TASKS)]
+        text = texts[i][:max_chars].rsplit(" ", 1)[0]
+        messages = [{"role": "user", "content": TASKS[task].format(text=text)}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+        ids = ids if torch.is_tensor(ids) else ids["input_ids"]
+        prompts.append((task, ids))
+    return prompts
+
+
+# ----------------------------------------------------------------------------- methods
+
+def tokred_method(model, **kwargs):
+    def run(ids, new_tokens, eos):
+        result = generate(model, ids, new_tokens, eos_token_id=eos, progress=False, **kwargs)
+        return result.sequences, result.stats
+    return run
+
+
+def hf_method(model, **kwargs):
+    def run(ids, new_tokens, eos):
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 do_sample=False, eos_token_id=eos, pad_token_id=eos, **kwargs)
+        return out, None
+    return run
+
+
+def new_tokens_of(sequences: torch.Tensor, prompt_len: int, eos: int) -> list:
+    """The generated tokens up to and including the first eos."""
+    out = sequences[0, prompt_len:].tolist()
+    return out[:out.index(eos) + 1] if eos in out else out
+
+
+def run_methods(methods: dict, prompts: list, new_tokens: int, eos: int, desc: str) -> dict:
+    """Run every method on every prompt, the method order rotating per prompt; per-method records."""
+    from tqdm import tqdm
+
+    records = {name: [] for name in methods}
+    names = list(methods)
+    bar = tqdm(total=len(prompts) * len(names), desc=desc, unit="run")
+    for p, (task, ids) in enumerate(prompts):
+        order = names[p % len(names):] + names[:p % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            sequences, stats = methods[name](ids, new_tokens, eos)
+            seconds = time.perf_counter() - start
+            records[name].append({"prompt": p, "task": task, "seconds": seconds, "stats": stats,
+                                  "tokens": new_tokens_of(sequences, ids.shape[1], eos)})
+            bar.update(1)
+    bar.close()
+    return records
+
+
+def summarise(records: dict, reference: str) -> dict:
+    """Per method: tokens/s over all prompts, mismatching prompts, acceptance statistics."""
+    rows = {}
+    for name, recs in records.items():
+        tokens = sum(len(r["tokens"]) for r in recs)
+        seconds = sum(r["seconds"] for r in recs)
+        mismatches = [r["prompt"] for r, ref in zip(recs, records[reference]) if r["tokens"] != ref["tokens"]]
+        stats = [r["stats"] for r in recs if r["stats"] is not None]
+        proposed = sum(s.proposed for s in stats)
+        rows[name] = {
+            "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds if seconds else 0.0,
+            "mismatches": mismatches,
+            "acceptance_rate": sum(s.accepted for s in stats) / proposed if proposed else None,
+            "mean_accepted_length": (sum(s.committed_in_decode for s in stats) / sum(s.row_steps for s in stats)
+                                     if stats and sum(s.row_steps for s in stats) and proposed else None),
+            "ttft": (sum(s.time_to_first_token_s for s in stats) / len(stats)) if stats else None,
+        }
+    return rows
+
+
+def sweep_exit_layer(model, prompts: list, layers: list, new_tokens: int, eos: int) -> dict:
+    """tokens/s and mean accepted length of tokred early_exit at each exit layer (short runs)."""
+    from tqdm import tqdm
+
+    out = {}
+    for layer in tqdm(layers, desc="exit-layer sweep", unit="layer"):
+        tokens = seconds = committed = steps = 0
+        for _, ids in prompts:
+            start = time.perf_counter()
+            result = generate(model, ids, new_tokens, draft="early_exit", exit_layer=layer, eos_token_id=eos,
+                              progress=False)
+            seconds += time.perf_counter() - start
+            tokens += len(new_tokens_of(result.sequences, ids.shape[1], eos))
+            committed += result.stats.committed_in_decode
+            steps += result.stats.row_steps
+        out[layer] = {"tokens_per_s": tokens / seconds, "mean_accepted_length": committed / max(steps, 1)}
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+def fmt(value, spec: str, none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def table(rows: dict, baselines: dict) -> list:
+    """Markdown rows; each method's ratio is over its library's plain greedy (tokred or hf)."""
+    lines = ["| method | new tokens | s | tokens/s | vs tokred plain | vs hf plain | acceptance | "
+             "accepted length | TTFT s | mismatches |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in rows.items():
+        ratio_t = r["tokens_per_s"] / rows[baselines["tokred"]]["tokens_per_s"]
+        ratio_h = r["tokens_per_s"] / rows[baselines["hf"]]["tokens_per_s"]
+        mism = ", ".join(map(str, r["mismatches"])) if r["mismatches"] else "none"
+        lines.append(f"| {name} | {r['tokens']} | {r['seconds']:.1f} | {r['tokens_per_s']:.2f} | {ratio_t:.2f}x | "
+                     f"{ratio_h:.2f}x | {fmt(r['acceptance_rate'], '.2f')} | {fmt(r['mean_accepted_length'], '.2f')} | "
+                     f"{fmt(r['ttft'], '.2f')} | {mism} |")
+    return lines
+
+
+def verdicts(rows: dict, pairs: list) -> list:
+    """One line per (family, tokred method, hf method): the target and whether it was met."""
+    lines = []
+    plain = rows["tokred plain"]["tokens_per_s"]
+    for family, ours, theirs in pairs:
+        speedup = rows[ours]["tokens_per_s"] / plain
+        target = TARGETS[family]
+        vs_hf = rows[ours]["tokens_per_s"] / rows[theirs]["tokens_per_s"]
+        met = [] if target is None else [f"target >= {target}x: {'met' if speedup >= target else 'NOT met'}"]
+        met.append(f"vs transformers' {theirs}: {vs_hf:.2f}x ({'not slower' if vs_hf >= 1.0 else 'SLOWER'})")
+        exact = "identical to plain greedy" if not rows[ours]["mismatches"] else \
+            f"MISMATCH on prompts {rows[ours]['mismatches']}"
+        lines.append(f"- **{ours}**: {speedup:.2f}x over tokred plain; {'; '.join(met)}; output {exact}.")
+    return lines
+
+
+def write(path: str, lines: list) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+def environment(args) -> str:
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+            f"{torch.__version__}, transformers {__import__('transformers').__version__}, fp32, batch 1, greedy")
+
+
+# ----------------------------------------------------------------------------- main
+
+def run_smollm2(args, command: str) -> None:
+    model, tokenizer = load_causal_lm("smollm2")
+    eos = tokenizer.eos_token_id
+    prompts = build_prompts(tokenizer, args.prompts, args.max_chars)
+    # warm-up: first calls pay one-time costs (allocator, transformers' lazy setup, the draft's capture)
+    start = time.perf_counter()
+    generate(model, prompts[0][1], 4, draft="early_exit", exit_layer=1, eos_token_id=eos, progress=False)
+    capture_s = time.perf_counter() - start
+    hf_method(model)(prompts[0][1], 2, eos)
+
+    if args.exit_layer is None:
+        sweep = sweep_exit_layer(model, prompts[:args.sweep_prompts], args.sweep_layers, args.sweep_tokens, eos)
+        exit_layer = max(sweep, key=lambda layer: sweep[layer]["tokens_per_s"])
+    else:
+        sweep, exit_layer = {}, args.exit_layer
+
+    methods = {
+        "tokred plain": tokred_method(model),
+        "hf plain": hf_method(model),
+        "tokred prompt_lookup": tokred_method(model, draft="prompt_lookup", k=args.k, ngram=args.ngram),
+        "hf prompt_lookup": hf_method(model, prompt_lookup_num_tokens=args.hf_lookup_tokens),
+        "tokred early_exit": tokred_method(model, draft="early_exit", exit_layer=exit_layer, k=args.k),
+        "hf early_exit": hf_method(model, assistant_early_exit=exit_layer),
+    }
+    records = run_methods(methods, prompts, args.new_tokens, eos, "methods x prompts")
+    rows = summarise(records, "tokred plain")
+    pairs = [("prompt_lookup", "tokred prompt_lookup", "hf prompt_lookup"),
+             ("early_exit", "tokred early_exit", "hf early_exit")]
+    hf_vs_tokred_plain = [r["prompt"] for r, ref in zip(records["hf plain"], records["tokred plain"])
+                          if r["tokens"] != ref["tokens"]]
+
+    lines = ["# Speculative decoding, SmolLM2-135M-Instruct, CPU", "",
+             f"`{command}`", "",
+             f"{environment(args)}. {len(prompts)} prompts ({', '.join(TASKS)} over Wikipedia extracts of at most "
+             f"{args.max_chars} characters, chat template; prompt lengths "
+             f"{min(p[1].shape[1] for p in prompts)}-{max(p[1].shape[1] for p in prompts)} tokens), up to "
+             f"{args.new_tokens} new tokens each (stopping at eos). Methods alternate prompt by prompt (rotating "
+             "order). tokred k = {0} (adaptive), prompt lookup n-gram <= {1}; transformers prompt lookup "
+             "`prompt_lookup_num_tokens={2}`.".format(args.k, args.ngram, args.hf_lookup_tokens),
+             "",
+             "**The machine is shared and loaded** (2 cores, several other jobs running; load average at the "
+             f"end of the run: {os.getloadavg()[0]:.1f}), so absolute tokens/s are noisy; ratios come from the same "
+             "prompts in the same run, interleaved.", ""]
+    lines += table(rows, {"tokred": "tokred plain", "hf": "hf plain"})
+    lines += ["", "Ratios of each method's tokens/s over plain greedy of tokred and of transformers. "
+              "Acceptance = accepted drafts / proposed drafts; accepted length = tokens committed per target "
+              "forward in decoding (accepted drafts + the target's own token); TTFT = time to first token "
+              "(tokred's stats). transformers' assisted generation does not report acceptance here (n/a).", ""]
+    lines += ["## Targets", ""] + verdicts(rows, pairs)
+    lines.append(f"- transformers' plain greedy vs tokred plain greedy: "
+                 f"{'identical' if not hf_vs_tokred_plain else 'differs on prompts ' + str(hf_vs_tokred_plain)}.")
+    lines += ["", "## Early-exit layer", ""]
+    if sweep:
+        lines += [f"Sweep over exit layers (tokred early_exit, {args.sweep_prompts} prompts x {args.sweep_tokens} "
+                  f"tokens, k = {4}): chose **L = {exit_layer}** of {model.config.num_hidden_layers}.", "",
+                  "| exit layer | tokens/s | accepted length |", "|---:|---:|---:|"]
+        lines += [f"| {layer} | {s['tokens_per_s']:.2f} | {s['mean_accepted_length']:.2f} |" for layer, s in sweep.items()]
+    else:
+        lines.append(f"L = {exit_layer} of {model.config.num_hidden_layers} (given with --exit-layer).")
+    lines += ["", f"The early-exit draft is SmolLM2's own first L layers + final norm + LM head, sliced from the "
+              f"captured graph (first call, capture and analysis included: {capture_s:.1f} s); it keeps its own KV "
+              "cache of layers < L. SmolLM2 was not trained for early exit (no LayerSkip), so its early layers "
+              "predict the final token poorly; transformers' `assistant_early_exit` runs the same truncated "
+              "model (same L)."]
+    write(args.out or os.path.join(RESULTS, "speculative.md"), lines)
+    for name, r in rows.items():
+        print(f"{name:22s} {r['tokens_per_s']:7.2f} tok/s  {r['tokens_per_s'] / rows['tokred plain']['tokens_per_s']:.2f}x"
+              f"  accepted length {fmt(r['mean_accepted_length'], '.2f')}  mismatches {r['mismatches'] or 'none'}")
+
+
+def run_qwen(args, command: str) -> None:
+    target, tokenizer = load_causal_lm("qwen-coder-1.5b")
+    draft, _ = load_causal_lm("qwen-coder-0.5b")
+    eos = tokenizer.eos_token_id
+    prompts = build_prompts(tokenizer, args.prompts, args.max_chars)
+    methods = {
+        "tokred plain": tokred_method(target),
+        "hf plain": hf_method(target),
+        "tokred draft model": tokred_method(target, draft=draft, k=args.k),
+        "hf assistant_model": hf_method(target, assistant_model=draft),
+    }
+    records = run_methods(methods, prompts, args.new_tokens, eos, "methods x prompts")
+    rows = summarise(records, "tokred plain")
+    lines = ["# Speculative decoding, Qwen2.5-Coder 1.5B target with the 0.5B as draft, CPU", "",
+             f"`{command}`", "", f"{environment(args)}. {len(prompts)} prompts, up to {args.new_tokens} new tokens. "
+             "**The machine is shared and loaded**; ratios are from the same run, interleaved.", ""]
+    lines += table(rows, {"tokred": "tokred plain", "hf": "hf plain"})
+    lines += ["", "## Targets", ""] + verdicts(rows, [("draft_model", "tokred draft model", "hf assistant_model")])
+    write(args.out or os.path.join(RESULTS, "speculative_qwen.md"), lines)
+    for name, r in rows.items():
+        print(f"{name:22s} {r['tokens_per_s']:7.2f} tok/s  {r['tokens_per_s'] / rows['tokred plain']['tokens_per_s']:.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=None, help="prompts (default 6; --qwen: 2)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (default 64; --qwen: 32)")
+    parser.add_argument("--max-chars", type=int, default=900, help="characters of each Wikipedia extract")
+    parser.add_argument("--k", type=int, default=4, help="tokred: most draft tokens per verification")
+    parser.add_argument("--ngram", type=int, default=3, help="tokred prompt lookup: longest n-gram matched")
+    parser.add_argument("--hf-lookup-tokens", type=int, default=10, help="transformers prompt_lookup_num_tokens")
+    parser.add_argument("--exit-layer", type=int, default=None, help="early-exit layer (default: a quick sweep)")
+    parser.add_argument("--sweep-layers", type=int, nargs="+", default=[6, 10, 14, 18, 22])
+    parser.add_argument("--sweep-prompts", type=int, default=2)
+    parser.add_argument("--sweep-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--qwen", action="store_true", help="Qwen2.5-Coder 1.5B target with the 0.5B as draft")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.prompts is None:
+        args.prompts = 2 if args.qwen else 6
+    if args.new_tokens is None:
+        args.new_tokens = 32 if args.qwen else 64
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python bench/speculative.py " + " ".join(sys.argv[1:])
+    torch.manual_seed(0)
+    (run_qwen if args.qwen else run_smollm2)(args, command.strip())
+
+
+if __name__ == "__main__":
+    main()

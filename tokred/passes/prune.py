@@ -1,0 +1,388 @@
+"""Token pruning: after chosen blocks, keep the highest-scored tokens; the others exit early.
+
+    torch.compile(model, backend="tokred", options={"prune": {"keep": 0.5, "at": [2], "score": "cls"}})
+
+At the output of each block listed in ``at`` the prunable tokens are scored and the ``keep``
+fraction (or count) with the highest scores is kept, in their original order; the later blocks run
+on the kept tokens only, with their masks, rotary positions and position ids gathered so that every
+kept token keeps its original position. After the last block the pruned tokens are put back with
+the value they had when pruned (exit early), so the outputs keep their shapes.
+
+Scores (computed at the block of the cut; see /work/shared or the README for the exact formulas):
+  cls         attention of the class token (row 0) to every token (FasterVLM, EViT)
+  query       attention from the last token, or from a query range (FastV, PromptDistill)
+  transition  how much a token changed across the block, in direction and magnitude (TransPrune)
+  diversity   greedy k-center on cosine distance: keep a spread-out set (DivPrune, ToDRE)
+  random      a seeded random ranking: the baseline every scorer must beat
+The attention scores read only the needed rows (q_row . K^T with the model's scale and mask), so
+the model keeps SDPA. ``fuse`` adds one token holding the weighted average of the pruned ones (EViT).
+
+Decoders with a KV cache: the prefill is pruned; the cache of the layers after the cut holds the
+kept tokens (their keys rotated at their original positions) and decode steps attend to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+import tokred.triton_ops  # noqa: F401  (registers the tokred:: prune ops)
+from tokred.triton_ops.prune import (
+    ascending_index_reference, attention_row_scores_reference, k_center_selected_reference,
+    selected_mask_reference,
+)
+from tokred.rewriter import tokens
+from tokred.rewriter.analysis.graph import shape_of
+from tokred.rewriter.analysis.sites import site_mask
+from tokred.rewriter.report import REWRITTEN, SKIPPED
+from tokred.rewriter.surgery import KVOutputs, Reduction, RewriteError, cut_tokens
+
+NAME = "prune"
+SCORES = ("cls", "query", "transition", "diversity", "random")
+ATTENTION_SCORES = ("cls", "query")
+KNOWN = ("keep", "at", "score", "fuse", "range", "protect_last", "query", "seed")
+
+
+# ----------------------------------------------------------------------------- options
+
+def _error(key: str, message: str) -> ValueError:
+    return ValueError(f"tokred option 'prune.{key}' {message}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_keep(value) -> None:
+    if _is_int(value):
+        if value < 1:
+            raise _error("keep", f"as a count must be >= 1, got {value}")
+    elif isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise _error("keep", f"as a fraction must be in (0, 1], got {value}")
+    else:
+        raise _error("keep", f"must be a fraction in (0, 1], a count >= 1 or a list of them, got {value!r}")
+
+
+def _check_pair(key: str, value) -> Optional[tuple]:
+    if value is None:
+        return None
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)):
+        raise _error(key, f"must be a (start, end) pair of ints, got {value!r}")
+    return tuple(value)
+
+
+def validate(value: Any) -> dict:
+    """``{"keep", "at", "score", "fuse", "range", "protect_last", "query", "seed"}``; a float is keep."""
+    if isinstance(value, float):
+        value = {"keep": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"tokred option 'prune' must be a dict like {{'keep': 0.5, 'at': [2]}}, got {value!r}")
+    for key in value:
+        if key not in KNOWN:
+            raise ValueError(f"unknown tokred option 'prune.{key}'; known: {', '.join(KNOWN)}")
+    at = value.get("at", [1])
+    at = [at] if _is_int(at) else at
+    if not (isinstance(at, (list, tuple)) and at and all(_is_int(a) and a >= 0 for a in at)):
+        raise _error("at", f"must be a block index >= 0 or a non-empty list of them, got {value.get('at')!r}")
+    if len(set(at)) != len(at):
+        raise _error("at", f"lists a block twice: {list(at)}")
+    keep = value.get("keep", 0.5)
+    keeps = list(keep) if isinstance(keep, (list, tuple)) else [keep] * len(at)
+    if len(keeps) != len(at):
+        raise _error("keep", f"lists {len(keeps)} values for {len(at)} cuts in 'prune.at'")
+    for k in keeps:
+        _check_keep(k)
+    order = sorted(range(len(at)), key=lambda i: at[i])
+    score = value.get("score")
+    if score is not None and score not in SCORES:
+        raise _error("score", f"must be one of {SCORES}, got {score!r}")
+    for flag in ("fuse",):
+        if flag in value and not isinstance(value[flag], bool):
+            raise _error(flag, f"must be True or False, got {value[flag]!r}")
+    protect_last = value.get("protect_last", 0)
+    if not _is_int(protect_last) or protect_last < 0:
+        raise _error("protect_last", f"must be an int >= 0, got {protect_last!r}")
+    seed = value.get("seed", 0)
+    if not _is_int(seed):
+        raise _error("seed", f"must be an int, got {seed!r}")
+    query = _check_pair("query", value.get("query"))
+    if query is not None and score not in (None, "query"):
+        raise _error("query", "applies to score 'query' only")
+    return {"keep": [keeps[i] for i in order], "at": [at[i] for i in order], "score": score,
+            "fuse": value.get("fuse", False), "range": _check_pair("range", value.get("range")),
+            "protect_last": protect_last, "query": query, "seed": seed}
+
+
+def kept_count(keep, prunable: int) -> int:
+    """Prunable tokens kept: a fraction rounds (at least 1), a count is capped at ``prunable``."""
+    if prunable == 0:
+        return 0
+    if isinstance(keep, float):
+        return max(1, min(prunable, int(round(keep * prunable))))
+    return min(keep, prunable)
+
+
+def prunable_interval(n: int, protected: int, token_range: Optional[tuple], protect_last: int) -> tuple:
+    """The prunable positions [start, end) of N tokens (always an interval: see the module doc)."""
+    start, end = protected, n - protect_last
+    if token_range is not None:
+        lo, hi = (v + n if v < 0 else v for v in token_range)
+        start, end = max(start, lo), min(end, hi)
+    return start, max(start, end)
+
+
+# ----------------------------------------------------------------------------- graph functions
+
+def row_bias(mask: Optional[torch.Tensor], rows: tuple, n: int, causal: bool, dtype=torch.float32):
+    """The attention mask of the query ``rows`` as an additive float bias [B|1, H|1, R, N] (None: none).
+
+    ``mask`` is the site's attn_mask as SDPA reads it (boolean "may attend" or additive, broadcastable
+    to [B, H, N, N]); ``causal`` adds the causal mask of those rows (SDPA's is_causal).
+    """
+    bias = None
+    if mask is not None:
+        m = mask if mask.shape[-2] == 1 else mask[..., list(rows), :]
+        if m.dtype == torch.bool:
+            m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
+        bias = m.to(dtype)
+    if causal:
+        device = mask.device if mask is not None else None
+        pos = torch.arange(n, device=device)
+        r = torch.tensor(rows, device=device)
+        future = torch.zeros(len(rows), n, dtype=dtype, device=device).masked_fill(
+            pos.unsqueeze(0) > r.unsqueeze(1), float("-inf"))[None, None]
+        bias = future if bias is None else bias + future
+    return bias
+
+
+def prune_by_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor],
+                       rows: tuple, scale: float, causal: bool, start: int, end: int, keep: int):
+    """Score by the attention the query ``rows`` give each token, keep the best: x [B, N, C],
+    q [B, H, N, D], k [B, Hkv, N, D] -> (kept [B, M, C], index [B, M], scores [B, N] float32).
+
+    Only the R query rows are computed (never the [N, N] map): the model keeps its SDPA. On CUDA the
+    fused Triton op scores, selects and gathers in one pass.
+    """
+    q_rows = q[:, :, list(rows)]
+    bias = row_bias(mask, rows, k.shape[2], causal)
+    if bias is not None:
+        bias = bias.to(q.device)
+    if x.is_cuda:
+        candidates = candidate_mask(x.shape[1], start, end, x.device)
+        return torch.ops.tokred.prune_tokens(x, q_rows, k, scale, bias, candidates, keep, end - start)
+    scores = attention_row_scores_reference(q_rows, k, scale, bias)
+    index = select_kept(scores, start, end, keep)
+    return tokens.gather_stream(x, index), index, scores
+
+
+def transition_scores(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
+    """Token transition across a block: (1 - cos) + relative norm change; x_in, x_out [B, N, C] -> [B, N]."""
+    a, b = x_in.float(), x_out.float()
+    norm_in, norm_out = a.norm(dim=-1), b.norm(dim=-1)
+    cos = (a * b).sum(dim=-1) / (norm_in * norm_out).clamp_min(1e-12)
+    return (1 - cos) + (norm_out - norm_in).abs() / (norm_in + 1e-6)
+
+
+def constant_scores(x: torch.Tensor, table: tuple) -> torch.Tensor:
+    """The same scores for every sample: ``table`` (N floats, a graph constant) -> [B, N]."""
+    scores = torch.tensor(table, dtype=torch.float32, device=x.device)
+    return scores.unsqueeze(0).expand(x.shape[0], len(table))
+
+
+def candidate_mask(n: int, start: int, end: int, device) -> torch.Tensor:
+    """[N] bool: True on the prunable positions [start, end)."""
+    pos = torch.arange(n, device=device)
+    return (pos >= start) & (pos < end)
+
+
+def select_kept(scores: torch.Tensor, start: int, end: int, k: int) -> torch.Tensor:
+    """Kept positions [B, M], ascending: all outside [start, end) plus the k best-scored inside."""
+    n = scores.shape[1]
+    candidates = candidate_mask(n, start, end, scores.device)
+    if scores.is_cuda:
+        return torch.ops.tokred.select_kept(scores.float(), candidates, k, end - start)
+    keep_mask = ~candidates | selected_mask_reference(scores.float(), candidates, k)
+    return ascending_index_reference(keep_mask, n - (end - start) + k)
+
+
+def k_center(x: torch.Tensor, start: int, end: int, k: int) -> torch.Tensor:
+    """Diversity: kept positions [B, M] by greedy k-center over the tokens [start, end) of x [B, N, C]."""
+    n = x.shape[1]
+    candidates = candidate_mask(n, start, end, x.device)
+    # a greedy loop: an opaque op on every device (inlined, it would unroll k steps into the graph)
+    if x.is_cuda:
+        return torch.ops.tokred.k_center(x, candidates, k, end - start)
+    keep_mask = ~candidates | k_center_selected_reference(x, candidates, k)
+    return ascending_index_reference(keep_mask, n - (end - start) + k)
+
+
+def fuse_pruned(x: torch.Tensor, kept: torch.Tensor, index: torch.Tensor, weights: torch.Tensor):
+    """EViT's fused token: the weighted average of the pruned tokens, appended to the kept ones.
+
+    x [B, N, C], kept [B, M, C], index [B, M] (kept positions), weights [B, N] (>= 0).
+    Returns (x [B, M + 1, C], index [B, M + 1]): the fused token stands at the position of the
+    pruned token with the largest weight (its mask row and position are the fused token's).
+    """
+    pruned = torch.ones_like(weights, dtype=torch.bool).scatter(1, index, False)
+    w = torch.where(pruned, weights.float(), torch.zeros_like(weights, dtype=torch.float32))
+    # uniform weights when all pruned weights are zero (e.g. masked padding)
+    w = torch.where(w.sum(dim=1, keepdim=True) > 0, w, pruned.float())
+    fused = (w.unsqueeze(-1) * x.float()).sum(dim=1, keepdim=True) / w.sum(dim=1).clamp_min(1e-12)[:, None, None]
+    at = torch.where(pruned, w, torch.full_like(w, -1.0)).argmax(dim=1, keepdim=True)
+    return torch.cat([kept, fused.to(kept.dtype)], dim=1), torch.cat([index, at], dim=1)
+
+
+def uniform_weights(x: torch.Tensor) -> torch.Tensor:
+    """Equal weights [B, N] for the tokens of x [B, N, C]."""
+    return torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
+
+
+def getitem(t, i):
+    return t[i]
+
+
+# ----------------------------------------------------------------------------- the pass
+
+def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs) -> None:
+    """Prune after each block in ``opts['at']``; report every site."""
+    blocks = facts.blocks
+    if not blocks:
+        report.note("prune: no transformer blocks found; nothing pruned")
+        return
+    for at in opts["at"]:
+        if at >= len(blocks) - 1:
+            raise _error("at", f"block {at} is not followed by another block (the model has {len(blocks)} "
+                         f"blocks: prune after 0..{len(blocks) - 2})")
+    causal = any(b.attention.causal for b in blocks)
+    score = opts["score"] or ("query" if causal else "cls")
+    protected = facts.protected_tokens
+    fused_tokens = 0  # fused tokens appended by earlier cuts stay at the end, never pruned
+    start = end = None
+    done = 0
+    for at, keep in zip(opts["at"], opts["keep"]):
+        block = blocks[at]
+        record = block.attention.record
+        n = shape_of(block.output)[1] if shape_of(block.output) is not None else None
+        reason = _cannot_prune(block, score, opts["fuse"], causal, protected)
+        if n is None:
+            reason = reason or "the residual stream at the block output has no known shape"
+        if start is None and not reason:
+            start, end = prunable_interval(n - fused_tokens, protected, opts["range"], opts["protect_last"])
+        if not reason and end - start == 0:
+            reason = "no prunable tokens (protected, range and protect_last cover all)"
+        if reason:
+            record.mark(SKIPPED, f"prune: {reason}", NAME)
+            _fail(options, record)
+            continue
+        k = kept_count(keep, end - start)
+        m = n - (end - start) + k + (1 if opts["fuse"] else 0)
+        try:
+            make = _reduction(gm, block, score, opts, start, end, k, n)
+            cut_tokens(gm, facts, block.output, blocks[-1].output, make, m, example_inputs, options.verify,
+                       kv_outputs=_kv_outputs(blocks[at + 1:]))
+        except RewriteError as exc:
+            record.mark(SKIPPED, f"prune: {exc}", NAME)
+            _fail(options, record)
+            continue
+        record.mark(REWRITTEN, f"prune score={score} keep={keep}: {n} -> {m} tokens after block {at} "
+                    f"(prunable {start}..{end - 1})", NAME)
+        done += 1
+        # the kept candidates are contiguous again: [start, start + k); fused tokens go last
+        end = start + k
+        fused_tokens += 1 if opts["fuse"] else 0
+    if done:
+        report.note(f"prune: {done} cut(s), score={score}, {protected} protected leading tokens, "
+                    f"pruned tokens exit early")
+
+
+def _cannot_prune(block, score: str, fuse: bool, causal: bool, protected: int) -> str:
+    site = block.attention
+    if block.output is None or block.mlp_add is None:
+        return "the block's MLP residual add was not found"
+    if score == "cls" and protected == 0:
+        return "score 'cls' needs a class token at position 0 (none found); use score 'query' or another"
+    if score == "cls" and site.causal:
+        return "score 'cls' on causal attention: token 0 attends to itself only; use score 'query'"
+    if fuse and causal:
+        return "fuse on a causal model: the fused token has no position that keeps causality"
+    return ""
+
+
+def _kv_outputs(later_blocks) -> KVOutputs:
+    """A pruned prefill may return a KV cache of the kept tokens when the later layers attend without
+    a mask: a decode step's mask (transformers builds one for all layers, over N + 1 keys) would not
+    fit the pruned layers' shorter cache. Padded batches build a mask: those are not pruned."""
+    masked = [b.attention.module or str(b.index) for b in later_blocks if site_mask(b.attention) is not None]
+    if masked:
+        return KVOutputs(False, f"{masked[0]} reads an attention mask (a padded batch?): decode steps could "
+                                f"not attend to a pruned cache through it; prune unpadded prompts or without "
+                                f"use_cache")
+    return KVOutputs(True)
+
+
+def _fail(options, record) -> None:
+    if options.strict:
+        raise ValueError(f"tokred strict: {record.module}: {record.reason}")
+
+
+def _query_rows(score: str, opts: dict, n: int) -> tuple:
+    if score == "cls":
+        return (0,)
+    lo, hi = opts["query"] or (-1, n)
+    lo, hi = (v + n if v < 0 else v for v in (lo, hi))
+    if not 0 <= lo < hi <= n:
+        raise RewriteError(f"option 'prune.query' {opts['query']} is outside the {n} tokens")
+    return tuple(range(lo, hi))
+
+
+def _select(gm: fx.GraphModule, graph: fx.Graph, block, score: str, opts: dict, stream: fx.Node,
+            start: int, end: int, k: int, n: int) -> tuple:
+    """Insert the selection at the cut after ``block``: (kept [B, M, C], index [B, M], scores [B, N]
+    or None)."""
+    site = block.attention
+    if score in ATTENTION_SCORES:
+        scale = site.scale if site.scale is not None else site.head_dim ** -0.5
+        pruned = graph.call_function(prune_by_attention, (stream, site.q, site.k, site_mask(site),
+                                                          _query_rows(score, opts, n), scale, site.causal,
+                                                          start, end, k))
+        return tuple(graph.call_function(getitem, (pruned, i)) for i in range(3))
+    if score == "diversity":
+        scores = None
+        index = graph.call_function(k_center, (stream, start, end, k))
+    else:
+        if score == "transition":
+            scores = graph.call_function(transition_scores, (block.input, stream))
+        else:  # random: a seeded table per cut, a constant of the graph
+            table = torch.rand(n, generator=torch.Generator().manual_seed(opts["seed"] + block.index))
+            scores = graph.call_function(constant_scores, (stream, tuple(table.tolist())))
+        index = graph.call_function(select_kept, (scores, start, end, k))
+    return graph.call_function(tokens.gather_stream, (stream, index)), index, scores
+
+
+def _reduction(gm: fx.GraphModule, block, score: str, opts: dict, start: int, end: int, k: int, n: int):
+    """make_reduction for one pruning cut after ``block``."""
+
+    def make(graph: fx.Graph, stream: fx.Node) -> Reduction:
+        kept, index, scores = _select(gm, graph, block, score, opts, stream, start, end, k, n)
+        if not opts["fuse"]:
+            restore = lambda g, cut_stream, end_node: g.call_function(tokens.scatter_stream,
+                                                                      (cut_stream, index, end_node))
+            return Reduction(stream=kept, index=index, restore=restore)
+        # the attention scores weight the average (EViT); other scores: a plain mean
+        weights = scores if score in ATTENTION_SCORES else graph.call_function(uniform_weights, (stream,))
+        fused = graph.call_function(fuse_pruned, (stream, kept, index, weights))
+        kept_f, index_f = (graph.call_function(getitem, (fused, i)) for i in range(2))
+        restore = lambda g, cut_stream, end_node: g.call_function(restore_fused, (cut_stream, index, end_node))
+        return Reduction(stream=kept_f, index=index_f, restore=restore)
+
+    return make
+
+
+def restore_fused(base: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Exit early with a fused token: drop the last (fused) token, scatter the kept ones.
+
+    base [B, N, C] (the stream at the cut), index [B, M] (kept positions), out [B, M + 1, C]."""
+    return tokens.scatter_stream(base, index, out[:, :-1])

@@ -1,0 +1,580 @@
+"""Sparse attention: every attention core becomes a sparse-pattern attention kernel call.
+
+    torch.compile(model, backend="tokred",
+                  options={"sparse_attention": {"pattern": "sink_window", "sinks": 4, "window": 1024}})
+    {"pattern": "block_topk", "block": 64, "topk": 16, "sinks": 1, "local": 1}
+    {"pattern": "mask", "mask": fn}            # fn(b, h, q_idx, kv_idx) -> bool, FlexAttention-style
+    "layers": [0, 3]                            # only these attention layers (default: all)
+
+The token count does not change: each site's SDPA call (or, for eager attention, the output of its
+``softmax(q k^T * scale + mask) @ v`` chain, whose dead remainder is erased) is replaced by
+``tokred.triton_ops.sparse_attention.sparse_attention(q, k, v, pattern, scale, attn_bias)``.
+
+The rule for the site's own mask: **the pattern is intersected with it**, so a query never sees a key
+the model itself masks (padding, causality, the model's own sliding window). Masks that are
+constants of the graph (built from index comparisons only, as transformers builds causal masks)
+are evaluated once at compile time:
+
+- exactly causal: folded into the pattern (``causal=True``, no bias tensor for the kernel to read);
+- causal sliding window w' (Gemma 2/3 sliding layers): with ``sink_window`` and w' <= window the
+  site keeps its own window (``sink_window sinks=0 window=w'``; sinks outside it stay masked, as
+  the model masks them); with a wider w' the narrower pattern window applies and the model's mask
+  is passed on as ``attn_bias`` (the sinks only count where the model's window reaches them);
+- anything else constant: passed on as ``attn_bias``.
+
+Masks that depend on the inputs (padding) are passed on as ``attn_bias``. ``sink_window`` needs
+causal attention (a bidirectional encoder has no "last ``window`` tokens"); such sites are skipped
+with that reason, as are sites whose mask cannot be expressed as an additive or boolean bias
+broadcastable to [B, H, Nq, Nk].
+
+GQA: where the site repeats kv heads (repeat_kv's expand + reshape, repeat_interleave) the kernel is
+given the un-repeated [B, Hkv, N, D] keys and values and does the grouping itself.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from tokred.rewriter.analysis.graph import DROPOUT_FUNCS, arg, is_call, shape_of
+from tokred.rewriter.analysis.sites import skip_layout
+from tokred.rewriter.report import REWRITTEN, SKIPPED
+from tokred.rewriter.surgery import GraphUndo
+from tokred.rewriter.verify import (
+    check_output_contract,
+    output_signature,
+    propagate_shapes,
+)
+
+NAME = "sparse_attention"
+PATTERNS = ("sink_window", "block_topk", "mask")
+_KEYS = {
+    "sink_window": {"pattern", "layers", "sinks", "window"},
+    "block_topk": {"pattern", "layers", "block", "topk", "sinks", "local"},
+    "mask": {"pattern", "layers", "mask"},
+}
+# the density of a pattern is reported at this many tokens as well as at the graph's own
+REPORT_TOKENS = 4096
+
+
+# ----------------------------------------------------------------------------- options
+
+def _int_option(value: dict, key: str, default: Optional[int], minimum: int) -> int:
+    if key not in value:
+        if default is None:
+            raise ValueError(f"tokred option 'sparse_attention.{key}' is required for pattern "
+                             f"{value['pattern']!r}")
+        return default
+    x = value[key]
+    if isinstance(x, bool) or not isinstance(x, int) or x < minimum:
+        raise ValueError(f"tokred option 'sparse_attention.{key}' must be an int >= {minimum}, got {x!r}")
+    return x
+
+
+def validate(value: Any) -> dict:
+    """``{"pattern": ..., <pattern's keys>, "layers": [...]}`` -> a normalised dict."""
+    if not isinstance(value, dict):
+        raise ValueError("tokred option 'sparse_attention' must be a dict like "
+                         f"{{'pattern': 'sink_window', 'sinks': 4, 'window': 1024}}, got {value!r}")
+    pattern = value.get("pattern")
+    if pattern not in PATTERNS:
+        raise ValueError(f"tokred option 'sparse_attention.pattern' must be one of {PATTERNS}, got {pattern!r}")
+    for key in value:
+        if key not in _KEYS[pattern]:
+            raise ValueError(f"unknown tokred option 'sparse_attention.{key}' for pattern {pattern!r}; "
+                             f"known: {', '.join(sorted(_KEYS[pattern]))}")
+    layers = value.get("layers")
+    if layers is not None:
+        if not isinstance(layers, (list, tuple)) or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+            raise ValueError(f"tokred option 'sparse_attention.layers' must be a list of layer indices "
+                             f"(ints >= 0), got {layers!r}")
+        layers = sorted(set(layers))
+    out = {"pattern": pattern, "layers": layers}
+    if pattern == "sink_window":
+        out["sinks"] = _int_option(value, "sinks", 4, 0)
+        out["window"] = _int_option(value, "window", None, 1)
+    elif pattern == "block_topk":
+        out["block"] = _int_option(value, "block", 64, 1)
+        out["topk"] = _int_option(value, "topk", 16, 1)
+        out["sinks"] = _int_option(value, "sinks", 0, 0)
+        out["local"] = _int_option(value, "local", 1, 0)
+    else:
+        fn = value.get("mask")
+        if not callable(fn):
+            raise ValueError(f"tokred option 'sparse_attention.mask' must be a function "
+                             f"mask(b, h, q_idx, kv_idx) -> bool tensor, got {fn!r}")
+        out["mask"] = fn
+    return out
+
+
+def make_pattern(opts: dict, causal: bool, window: Optional[int] = None, sinks: Optional[int] = None):
+    """The kernel's SparsePattern for the options (``window``/``sinks`` override sink_window's)."""
+    from tokred.triton_ops.sparse_attention import SparsePattern
+
+    kind = opts["pattern"]
+    if kind == "sink_window":
+        return SparsePattern(kind=kind, sinks=opts["sinks"] if sinks is None else sinks,
+                             window=opts["window"] if window is None else window, causal=True)
+    if kind == "block_topk":
+        return SparsePattern(kind=kind, block=opts["block"], topk=opts["topk"], sinks=opts["sinks"],
+                             local=opts["local"], causal=causal)
+    return SparsePattern(kind=kind, mask_fn=opts["mask"], causal=causal)
+
+
+# ----------------------------------------------------------------------------- pattern arithmetic
+
+def sink_window_density(n_q: int, n_k: int, sinks: int, window: int) -> float:
+    """Fraction of the causal (query, key) pairs a sink_window pattern keeps, queries at the end.
+
+    Query i (absolute position p = n_k - n_q + i) keeps keys p - window < j <= p and j < sinks.
+    """
+    offset = n_k - n_q
+    kept = causal = 0
+    for i in range(n_q):
+        p = offset + i
+        in_window = min(window, p + 1)
+        kept += in_window + max(0, min(sinks, p + 1 - in_window))
+        causal += p + 1
+    return kept / causal
+
+
+def block_topk_density(n_q: int, n_k: int, pattern, causal: bool) -> float:
+    """Upper bound on the fraction of attended (query, key) pairs under block_topk: per query
+    block, at most ``topk`` key blocks (sink and local blocks counted among them when the kernel
+    does; otherwise added), out of the blocks the query block may see."""
+    block = pattern.block
+    nqb, nkb = math.ceil(n_q / block), math.ceil(n_k / block)
+    offset_blocks = (n_k - n_q) // block
+    kept = total = 0
+    for qb in range(nqb):
+        visible = min(nkb, qb + offset_blocks + 1) if causal else nkb
+        kept += min(visible, pattern.topk + pattern.sinks + pattern.local)
+        total += visible
+    return kept / total
+
+
+def pattern_density(opts: dict, n_q: int, n_k: int, causal: bool) -> Optional[float]:
+    """The pattern's density at these sizes (None where it depends on the data or the function)."""
+    if opts["pattern"] == "sink_window":
+        return sink_window_density(n_q, n_k, opts["sinks"], opts["window"])
+    if opts["pattern"] == "block_topk":
+        return block_topk_density(n_q, n_k, make_pattern(opts, causal), causal)
+    return None
+
+
+def describe(opts: dict, n: int, causal: bool, window: Optional[int] = None, sinks: Optional[int] = None) -> str:
+    """A report reason like ``sink_window sinks=4 window=1024 (density 0.27 at N=4096)``."""
+    kind = opts["pattern"]
+    if kind == "sink_window":
+        sinks = opts["sinks"] if sinks is None else sinks
+        window = opts["window"] if window is None else window
+        head = f"sink_window sinks={sinks} window={window}"
+        sizes = sorted({n, REPORT_TOKENS})
+        dens = ", ".join(f"density {sink_window_density(m, m, sinks, window):.3g} at N={m}" for m in sizes)
+        return f"{head} ({dens})"
+    if kind == "block_topk":
+        head = (f"block_topk block={opts['block']} topk={opts['topk']} sinks={opts['sinks']} "
+                f"local={opts['local']}")
+        pattern = make_pattern(opts, causal)
+        dens = ", ".join(f"density <= {block_topk_density(m, m, pattern, causal):.3g} at N={m}"
+                         for m in sorted({n, REPORT_TOKENS}))
+        return f"{head} ({dens})"
+    name = getattr(opts["mask"], "__name__", type(opts["mask"]).__name__)
+    return f"mask {name}" + (" (causal)" if causal else "")
+
+
+# ----------------------------------------------------------------------------- the site's own mask
+
+def _placeholder_ancestors(node: fx.Node) -> tuple:
+    """(ancestors of ``node`` incl. itself, whether any of them is a placeholder)."""
+    seen, frontier, has_input = set(), [node], False
+    while frontier:
+        cur = frontier.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if cur.op == "placeholder":
+            has_input = True
+        frontier.extend(cur.all_input_nodes)
+    return seen, has_input
+
+
+def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
+    """The value of ``node`` when it depends on no graph input (a mask built from aranges), else None."""
+    ancestors, has_input = _placeholder_ancestors(node)
+    if has_input:
+        return None
+    sub = fx.Graph()
+    env: dict = {}
+    for n in gm.graph.nodes:
+        if n in ancestors:
+            env[n] = sub.node_copy(n, lambda x: env[x])
+    sub.output(env[node])
+    try:
+        with torch.no_grad():
+            value = fx.GraphModule(gm, sub)()
+    except Exception:  # a construct that does not run outside the graph: treat as not constant
+        return None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def allowed_from_bias(bias: torch.Tensor) -> Optional[torch.Tensor]:
+    """A boolean "may attend" mask from a boolean or additive mask; None for a real bias (ALiBi)."""
+    if bias.dtype == torch.bool:
+        return bias
+    if not bias.is_floating_point():
+        return None
+    very_negative = bias <= torch.finfo(bias.dtype).min / 2
+    if torch.isneginf(bias).any() or very_negative.any():
+        very_negative = very_negative | torch.isneginf(bias)
+    if not torch.all((bias == 0) | very_negative):
+        return None
+    return ~very_negative
+
+
+def own_window(allowed: torch.Tensor, n_q: int, n_k: int) -> Optional[int]:
+    """``None`` if ``allowed`` [.., Nq, Nk] is not a causal (sliding-window) mask; else the window
+    (``n_k`` or more for plain causal): the w with allowed[i, j] == (p - w < j <= p), p = n_k - n_q + i."""
+    a = allowed.reshape(-1, n_q, n_k)
+    if not torch.all(a == a[:1]):
+        return None
+    a = a[0]
+    p = torch.arange(n_k - n_q, n_k).unsqueeze(1)
+    j = torch.arange(n_k).unsqueeze(0)
+    causal = j <= p
+    if torch.equal(a, causal):
+        return n_k
+    w = int(a[-1].sum())
+    return w if torch.equal(a, causal & (j > p - w)) else None
+
+
+# ----------------------------------------------------------------------------- site inputs
+
+def unrepeated_kv(node: fx.Node) -> fx.Node:
+    """The [B, Hkv, N, D] tensor before repeat_kv (``expand(x[:, :, None]).reshape``) or
+    ``repeat_interleave(x, n, dim=1)``; ``node`` itself when it is not a repeat."""
+    cur = node.args[0] if is_call(node, "reshape", "view", torch.reshape) else None
+    if cur is not None and is_call(cur, "contiguous"):
+        cur = cur.args[0]
+    if cur is not None and is_call(cur, "expand") and isinstance(cur.args[0], fx.Node):
+        src = cur.args[0]
+        if src.target is operator.getitem and isinstance(src.args[0], fx.Node):
+            idx = src.args[1]
+            items = idx if isinstance(idx, tuple) else (idx,)
+            nones = [i for i, it in enumerate(items) if it is None]
+            if nones == [2] and all(isinstance(it, slice) and it == slice(None) or it is None
+                                    or it is Ellipsis for it in items):
+                return _if_heads_divide(src.args[0], node)
+    if is_call(node, "repeat_interleave", torch.repeat_interleave) and isinstance(node.args[0], fx.Node):
+        dim = arg(node, 2, "dim")
+        if dim == 1:
+            return _if_heads_divide(node.args[0], node)
+    return node
+
+
+def _if_heads_divide(src: fx.Node, repeated: fx.Node) -> fx.Node:
+    s, r = shape_of(src), shape_of(repeated)
+    if s and r and len(s) == 4 and len(r) == 4 and s[0] == r[0] and s[2:] == r[2:] and r[1] % s[1] == 0:
+        return src
+    return repeated
+
+
+def _unscaled_query(q: fx.Node) -> fx.Node:
+    """q before timm's ``q = q * scale`` (the scale is already in the site's scale)."""
+    if is_call(q, operator.mul, torch.mul, "mul") and isinstance(q.args[0], fx.Node) and \
+            isinstance(q.args[1], (int, float)) and not isinstance(q.args[1], bool):
+        return q.args[0]
+    return q
+
+
+def manual_mask_ops(site) -> Optional[list]:
+    """The mask applications between the scores matmul and the softmax of a manual chain, as
+    ``[(kind, mask_node)]`` with kind "add" (additive), "fill" (masked_fill: True = masked) or
+    "keep" (where(mask, scores, x): True = kept). None if something else sits in between."""
+    ops, cur = [], site.softmax.args[0]
+    for _ in range(12):
+        if cur is site.scores:
+            return ops
+        if not isinstance(cur, fx.Node):
+            return None
+        if is_call(cur, operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
+            if not isinstance(cur.args[1], (int, float)):
+                return None
+            cur = cur.args[0]
+        elif is_call(cur, operator.add, torch.add, "add"):
+            a, b = cur.args[0], cur.args[1]
+            if _on_path(a, site.scores):
+                ops.append(("add", b))
+                cur = a
+            elif _on_path(b, site.scores):
+                ops.append(("add", a))
+                cur = b
+            else:
+                return None
+        elif is_call(cur, "masked_fill", torch.masked_fill):
+            ops.append(("fill", cur.args[1]))
+            cur = cur.args[0]
+        elif is_call(cur, torch.where):
+            ops.append(("keep", cur.args[0]))
+            cur = cur.args[1]
+        elif is_call(cur, "to", "float", "type", "type_as", "contiguous"):
+            cur = cur.args[0]
+        else:
+            return None
+    return None
+
+
+def _on_path(node, target: fx.Node, depth: int = 8) -> bool:
+    if node is target:
+        return True
+    if not isinstance(node, fx.Node) or depth == 0:
+        return False
+    return any(_on_path(a, target, depth - 1) for a in node.all_input_nodes)
+
+
+def _training_dropout(site) -> bool:
+    if site.kind == "sdpa":
+        p = arg(site.node, 4, "dropout_p", 0.0)
+        return not isinstance(p, (int, float)) or p > 0
+    for node in site.node.all_input_nodes:
+        if node.op == "call_function" and node.target in DROPOUT_FUNCS:
+            p, training = arg(node, 1, "p", 0.5), arg(node, 2, "training", True)
+            if training and p:
+                return True
+    return False
+
+
+# ----------------------------------------------------------------------------- planning one site
+
+class Plan:
+    """What replaces one site: the kernel call's arguments and the report line."""
+
+    def __init__(self, q, k, v, pattern, scale, bias, reason: str, gqa: bool):
+        self.q, self.k, self.v, self.pattern = q, k, v, pattern
+        self.scale, self.bias, self.reason, self.gqa = scale, bias, reason, gqa
+
+
+def plan_site(gm: fx.GraphModule, site, opts: dict):
+    """A :class:`Plan` for ``site``, or the reason (str) it cannot be rewritten."""
+    if not isinstance(site.q_len, int) or not isinstance(site.kv_len, int):
+        return ("symbolic sequence length (dynamic shapes): the pattern's block layout needs static "
+                "shapes; compile with dynamic=False")
+    cached = site.q_len < site.kv_len and attends_over_cache(site)
+    if site.q_len != site.kv_len and not cached:
+        return f"cross-attention ({site.q_len} queries, {site.kv_len} keys)"
+    if _training_dropout(site):
+        return "attention dropout is active (training)"
+    n, n_k = site.q_len, site.kv_len
+    # the site's mask: a node (or None) and how it is applied
+    if site.kind == "sdpa":
+        if arg(site.node, 5, "is_causal", False) not in (True, False):
+            return "is_causal is not a constant"
+        mask = arg(site.node, 3, "attn_mask")
+        applied = [] if mask is None else [("bias", mask)]
+    else:
+        applied = manual_mask_ops(site)
+        if applied is None:
+            return "the softmax chain holds an op other than scale and mask"
+    if len(applied) > 1:
+        return f"{len(applied)} masks applied in the softmax chain (only one can be passed on)"
+    mask_node, how = (applied[0][1], applied[0][0]) if applied else (None, None)
+    if mask_node is not None and not isinstance(mask_node, fx.Node):
+        return f"the mask is a constant {type(mask_node).__name__}, not a tensor"
+    mask_shape = shape_of(mask_node)
+    if mask_node is not None and (mask_shape is None or len(mask_shape) > 4 or not _broadcasts(
+            mask_shape, (site.batch, site.heads, n, n_k))):
+        return f"the mask of shape {mask_shape} does not broadcast to [B, H, Nq, Nk]"
+    # self-attention over a KV cache is causal with the queries last, whatever its mask shows (one
+    # decoding query sees every key)
+    causal = bool(site.causal) or cached
+    kind = opts["pattern"]
+    # a constant mask: fold what the pattern expresses (causal, a narrower sliding window)
+    window = sinks = None
+    keep_bias = mask_node is not None
+    note = ""
+    if mask_node is not None:
+        value = evaluate_constant(gm, mask_node)
+        allowed = None
+        if value is not None:
+            allowed = (~value if value.dtype == torch.bool else None) if how == "fill" else allowed_from_bias(value)
+        w = own_window(allowed, n, n_k) if allowed is not None and allowed.shape[-2:] == (n, n_k) else None
+        if w is not None:
+            causal = True
+            if w >= n_k:
+                keep_bias, note = False, "; causal mask folded"
+            elif kind == "sink_window" and w <= opts["window"]:
+                keep_bias, window, sinks = False, w, 0
+                note = f"; keeps its own sliding window {w} (narrower than {opts['window']})"
+            else:
+                note = f"; the model's own sliding window {w} is kept as attn_bias"
+        elif allowed is not None and bool(allowed.all()):
+            keep_bias, note = False, "; all-true mask dropped"
+    if kind == "sink_window" and not causal:
+        return "sink_window needs causal attention (this site is bidirectional)"
+    if kind == "mask" and opts["mask"] is None:
+        return "no mask function"
+    pattern = make_pattern(opts, causal, window=window, sinks=sinks)
+    if site.kind == "sdpa":
+        scale = arg(site.node, 6, "scale")
+        if scale is not None and not isinstance(scale, (int, float)):
+            return "the SDPA scale is not a constant"
+        q = site.q
+    else:
+        scale = site.scale if site.scale is not None else 1.0
+        q = _unscaled_query(site.q)
+    gqa_sdpa = site.kind == "sdpa" and bool(site.node.kwargs.get("enable_gqa", False))
+    k = site.k if gqa_sdpa else unrepeated_kv(site.k)
+    v = site.v if gqa_sdpa else unrepeated_kv(site.v)
+    if (k is site.k) != (v is site.v):  # only one of them un-repeated: keep both as they are
+        k, v = site.k, site.v
+    if shape_of(q) is None or len(shape_of(q)) != 4 or len(shape_of(k)) != 4:
+        return f"q/k are not [B, H, N, D] (q {shape_of(q)}, k {shape_of(k)})"
+    bias = None
+    if keep_bias:
+        bias = (mask_node, how)
+    reason = describe(opts, n_k, causal, window=window, sinks=sinks) + note
+    return Plan(q, k, v, pattern, scale, bias, reason, gqa=k is not site.k or gqa_sdpa)
+
+
+def attends_over_cache(site) -> bool:
+    """Self-attention of new tokens over a KV cache: the keys are the cached ones and new ones
+    projected from the same hidden states as the queries (``cat(cache, k_proj(x))``)."""
+    q_proj, k_proj = site.q_proj, site.k_proj
+    if q_proj is None or k_proj is None or not q_proj.args or not k_proj.args:
+        return False
+    return q_proj.args[0] is k_proj.args[0] and _through_cat(site.k)
+
+
+def _through_cat(node, depth: int = 24) -> bool:
+    """Whether ``node`` is made by a cat along the token axis (the cache update), past layout ops."""
+    for _ in range(depth):
+        node = skip_layout(node)
+        if not isinstance(node, fx.Node):
+            return False
+        if is_call(node, torch.cat, "cat", torch.concat):
+            return True
+        # repeat_kv after the cache: expand/reshape are layout ops; a getitem of the unsqueeze is not
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+            continue
+        return False
+    return False
+
+
+def _broadcasts(shape: tuple, target: tuple) -> bool:
+    shape = (1,) * (len(target) - len(shape)) + tuple(shape)
+    return all(s == 1 or s == t for s, t in zip(shape, target))
+
+
+def invert_mask(mask: torch.Tensor) -> torch.Tensor:
+    """masked_fill's mask (True = masked) -> an SDPA-style boolean mask (True = may attend)."""
+    return ~mask
+
+
+# ----------------------------------------------------------------------------- the pass
+
+class SparseAttentionCall:
+    """The graph's call target: ``sparse_attention`` with a fixed pattern.
+
+    The pattern is held here rather than written into the graph as a constant argument: FX prints
+    constants into the graph's Python code, and a pattern holding a mask function has no source
+    form. q [B, H, Nq, D], k/v [B, Hkv, Nk, D] -> [B, H, Nq, Dv].
+    """
+
+    def __init__(self, pattern):
+        self.pattern = pattern
+        self.__name__ = f"sparse_attention_{pattern.kind}"
+
+    def __call__(self, q, k, v, scale=None, attn_bias=None):
+        from tokred.triton_ops.sparse_attention import sparse_attention
+
+        return sparse_attention(q, k, v, self.pattern, scale=scale, attn_bias=attn_bias)
+
+    def __repr__(self) -> str:
+        return f"SparseAttentionCall({self.pattern})"
+
+
+def _insert_call(gm: fx.GraphModule, site, plan: Plan) -> fx.Node:
+    graph = gm.graph
+    with graph.inserting_before(site.node):
+        bias = None
+        if plan.bias is not None:
+            node, how = plan.bias
+            bias = graph.call_function(invert_mask, (node,)) if how == "fill" else node
+        call = graph.call_function(SparseAttentionCall(plan.pattern), (plan.q, plan.k, plan.v),
+                                   {"scale": plan.scale, "attn_bias": bias})
+    call.meta["nn_module_stack"] = dict(site.node.meta.get("nn_module_stack", {}))
+    site.node.replace_all_uses_with(call)
+    return call
+
+
+def erase_dead(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase ``node`` and, transitively, what only it used (the dead softmax chain, a folded mask)."""
+    frontier, erased = [node], set()
+    while frontier:
+        cur = frontier.pop()
+        if cur in erased or cur.users or cur.op in ("placeholder", "output", "get_attr") \
+                or cur.is_impure() or str(cur.target).endswith("_"):
+            continue
+        inputs = cur.all_input_nodes
+        graph.erase_node(cur)
+        erased.add(cur)
+        frontier.extend(inputs)
+
+
+def _fail(options, record) -> None:
+    if options.strict:
+        raise ValueError(f"tokred strict: {record.module}: {record.reason}")
+
+
+def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs) -> None:
+    """Replace every (selected) attention core by the sparse kernel; report every site."""
+    layers = opts["layers"]
+    contract = output_signature(gm)
+    replaced = []
+    for site in facts.attention_sites:
+        record = site.record
+        if layers is not None and site.layer not in layers:
+            continue
+        plan = plan_site(gm, site, opts)
+        if isinstance(plan, str):
+            record.mark(SKIPPED, f"{NAME}: {plan}", NAME)
+            _fail(options, record)
+            continue
+        undo = GraphUndo(gm.graph)
+        call = _insert_call(gm, site, plan)
+        try:
+            gm.recompile()
+            if example_inputs is not None:
+                propagate_shapes(gm, example_inputs)
+                if options.verify:
+                    _check_site(call, site)
+                    check_output_contract(contract, output_signature(gm))
+        except Exception as exc:
+            undo.restore()
+            gm.recompile()
+            record.mark(SKIPPED, f"{NAME}: the rewritten graph does not check: {exc}", NAME)
+            _fail(options, record)
+            continue
+        replaced.append(site.node)
+        record.mark(REWRITTEN, plan.reason + ("; GQA in the kernel" if plan.gqa else ""), NAME)
+    for node in replaced:
+        erase_dead(gm.graph, node)
+    if replaced:
+        gm.graph.lint()
+        gm.recompile()
+        if example_inputs is not None:
+            propagate_shapes(gm, example_inputs)
+        layers_note = "all layers" if layers is None else f"layers {layers}"
+        report.note(f"{NAME}: {len(replaced)} sites use the {opts['pattern']} kernel ({layers_note})")
+
+
+def _check_site(call: fx.Node, site) -> None:
+    before, after = shape_of(site.node), shape_of(call)
+    if before != after:
+        raise ValueError(f"{call.name} has shape {after}, the attention it replaces {before}")

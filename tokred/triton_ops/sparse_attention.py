@@ -1,0 +1,749 @@
+"""Block-sparse attention: ``sparse_attention(q, k, v, pattern)`` and ``tokred::sparse_attention``.
+
+Shapes: q [B, H, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv], H % Hkv == 0 (GQA: query head h
+reads kv head h // (H // Hkv)); output [B, H, Nq, Dv] in q's dtype (softmax accumulated in fp32).
+Query row i sits at absolute position ``q_offset + i`` (default ``Nk - Nq``: decode and prefill
+with a KV cache); key j at position j.
+
+Patterns (``SparsePattern``), each optionally with causal masking (key position <= query
+position) on top:
+
+* ``sink_window``: query at position p sees keys j with ``p - window < j <= p`` (the window
+  includes p itself) plus the first ``sinks`` keys (StreamingLLM).
+* ``block_topk``: keys and queries in blocks of ``block`` (query blocks counted from the first
+  query: rows ``[m*block, (m+1)*block)``; decode's single query is a block of one). A query block
+  keeps whole key blocks: the first ``sinks`` blocks, the ``local`` blocks ending at the key block
+  holding the block's last query position, and the ``topk`` best other blocks, all among the
+  causally visible ones (key block start <= last query position; every block when not causal).
+  "Best" is Quest's bound (Tang et al. 2024) taken for the block's mean query ``qbar`` (per query
+  head, against the keys of its kv head): key block ``n`` summarised by per-channel ``kmin``,
+  ``kmax`` scores ``u[n] = sum_c max(qbar_c * kmin_c, qbar_c * kmax_c)
+  = relu(qbar) . kmax - relu(-qbar) . kmin``, an upper bound on ``qbar . k`` for every key k of
+  the block, i.e. on the block-mean of the block's scores for that key. Highest ``u`` wins, ties
+  go to the lower block index; a row with fewer than ``topk`` candidates keeps them all.
+* ``mask``: ``mask_fn(b, h, q_idx, kv_idx) -> bool`` as in FlexAttention, with ``q_idx`` the
+  query's absolute position. It is traced with torch.fx into a rule expression (sparse_rule.py)
+  that runs in torch, inside the generated Triton kernel and in ONNX.
+
+How it runs: the entry point turns the pattern into a block layout (per batch, query head and
+query block: the sorted key blocks to visit, ``kv_index[B, H, NQB, MAXK]`` and their number
+``kv_count[B, H, NQB]``; computed with torch ops so compile and ONNX trace it) and an element
+rule string, then calls ``torch.ops.tokred.sparse_attention``. On CUDA that is the generated
+block-sparse flash-attention kernel (sparse_kernel.py); elsewhere ``sparse_attention_blocks``:
+for each query block, gather the kept key blocks and run SDPA on them, so work is proportional
+to the blocks kept. ``sparse_attention_reference`` is dense SDPA with the pattern's mask.
+
+Rows with no visible key (possible with a padding ``attn_bias``) return zeros in every path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tokred.triton_ops import common, sparse_rule
+from tokred.triton_ops.common import HAS_TRITON
+
+KINDS = ("sink_window", "block_topk", "mask")
+OPTION = "sparse_attention.pattern"
+
+# Query/key block sizes of the layout for patterns that do not fix them (sink_window, mask): one
+# key block is one kernel iteration. 64 keeps masking waste at a window's edges small.
+DEFAULT_BLOCK = 64
+
+
+@dataclass(frozen=True)
+class SparsePattern:
+    """Which keys each query attends to (see the module docstring for the exact rules).
+
+    kind: "sink_window" | "block_topk" | "mask".
+    sinks: sink_window: first ``sinks`` key positions always visible; block_topk: first ``sinks``
+        key blocks always kept.
+    window: sink_window: query at p sees keys ``p - window < j <= p``.
+    block: block_topk: query and key block size (also the layout block of the other kinds when
+        set to something other than the default 64).
+    topk: block_topk: key blocks chosen per query block and head besides sink and local blocks.
+    local: block_topk: key blocks ending at the query's own block that are always kept.
+    causal: key position <= query position, on top of the pattern.
+    mask_fn: kind "mask": ``fn(b, h, q_idx, kv_idx) -> bool`` written with tensor ops.
+    """
+
+    kind: str
+    sinks: int = 0
+    window: int = 0
+    block: int = 64
+    topk: int = 16
+    local: int = 1
+    causal: bool = True
+    mask_fn: Optional[Callable] = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"tokred option '{OPTION}.kind' must be one of {KINDS}, got {self.kind!r}")
+        for name in ("sinks", "window", "topk", "local"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"tokred option '{OPTION}.{name}' must be an int >= 0, got {value!r}")
+        if not isinstance(self.block, int) or isinstance(self.block, bool) or self.block < 1:
+            raise ValueError(f"tokred option '{OPTION}.block' must be an int >= 1, got {self.block!r}")
+        if self.kind == "sink_window" and self.sinks + self.window == 0:
+            raise ValueError(f"tokred option '{OPTION}': sink_window needs sinks + window > 0 (no key is visible)")
+        if self.kind == "mask" and not callable(self.mask_fn):
+            raise ValueError(f"tokred option '{OPTION}.mask_fn' must be a callable for kind 'mask', "
+                             f"got {self.mask_fn!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Raise unless q [B, H, Nq, D], k [B, Hkv, Nk, D], v [B, Hkv, Nk, Dv] with H % Hkv == 0."""
+    torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+                 lambda: f"sparse_attention: expected 4-d q, k, v, got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    torch._check(k.shape[0] == q.shape[0] and v.shape[0] == q.shape[0],
+                 lambda: "sparse_attention: batch sizes of q, k, v differ")
+    torch._check(k.shape[3] == q.shape[3], lambda: "sparse_attention: q and k head_dim differ")
+    torch._check(v.shape[1] == k.shape[1] and v.shape[2] == k.shape[2],
+                 lambda: "sparse_attention: k and v must have the same heads and length")
+    torch._check(q.shape[1] % k.shape[1] == 0,
+                 lambda: f"sparse_attention: query heads {q.shape[1]} not a multiple of kv heads {k.shape[1]}")
+    torch._check(q.dtype == k.dtype == v.dtype and q.dtype.is_floating_point,
+                 lambda: f"sparse_attention: q, k, v must share a float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def resolve(q: Tensor, k: Tensor, scale: Optional[float], q_offset: Optional[int]) -> tuple[float, int]:
+    """(scale, q_offset) with their defaults: 1/sqrt(D) and Nk - Nq."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    q_offset = k.shape[2] - q.shape[2] if q_offset is None else int(q_offset)
+    return scale, q_offset
+
+
+def additive_bias(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
+    """``attn_bias`` as a float tensor viewed as [B, H, Nq, Nk] (broadcast dims stay stride 0).
+
+    A boolean bias follows SDPA: True = may attend, False = masked (-inf).
+    """
+    if attn_bias is None:
+        return None
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if attn_bias.dtype == torch.bool:
+        attn_bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attn_bias, float("-inf")) \
+            if attn_bias.dim() == 0 else torch.where(attn_bias, 0.0, float("-inf")).to(q.dtype)
+    while attn_bias.dim() < 4:
+        attn_bias = attn_bias.unsqueeze(0)
+    return attn_bias.expand(shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# Element rules and block layouts
+# ----------------------------------------------------------------------------------------------
+
+
+@torch._dynamo.assume_constant_result
+def element_rule(pattern: SparsePattern) -> str:
+    """The rule expression (sparse_rule language) that decides single (query, key) pairs.
+
+    block_topk's kept blocks are whole blocks, so its rule is only the causal one. A constant
+    for Dynamo (it is a string fixed by the pattern; tracing mask_fn with torch.fx inside a
+    Dynamo frame is not possible).
+    """
+    rule = pattern_rule(pattern)
+    if rule:
+        sparse_rule.torch_rule_fn(rule)  # built here, eagerly, so Dynamo only looks it up
+    return rule
+
+
+def pattern_rule(pattern: SparsePattern) -> str:
+    """``element_rule`` before registration (see there)."""
+    causal = "(kv_idx <= q_idx)"
+    if pattern.kind == "sink_window":
+        window = f"((kv_idx <= q_idx) & (q_idx - kv_idx < {pattern.window}))"
+        sinks = f"(kv_idx < {pattern.sinks})"
+        if pattern.causal:
+            return f"({causal} & ({sinks} | (q_idx - kv_idx < {pattern.window})))"
+        return f"({sinks} | {window})"
+    if pattern.kind == "block_topk":
+        return causal if pattern.causal else ""
+    rule = sparse_rule.rule_from_mask_fn(pattern.mask_fn)
+    return f"({causal} & {rule})" if pattern.causal else rule
+
+
+def layout_blocks(pattern: SparsePattern) -> tuple[int, int]:
+    """(block_m, block_n): query rows and keys per layout block (block_topk: its block)."""
+    return pattern.block, pattern.block
+
+
+def query_block_bounds(num_queries: int, block_m: int, q_offset: int, device) -> tuple[Tensor, Tensor]:
+    """(first, last) absolute query position per query block, each [NQB] int64."""
+    starts = torch.arange(0, num_queries, block_m, device=device)
+    first = q_offset + starts
+    last = q_offset + torch.clamp(starts + block_m, max=num_queries) - 1
+    return first, last
+
+
+def sink_window_blocks(pattern: SparsePattern, num_queries: int, num_keys: int, block_m: int, block_n: int,
+                       q_offset: int, device) -> Tensor:
+    """Kept key blocks of sink_window, [1, 1, NQB, NKB] bool: blocks holding any visible key."""
+    first, last = query_block_bounds(num_queries, block_m, q_offset, device)
+    key_first = torch.arange(0, num_keys, block_n, device=device)
+    key_last = torch.clamp(key_first + block_n, max=num_keys) - 1
+    first, last = first[:, None], last[:, None]
+    sink = key_first < pattern.sinks
+    if pattern.causal:
+        sink = sink & (key_first <= last)
+    window = (key_last > first - pattern.window) & (key_first <= last) if pattern.window > 0 else \
+        torch.zeros_like(sink)
+    return (sink | window)[None, None]
+
+
+def block_bounds_mean_query(q: Tensor, k: Tensor, block: int) -> Tensor:
+    """Quest bound per (query block, key block): [B, H, NQB, NKB] fp32 (see module docstring)."""
+    batch, heads, num_queries, dim = q.shape
+    kv_heads, num_keys = k.shape[1], k.shape[2]
+    num_q_blocks, num_k_blocks = common.cdiv(num_queries, block), common.cdiv(num_keys, block)
+    q_pad = F.pad(q.float(), (0, 0, 0, num_q_blocks * block - num_queries))
+    rows = torch.clamp(num_queries - torch.arange(num_q_blocks, device=q.device) * block, max=block)
+    q_mean = q_pad.view(batch, heads, num_q_blocks, block, dim).sum(3) / rows[:, None].to(torch.float32)
+
+    key_pad = num_k_blocks * block - num_keys
+    k_blocks = F.pad(k.float(), (0, 0, 0, key_pad)).view(batch, kv_heads, num_k_blocks, block, dim)
+    valid = (torch.arange(num_k_blocks * block, device=k.device) < num_keys).view(num_k_blocks, block, 1)
+    k_min = torch.where(valid, k_blocks, float("inf")).amin(3)
+    k_max = torch.where(valid, k_blocks, float("-inf")).amax(3)
+    group = heads // kv_heads
+    k_min = k_min.repeat_interleave(group, dim=1)  # [B, H, NKB, D]
+    k_max = k_max.repeat_interleave(group, dim=1)
+    return q_mean.clamp_min(0) @ k_max.transpose(-1, -2) - (-q_mean).clamp_min(0) @ k_min.transpose(-1, -2)
+
+
+def block_topk_blocks(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int) -> Tensor:
+    """Kept key blocks of block_topk, [B, H, NQB, NKB] bool (see module docstring)."""
+    block = pattern.block
+    num_queries, num_keys = q.shape[2], k.shape[2]
+    num_k_blocks = common.cdiv(num_keys, block)
+    _, last = query_block_bounds(num_queries, block, q_offset, q.device)
+    key_block = torch.arange(num_k_blocks, device=q.device)
+    visible = key_block[None, :] * block <= last[:, None] if pattern.causal else \
+        torch.ones(last.shape[0], num_k_blocks, dtype=torch.bool, device=q.device)
+    own = torch.div(last, block, rounding_mode="floor")[:, None]
+    forced = (key_block[None, :] < pattern.sinks) | ((key_block[None, :] <= own) & (key_block[None, :] > own - pattern.local))
+    forced = forced & visible  # [NQB, NKB]
+    candidate = visible & ~forced
+    kept = forced[None, None].expand(q.shape[0], q.shape[1], -1, -1)
+    topk = min(pattern.topk, num_k_blocks)
+    if topk == 0:
+        return kept
+    scores = block_bounds_mean_query(q, k, block).masked_fill(~candidate, float("-inf"))
+    if torch.onnx.is_in_onnx_export():
+        # ONNX TopK orders equal values by lower index, as the stable sort does (torch.topk does
+        # not promise an order on ties; the exporter has no stable sort).
+        order = torch.topk(scores, topk, dim=-1).indices
+    else:
+        # Stable descending sort: equal bounds keep ascending block order, so the lower index wins.
+        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :topk]
+    chosen = torch.zeros_like(kept).scatter(-1, order, candidate.expand_as(kept).gather(-1, order))
+    return kept | chosen
+
+
+def dense_rule_mask(rule: str, batch: int, heads: int, num_queries: int, num_keys: int, q_offset: int,
+                    device) -> Optional[Tensor]:
+    """The rule evaluated on every (query, key): bool [B or 1, H or 1, Nq, Nk]; None for no rule."""
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
+    q_idx = (q_offset + torch.arange(num_queries, device=device)).view(1, 1, -1, 1)
+    kv_idx = torch.arange(num_keys, device=device).view(1, 1, 1, -1)
+    mask = sparse_rule.eval_rule_torch(rule, b, h, q_idx, kv_idx)
+    if mask is None:
+        return None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask
+
+
+def blocks_of_mask(mask: Tensor, block_m: int, block_n: int) -> Tensor:
+    """[B', H', Nq, Nk] bool -> [B', H', NQB, NKB]: blocks with any True."""
+    num_queries, num_keys = mask.shape[-2:]
+    nqb, nkb = common.cdiv(num_queries, block_m), common.cdiv(num_keys, block_n)
+    mask = F.pad(mask, (0, nkb * block_n - num_keys, 0, nqb * block_m - num_queries))
+    return mask.view(*mask.shape[:2], nqb, block_m, nkb, block_n).any(5).any(3)
+
+
+def kept_blocks(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int, rule: str) -> Tensor:
+    """Kept key blocks per query block: bool [B or 1, H or 1, NQB, NKB] at ``layout_blocks``."""
+    block_m, block_n = layout_blocks(pattern)
+    if pattern.kind == "sink_window":
+        return sink_window_blocks(pattern, q.shape[2], k.shape[2], block_m, block_n, q_offset, q.device)
+    if pattern.kind == "block_topk":
+        return block_topk_blocks(pattern, q, k, q_offset)
+    mask = dense_rule_mask(rule, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q_offset, q.device)
+    return blocks_of_mask(mask, block_m, block_n)
+
+
+def max_kept_blocks(pattern: SparsePattern, num_queries: int, num_keys: int) -> int:
+    """A static bound on kept key blocks per query block (the layout's MAXK)."""
+    block_m, block_n = layout_blocks(pattern)
+    num_k_blocks = common.cdiv(num_keys, block_n)
+    if pattern.kind == "sink_window":
+        # Blocks meeting the span [first - window + 1, last] of window + block_m - 1 positions, plus sinks.
+        window = (pattern.window + min(block_m, num_queries) - 2) // block_n + 2 if pattern.window > 0 else 0
+        bound = common.cdiv(pattern.sinks, block_n) + window
+    elif pattern.kind == "block_topk":
+        bound = pattern.sinks + pattern.local + pattern.topk
+    else:
+        bound = num_k_blocks
+    return max(1, min(bound, num_k_blocks))
+
+
+def block_layout(kept: Tensor, max_blocks: int) -> tuple[Tensor, Tensor]:
+    """(kv_count [.., NQB] int32, kv_index [.., NQB, max_blocks] int32) from kept [.., NQB, NKB].
+
+    kv_index lists the kept blocks in ascending order; entries past kv_count repeat the last kept
+    block (0 where none), so every entry is a valid block index.
+    """
+    count = kept.sum(-1, dtype=torch.int32)
+    # Kept block n gets the key NKB - n (all distinct), others 0: the top max_blocks keys are the
+    # kept blocks in ascending order. TopK rather than a stable sort: it exports to ONNX.
+    num_blocks = kept.shape[-1]
+    keys = kept.to(torch.float32) * (num_blocks - torch.arange(num_blocks, device=kept.device)).to(torch.float32)
+    order = torch.topk(keys, max_blocks, dim=-1).indices
+    entry = torch.arange(max_blocks, device=kept.device)
+    last = order.gather(-1, (count.long() - 1).clamp_min(0)[..., None])
+    index = torch.where(entry < count[..., None], order, last)
+    return count, index.to(torch.int32)
+
+
+def pattern_layout(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int) -> tuple[Tensor, Tensor, str]:
+    """(kv_count [B, H, NQB], kv_index [B, H, NQB, MAXK] (expanded views), rule) for the op."""
+    rule = element_rule(pattern)
+    kept = kept_blocks(pattern, q, k, q_offset, rule)
+    count, index = block_layout(kept, max_kept_blocks(pattern, q.shape[2], k.shape[2]))
+    batch, heads = q.shape[0], q.shape[1]
+    return count.expand(batch, heads, -1), index.expand(batch, heads, -1, -1), rule
+
+
+def pattern_mask(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: Optional[int] = None) -> Tensor:
+    """The exact allowed set: bool [B or 1, H or 1, Nq, Nk] (block_topk's depends on q and k)."""
+    _, q_offset = resolve(q, k, None, q_offset)
+    rule = element_rule(pattern)
+    num_queries, num_keys = q.shape[2], k.shape[2]
+    block_m, block_n = layout_blocks(pattern)
+    kept = kept_blocks(pattern, q, k, q_offset, rule)
+    rows = torch.arange(num_queries, device=q.device) // block_m
+    cols = torch.arange(num_keys, device=q.device) // block_n
+    mask = kept[:, :, rows][:, :, :, cols]
+    rule_mask = dense_rule_mask(rule, q.shape[0], q.shape[1], num_queries, num_keys, q_offset, q.device)
+    return mask if rule_mask is None else mask & rule_mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference and CPU path
+# ----------------------------------------------------------------------------------------------
+
+
+def attention_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Optional[Tensor],
+                        scale: float) -> Tensor:
+    """Dense SDPA of q [.., H, L, D] over k, v [.., Hkv, S, *] with bool ``mask`` and additive
+    ``bias`` (both broadcastable to [.., H, L, S]); rows with no allowed key give zeros."""
+    group = q.shape[-3] // k.shape[-3]
+    if group > 1 and q.dim() != 4:  # SDPA's enable_gqa wants [B, H, L, D]
+        k = k.repeat_interleave(group, dim=-3)
+        v = v.repeat_interleave(group, dim=-3)
+    additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        additive = additive + bias
+    row_open = (additive > float("-inf")).any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale,
+                                         enable_gqa=q.shape[-3] != k.shape[-3])
+    return torch.where(row_open, out, 0.0).to(q.dtype)
+
+
+def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern,
+                               scale: Optional[float] = None, q_offset: Optional[int] = None,
+                               attn_bias: Optional[Tensor] = None) -> Tensor:
+    """Dense masked SDPA with ``pattern_mask``: [B, H, Nq, Dv] (zeros where a row sees no key)."""
+    check_qkv(q, k, v)
+    scale, q_offset = resolve(q, k, scale, q_offset)
+    mask = pattern_mask(pattern, q, k, q_offset)
+    return attention_with_mask(q, k, v, mask, additive_bias(attn_bias, q, k), scale)
+
+
+# Query rows per step of the shared-layout CPU path: large enough that SDPA runs at its dense
+# throughput, small enough that the union of the step's key blocks stays close to each row's own
+# (a window of w keys costs w + CHUNK_ROWS keys per row instead of w + block).
+CHUNK_ROWS = 256
+# Query blocks per step of the per-head CPU path (bounds the gathered K/V copy).
+BLOCKS_PER_STEP = 16
+
+
+def without_broadcast(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``t`` with each of ``dims`` that is an expanded (stride 0) dim narrowed to size 1."""
+    for dim in dims:
+        if t.shape[dim] > 1 and t.stride(dim) == 0:
+            t = t.narrow(dim, 0, 1)
+    return t
+
+
+def kept_from_layout(kv_count: Tensor, kv_index: Tensor, num_k_blocks: int) -> Tensor:
+    """[.., NQB] counts and [.., NQB, MAXK] indices -> kept blocks [.., NQB, NKB] bool."""
+    entry = torch.arange(kv_index.shape[-1], device=kv_index.device) < kv_count[..., None]
+    kept = torch.zeros(*kv_index.shape[:-1], num_k_blocks, dtype=torch.int32, device=kv_index.device)
+    # Repeated indices (the padding entries) all write the same 0 or 1 value per slot via amax.
+    kept.scatter_reduce_(-1, kv_index.long(), entry.to(torch.int32), reduce="amax")
+    return kept.bool()
+
+
+def sparse_attention_blocks(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, kv_index: Tensor,
+                            bias: Optional[Tensor], scale: float, q_offset: int, block_m: int, block_n: int,
+                            rule: str) -> Tensor:
+    """CPU path of the op (runs eagerly inside the opaque custom op): [B, H, Nq, Dv].
+
+    Query block m of head h attends to key blocks ``kv_index[b, h, m, :kv_count[b, h, m]]``
+    (``block_n`` keys each, ``block_m`` query rows per block), masked by ``rule`` and ``bias``
+    [B, H, Nq, Nk]. Two strategies, both doing work proportional to the blocks kept:
+
+    * layout shared by every batch row and head (sink_window, mask rules without b/h): steps of
+      CHUNK_ROWS query rows, each one SDPA over the union of its blocks' key blocks (one copy of
+      those keys, GQA inside SDPA), masked to each block's own blocks and the rule;
+    * per-head layouts (block_topk): steps of BLOCKS_PER_STEP query blocks, each block with its
+      own gathered key blocks, one batched SDPA per step.
+    """
+    count = without_broadcast(kv_count, (0, 1))
+    index = without_broadcast(kv_index, (0, 1))
+    if bias is not None:
+        bias = without_broadcast(bias, (0, 1, 2))
+    if count.shape[0] == 1 and count.shape[1] == 1:
+        return shared_layout_attention(q, k, v, count[0, 0], index[0, 0], bias, scale, q_offset, block_m,
+                                       block_n, rule)
+    return per_head_layout_attention(q, k, v, count.expand(q.shape[0], q.shape[1], -1),
+                                     index.expand(q.shape[0], q.shape[1], -1, -1), bias, scale, q_offset,
+                                     block_m, block_n, rule)
+
+
+def padded_rows(t: Tensor, rows: int) -> Tensor:
+    """``t [.., N, X]`` zero-padded along dim -2 to ``rows`` rows."""
+    return F.pad(t, (0, 0, 0, rows - t.shape[-2]))
+
+
+def padded_bias_rows(bias: Tensor, rows: int) -> Tensor:
+    """A bias [B', H', Nq or 1, Nk] padded to ``rows`` query rows (a broadcast row dim stays 1)."""
+    return bias if bias.shape[2] == 1 else padded_rows(bias, rows)
+
+
+def shared_layout_attention(q, k, v, count, index, bias, scale, q_offset, block_m, block_n, rule):
+    """Strategy 1 of ``sparse_attention_blocks``: count [NQB], index [NQB, MAXK] for all (b, h).
+
+    Query blocks are grouped into NC chunks of CHUNK_ROWS rows; chunk c attends to the union of
+    its blocks' key blocks (S keys, padded to the largest union). Chunks ride in SDPA's batch dim
+    ([B * NC, H, C, D] against [B * NC, Hkv, S, D], mask [B * NC, H or 1, C, S]), so the whole
+    layer is a fixed, small number of ops whatever N is: on a loaded machine every op costs a
+    scheduling delay, so op count matters as much as FLOPs.
+    """
+    batch, heads, num_queries, dim = q.shape
+    kv_heads, num_keys = k.shape[1], k.shape[2]
+    device = q.device
+    kept = kept_from_layout(count, index, common.cdiv(num_keys, block_n))  # [NQB, NKB]
+    per_chunk = max(1, CHUNK_ROWS // block_m)
+    chunks = common.cdiv(kept.shape[0], per_chunk)
+    chunk_rows = per_chunk * block_m
+    kept = F.pad(kept, (0, 0, 0, chunks * per_chunk - kept.shape[0]))
+    union = kept.view(chunks, per_chunk, -1).any(1)  # [NC, NKB]
+    union_count, union_index = block_layout(union, max(1, int(union.sum(-1).max())))
+    keys = (union_index.long()[..., None] * block_n + torch.arange(block_n, device=device)).flatten(1)  # [NC, S]
+    entry = (torch.arange(union_index.shape[1], device=device) < union_count[:, None]).repeat_interleave(block_n, 1)
+    keys_ok = entry & (keys < num_keys)
+    keys = keys.clamp(max=num_keys - 1)
+    rows = torch.arange(chunks * chunk_rows, device=device).view(chunks, chunk_rows, 1)  # query rows
+    allowed = kept[rows // block_m, (keys // block_n)[:, None, :]] & keys_ok[:, None, :]  # [NC, C, S]
+    by_rule = sparse_rule.eval_rule_torch(
+        rule, torch.arange(batch, device=device).view(batch, 1, 1, 1, 1),
+        torch.arange(heads, device=device).view(1, 1, heads, 1, 1), (q_offset + rows)[None, :, None],
+        keys[None, :, None, None, :])
+    allowed = allowed[None, :, None] if by_rule is None else allowed[None, :, None] & by_rule  # [B', NC, H', C, S]
+
+    def chunks_first(t: Tensor) -> Tensor:  # [B, NC, H', C, S] (any B' of 1 expanded) -> [B * NC, H', C, S]
+        return t.expand(batch, *t.shape[1:]).flatten(0, 1)
+
+    step_bias = None
+    if bias is not None:
+        bias_rows = padded_bias_rows(bias, chunks * chunk_rows)
+        row_index = rows if bias_rows.shape[2] > 1 else torch.zeros_like(rows[:, :1])
+        step_bias = chunks_first(bias_rows[:, :, row_index, keys[:, None, :]].transpose(1, 2))
+    q_chunks = padded_rows(q, chunks * chunk_rows).view(batch, heads, chunks, chunk_rows, dim)
+    q_chunks = q_chunks.transpose(1, 2).flatten(0, 1)  # [B * NC, H, C, D]
+
+    def gathered(t: Tensor) -> Tensor:  # [B, Hkv, Nk, X] -> [B * NC, Hkv, S, X]
+        return t.index_select(2, keys.flatten()).view(batch, kv_heads, chunks, -1, t.shape[-1]).transpose(1, 2) \
+            .flatten(0, 1)
+
+    out = attention_with_mask(q_chunks, gathered(k), gathered(v), chunks_first(allowed), step_bias, scale)
+    out = out.view(batch, chunks, heads, chunk_rows, -1).transpose(1, 2).flatten(2, 3)
+    return out[:, :, :num_queries]
+
+
+# Bytes of gathered K plus V per step of the per-head path: large steps (few ops) within memory.
+STEP_BYTES = 256 * 2**20
+
+
+def per_head_layout_attention(q, k, v, count, index, bias, scale, q_offset, block_m, block_n, rule):
+    """Strategy 2 of ``sparse_attention_blocks``: count [B, H, NQB], index [B, H, NQB, MAXK].
+
+    Each (b, h, query block) gets its own gathered key blocks (whole rows of the padded K/V
+    viewed as blocks); steps of as many query blocks as fit STEP_BYTES run as one 4-d SDPA with
+    (h, query block) flattened into the head dim.
+    """
+    batch, heads, num_queries, dim = q.shape
+    kv_heads, num_keys = k.shape[1], k.shape[2]
+    num_q_blocks, max_blocks = index.shape[2], index.shape[3]
+    num_k_blocks = common.cdiv(num_keys, block_n)
+    device = q.device
+    pad_keys = num_k_blocks * block_n - num_keys
+    k_blocks = F.pad(k, (0, 0, 0, pad_keys)).view(batch, kv_heads, num_k_blocks, block_n, dim)
+    v_blocks = F.pad(v, (0, 0, 0, pad_keys)).view(batch, kv_heads, num_k_blocks, block_n, v.shape[-1])
+    q_blocks = padded_rows(q, num_q_blocks * block_m).view(batch, heads, num_q_blocks, block_m, dim)
+    bias_rows = None if bias is None else padded_bias_rows(bias, num_q_blocks * block_m)
+    batch_index = torch.arange(batch, device=device).view(batch, 1, 1, 1)
+    head_index = (torch.arange(heads, device=device) // (heads // kv_heads)).view(1, heads, 1, 1)
+    step_bytes = batch * heads * max_blocks * block_n * (dim + v.shape[-1]) * q.element_size()
+    per_step = max(1, STEP_BYTES // step_bytes)
+    out = q.new_empty(batch, heads, num_q_blocks * block_m, v.shape[-1])
+    for first in range(0, num_q_blocks, per_step):
+        last = min(num_q_blocks, first + per_step)
+        step_index = index[:, :, first:last].long()  # [B, H, G, MAXK]
+        k_step = k_blocks[batch_index, head_index, step_index].flatten(-3, -2)  # [B, H, G, MAXK * bn, D]
+        v_step = v_blocks[batch_index, head_index, step_index].flatten(-3, -2)
+        keys = (step_index[..., None] * block_n + torch.arange(block_n, device=device)).flatten(-2)  # [B, H, G, L]
+        entry = (torch.arange(max_blocks, device=device) < count[:, :, first:last, None]).repeat_interleave(block_n, -1)
+        allowed = (entry & (keys < num_keys))[..., None, :]  # [B, H, G, 1, L]
+        rows = torch.arange(first * block_m, last * block_m, device=device).view(1, 1, last - first, block_m, 1)
+        by_rule = sparse_rule.eval_rule_torch(
+            rule, torch.arange(batch, device=device).view(batch, 1, 1, 1, 1),
+            torch.arange(heads, device=device).view(1, heads, 1, 1, 1), q_offset + rows, keys[..., None, :])
+        if by_rule is not None:
+            allowed = allowed & by_rule
+        step_bias = None
+        if bias_rows is not None:
+            keys_in = keys.clamp(max=num_keys - 1)
+            if bias_rows.shape[2] > 1:
+                row_index = rows.expand(batch, heads, -1, -1, -1)
+            else:
+                row_index = torch.zeros(1, 1, 1, 1, 1, dtype=torch.long, device=device)
+            step_bias = bias_rows.expand(batch, heads, -1, -1)[
+                batch_index[..., None], torch.arange(heads, device=device).view(1, heads, 1, 1, 1), row_index,
+                keys_in[..., None, :]]  # [B, H, G, bm or 1, L]
+            step_bias = step_bias.flatten(1, 2)
+        allowed = allowed.expand(batch, heads, last - first, block_m, -1).flatten(1, 2)
+        step_out = attention_with_mask(q_blocks[:, :, first:last].flatten(1, 2), k_step.flatten(1, 2),
+                                       v_step.flatten(1, 2), allowed, step_bias, scale)
+        out[:, :, first * block_m:last * block_m] = step_out.view(batch, heads, -1, v.shape[-1])
+    return out[:, :, :num_queries]
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom op
+# ----------------------------------------------------------------------------------------------
+
+
+def check_layout(q: Tensor, kv_count: Tensor, kv_index: Tensor, block_m: int) -> None:
+    """Raise unless kv_count [B, H, NQB] and kv_index [B, H, NQB, MAXK] are int32 for q's blocks."""
+    torch._check(kv_count.dim() == 3 and kv_index.dim() == 4,
+                 lambda: f"sparse_attention: kv_count [B, H, NQB], kv_index [B, H, NQB, MAXK], got "
+                         f"{tuple(kv_count.shape)}, {tuple(kv_index.shape)}")
+    torch._check(kv_count.dtype == torch.int32 and kv_index.dtype == torch.int32,
+                 lambda: "sparse_attention: kv_count and kv_index must be int32")
+    for dim in range(3):
+        torch._check(kv_index.shape[dim] == kv_count.shape[dim],
+                     lambda: "sparse_attention: kv_count and kv_index disagree")
+    torch._check(kv_count.shape[2] == (q.shape[2] + block_m - 1) // block_m,
+                 lambda: f"sparse_attention: {kv_count.shape[2]} query blocks for Nq={q.shape[2]}, block {block_m}")
+
+
+@torch.library.custom_op("tokred::sparse_attention", mutates_args=())
+def sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, kv_index: Tensor,
+                        bias: Optional[Tensor], scale: float, q_offset: int, block_m: int, block_n: int,
+                        rule: str) -> Tensor:
+    """Block-sparse attention over a block layout: q [B, H, Nq, D] -> [B, H, Nq, Dv] (see module doc)."""
+    check_qkv(q, k, v)
+    check_layout(q, kv_count, kv_index, block_m)
+    return sparse_attention_blocks(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_n,
+                                   rule).contiguous()
+
+
+def _sparse_attention_cuda(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_n, rule):
+    from tokred.triton_ops.sparse_kernel import sparse_attention_triton
+
+    return sparse_attention_triton(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_n, rule)
+
+
+if HAS_TRITON:
+    sparse_attention_op.register_kernel("cuda")(_sparse_attention_cuda)
+
+
+@sparse_attention_op.register_fake
+def _sparse_attention_fake(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_n, rule):
+    check_qkv(q, k, v)
+    check_layout(q, kv_count, kv_index, block_m)
+    return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+def full_blocks(pattern: SparsePattern, num_queries: int, num_keys: int, q_offset: int, device) -> Optional[Tensor]:
+    """Blocks where the element rule holds for every (query, key): [1, 1, NQB, NKB] bool, or None
+    where unknown (kind "mask": every kept block is treated as partial)."""
+    if pattern.kind == "mask":
+        return None
+    block_m, block_n = layout_blocks(pattern)
+    first, last = query_block_bounds(num_queries, block_m, q_offset, device)
+    key_first = torch.arange(0, num_keys, block_n, device=device)
+    key_last = key_first + block_n - 1  # a partial last key block is never full (keys >= Nk)
+    full = (key_last[None, :] < num_keys) & torch.ones(first.shape[0], 1, dtype=torch.bool, device=device)
+    if pattern.causal:
+        full = full & (key_last[None, :] <= first[:, None])
+    if pattern.kind == "sink_window":
+        in_window = last[:, None] - key_first[None, :] < pattern.window
+        if not pattern.causal:
+            in_window = in_window & (key_last[None, :] <= first[:, None])
+        full = full & (in_window | (key_last[None, :] < pattern.sinks))
+    return full[None, None]
+
+
+def use_flex_path(q: Tensor, attn_bias: Optional[Tensor], block_m: int) -> bool:
+    """True where the CPU path should be flex_attention: a graph being compiled (inductor lowers
+    flex to its CPU template, measured faster than the gathered-block op on this machine, see
+    bench/results/sparse_attention_speed.md), prefill-sized queries, no extra bias."""
+    tracing = torch.compiler.is_compiling() or torch._guards.detect_fake_mode((q,)) is not None
+    return tracing and not q.is_cuda and attn_bias is None and q.shape[2] >= block_m
+
+
+def flex_cpu_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, kept: Tensor, rule: str,
+                       scale: float, q_offset: int) -> Tensor:
+    """torch's flex_attention with tokred's kept blocks as a BlockMask (partial/full split)."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    num_queries, num_keys = q.shape[2], k.shape[2]
+    block_m, block_n = layout_blocks(pattern)
+    num_k_blocks = kept.shape[-1]
+    full = full_blocks(pattern, num_queries, num_keys, q_offset, q.device)
+    if full is None:
+        full = torch.zeros_like(kept)
+    full = kept & full
+    partial_count, partial_index = block_layout(kept & ~full, num_k_blocks)
+    full_count, full_index = block_layout(full, num_k_blocks)
+    rule_fn = sparse_rule.rule_fn(rule)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        if rule_fn is None:
+            return kv_idx >= 0
+        return rule_fn(b, h, q_idx + q_offset, kv_idx)
+
+    mask = BlockMask.from_kv_blocks(partial_count, partial_index, full_count, full_index,
+                                    BLOCK_SIZE=(block_m, block_n), mask_mod=mask_mod,
+                                    seq_lengths=(num_queries, num_keys))
+    return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, scale: Optional[float] = None,
+                     q_offset: Optional[int] = None, attn_bias: Optional[Tensor] = None) -> Tensor:
+    """Sparse attention with ``pattern``: q [B, H, Nq, D], k/v [B, Hkv, Nk, D/Dv] -> [B, H, Nq, Dv].
+
+    Builds the block layout and rule, then runs, by where it is:
+    * CUDA: ``torch.ops.tokred.sparse_attention`` -> the generated Triton kernel;
+    * CPU inside a graph being compiled (Dynamo or the aot_autograd trace of a rewritten graph),
+      prefill with no ``attn_bias``: flex_attention with the same blocks (``flex_cpu_attention``);
+    * CPU otherwise (eager, decode, bias): the op's gathered-block SDPA path.
+    Traceable by torch.compile for static shapes.
+    """
+    if not isinstance(pattern, SparsePattern):
+        raise ValueError(f"tokred option '{OPTION}' must be a SparsePattern, got {type(pattern).__name__}")
+    if not torch.compiler.is_compiling():
+        check_qkv(q, k, v)
+    scale, q_offset = resolve(q, k, scale, q_offset)
+    rule = element_rule(pattern)
+    kept = kept_blocks(pattern, q, k, q_offset, rule)
+    block_m, block_n = layout_blocks(pattern)
+    if use_flex_path(q, attn_bias, block_m):
+        return flex_cpu_attention(q, k, v, pattern, kept, rule, scale, q_offset)
+    kv_count, kv_index = block_layout(kept, max_kept_blocks(pattern, q.shape[2], k.shape[2]))
+    batch, heads = q.shape[0], q.shape[1]
+    return sparse_attention_op(q, k, v, kv_count.expand(batch, heads, -1), kv_index.expand(batch, heads, -1, -1),
+                               additive_bias(attn_bias, q, k), scale, q_offset, block_m, block_n, rule)
+
+
+# ----------------------------------------------------------------------------------------------
+# ONNX
+# ----------------------------------------------------------------------------------------------
+
+
+def onnx_lowering():
+    """ONNX translation of ``tokred::sparse_attention``: dense masked attention in standard ops.
+
+    The element mask is (key block listed in kv_index[:kv_count]) & rule & (key < Nk), the rule
+    lowered by ``sparse_rule.eval_rule_onnx``; scores in fp32, rows with no allowed key give 0.
+    """
+    import onnx
+    from onnxscript import opset18 as op
+
+    def ints(*values):
+        return op.Constant(value_ints=list(values))
+
+    def size(x, axis):  # scalar int64
+        return op.Squeeze(op.Shape(x, start=axis, end=axis + 1), ints(0))
+
+    def arange(n):
+        return op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1))
+
+    def tokred_sparse_attention(q, k, v, kv_count, kv_index, bias, scale: float, q_offset: int, block_m: int,
+                                block_n: int, rule: str):
+        float_type = onnx.TensorProto.FLOAT
+        qf, kf, vf = (op.Cast(t, to=float_type) for t in (q, k, v))
+        heads, kv_heads = size(q, 1), size(k, 1)
+        num_queries, num_keys = size(q, 2), size(k, 2)
+        group = op.Div(heads, kv_heads)
+
+        def repeat_heads(t):  # [B, Hkv, S, D] -> [B, H, S, D], head h reads h // group
+            shape = op.Shape(t)
+            expanded = op.Expand(op.Unsqueeze(t, ints(2)),
+                                 op.Concat(op.Shape(t, start=0, end=2), op.Reshape(group, ints(1)),
+                                           op.Shape(t, start=2), axis=0))
+            return op.Reshape(expanded, op.Concat(op.Shape(t, start=0, end=1), op.Reshape(heads, ints(1)),
+                                                  op.Shape(t, start=2), axis=0))
+
+        kf, vf = repeat_heads(kf), repeat_heads(vf)
+        scores = op.Mul(op.MatMul(qf, op.Transpose(kf, perm=[0, 1, 3, 2])), op.Constant(value_float=scale))
+
+        # Kept blocks [B, H, NQB, NKB] from the layout, then per element via the block of each row/key.
+        num_k_blocks = op.Div(op.Add(num_keys, op.Constant(value_int=block_n - 1)), op.Constant(value_int=block_n))
+        entries = op.Less(arange(size(kv_index, 3)), op.Unsqueeze(op.Cast(kv_count, to=onnx.TensorProto.INT64),
+                                                                   ints(3)))
+        hits = op.And(op.Equal(op.Unsqueeze(op.Cast(kv_index, to=onnx.TensorProto.INT64), ints(4)),
+                               arange(num_k_blocks)), op.Unsqueeze(entries, ints(4)))
+        kept = op.ReduceMax(op.Cast(hits, to=onnx.TensorProto.INT32), ints(3), keepdims=0)  # [B, H, NQB, NKB]
+        q_rows = arange(num_queries)
+        k_cols = arange(num_keys)
+        kept = op.Gather(kept, op.Div(q_rows, op.Constant(value_int=block_m)), axis=2)
+        kept = op.Gather(kept, op.Div(k_cols, op.Constant(value_int=block_n)), axis=3)
+        allowed = op.Cast(kept, to=onnx.TensorProto.BOOL)
+        if rule:
+            names = {"b": op.Reshape(arange(size(q, 0)), ints(-1, 1, 1, 1)),
+                     "h": op.Reshape(arange(heads), ints(1, -1, 1, 1)),
+                     "q_idx": op.Reshape(op.Add(q_rows, op.Constant(value_int=q_offset)), ints(1, 1, -1, 1)),
+                     "kv_idx": op.Reshape(k_cols, ints(1, 1, 1, -1))}
+            allowed = op.And(allowed, sparse_rule.eval_rule_onnx(rule, op, names))
+        neg_inf = op.Constant(value_float=float("-inf"))
+        if bias is not None:
+            scores = op.Add(scores, op.Cast(bias, to=float_type))
+            allowed = op.And(allowed, op.Greater(op.Cast(bias, to=float_type), neg_inf))
+        scores = op.Where(allowed, scores, neg_inf)
+        weights = op.Softmax(scores, axis=-1)
+        row_open = op.Cast(op.ReduceMax(op.Cast(allowed, to=onnx.TensorProto.INT32), ints(-1), keepdims=1),
+                           to=onnx.TensorProto.BOOL)
+        out = op.Where(row_open, op.MatMul(weights, vf), op.Constant(value_float=0.0))
+        return op.CastLike(out, q)
+
+    return tokred_sparse_attention
