@@ -42,7 +42,7 @@ from tokred.rewriter.surgery import KVOutputs, Reduction, RewriteError, cut_toke
 NAME = "prune"
 SCORES = ("cls", "query", "transition", "diversity", "random")
 ATTENTION_SCORES = ("cls", "query")
-KNOWN = ("keep", "at", "score", "fuse", "range", "protect_last", "query", "seed")
+KNOWN = ("keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "seed")
 
 
 # ----------------------------------------------------------------------------- options
@@ -75,7 +75,8 @@ def _check_pair(key: str, value) -> Optional[tuple]:
 
 
 def validate(value: Any) -> dict:
-    """``{"keep", "at", "score", "fuse", "range", "protect_last", "query", "seed"}``; a float is keep."""
+    """``{"keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "seed"}``;
+    a float is keep."""
     if isinstance(value, float):
         value = {"keep": value}
     if not isinstance(value, dict):
@@ -108,11 +109,18 @@ def validate(value: Any) -> dict:
     seed = value.get("seed", 0)
     if not _is_int(seed):
         raise _error("seed", f"must be an int, got {seed!r}")
+    ids = value.get("prunable_ids")
+    if ids is not None:
+        ids = [ids] if _is_int(ids) else ids
+        if not (isinstance(ids, (list, tuple)) and ids and all(_is_int(i) and i >= 0 for i in ids)):
+            raise _error("prunable_ids", f"must be a token id or a non-empty list of them, got {value['prunable_ids']!r}")
+        ids = tuple(ids)
     query = _check_pair("query", value.get("query"))
     if query is not None and score not in (None, "query"):
         raise _error("query", "applies to score 'query' only")
     return {"keep": [keeps[i] for i in order], "at": [at[i] for i in order], "score": score,
             "fuse": value.get("fuse", False), "range": _check_pair("range", value.get("range")),
+            "prunable_ids": ids,
             "protect_last": protect_last, "query": query, "seed": seed}
 
 
@@ -159,9 +167,11 @@ def row_bias(mask: Optional[torch.Tensor], rows: tuple, n: int, causal: bool, dt
 
 
 def prune_by_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor],
-                       rows: tuple, scale: float, causal: bool, start: int, end: int, keep: int):
-    """Score by the attention the query ``rows`` give each token, keep the best: x [B, N, C],
-    q [B, H, N, D], k [B, Hkv, N, D] -> (kept [B, M, C], index [B, M], scores [B, N] float32).
+                       rows: tuple, scale: float, causal: bool, candidates: torch.Tensor,
+                       num_candidates: int, keep: int):
+    """Score by the attention the query ``rows`` give each token, keep the best ``keep`` of the
+    ``candidates`` ([N] or [B, N] bool): x [B, N, C], q [B, H, N, D], k [B, Hkv, N, D]
+    -> (kept [B, M, C], index [B, M], scores [B, N] float32).
 
     Only the R query rows are computed (never the [N, N] map): the model keeps its SDPA. On CUDA the
     fused Triton op scores, selects and gathers in one pass.
@@ -170,11 +180,10 @@ def prune_by_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mask: 
     bias = row_bias(mask, rows, k.shape[2], causal)
     if bias is not None:
         bias = bias.to(q.device)
-    if x.is_cuda:
-        candidates = candidate_mask(x.shape[1], start, end, x.device)
-        return torch.ops.tokred.prune_tokens(x, q_rows, k, scale, bias, candidates, keep, end - start)
+    if x.is_cuda and candidates.dim() == 1:
+        return torch.ops.tokred.prune_tokens(x, q_rows, k, scale, bias, candidates, keep, num_candidates)
     scores = attention_row_scores_reference(q_rows, k, scale, bias)
-    index = select_kept(scores, start, end, keep)
+    index = select_kept(scores, candidates, num_candidates, keep)
     return tokens.gather_stream(x, index), index, scores
 
 
@@ -198,25 +207,54 @@ def candidate_mask(n: int, start: int, end: int, device) -> torch.Tensor:
     return (pos >= start) & (pos < end)
 
 
-def select_kept(scores: torch.Tensor, start: int, end: int, k: int) -> torch.Tensor:
-    """Kept positions [B, M], ascending: all outside [start, end) plus the k best-scored inside."""
+def interval_candidates(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """The prunable positions [start, end) of the tokens of x [B, N, ...] as [N] bool."""
+    return candidate_mask(x.shape[1], start, end, x.device)
+
+
+def token_candidates(input_ids: torch.Tensor, ids: tuple, start: int, end: int, count: int) -> torch.Tensor:
+    """Prunable positions [B, N] bool: tokens whose id is in ``ids``, inside [start, end).
+
+    Every row must hold ``count`` of them (the kept count is static); a batch that does not stops
+    with an error at run time instead of pruning the wrong number of tokens.
+    """
+    found = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+    candidates = found & candidate_mask(input_ids.shape[1], start, end, input_ids.device)
+    torch._assert_async((candidates.sum(dim=1) == count).all(),
+                        "tokred prune: a row of the batch holds another number of prunable_ids tokens than "
+                        "the example input the model was compiled for")
+    return candidates
+
+
+def next_candidates(candidates: torch.Tensor, index: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The prunable positions after a cut: candidates [B, N] taken at the kept ``index`` [B, M];
+    a fused token (appended last) is not prunable."""
+    kept = candidates.gather(1, index[:, : index.shape[1] - int(fused)])
+    return torch.cat([kept, torch.zeros_like(kept[:, :1])], dim=1) if fused else kept
+
+
+def select_kept(scores: torch.Tensor, candidates: torch.Tensor, num_candidates: int, k: int) -> torch.Tensor:
+    """Kept positions [B, M], ascending: the non-candidates plus the k best-scored candidates.
+
+    scores [B, N]; candidates [N] bool (the same for every row) or [B, N] (``num_candidates`` each).
+    """
     n = scores.shape[1]
-    candidates = candidate_mask(n, start, end, scores.device)
-    if scores.is_cuda:
-        return torch.ops.tokred.select_kept(scores.float(), candidates, k, end - start)
+    if scores.is_cuda and candidates.dim() == 1:
+        return torch.ops.tokred.select_kept(scores.float(), candidates, k, num_candidates)
     keep_mask = ~candidates | selected_mask_reference(scores.float(), candidates, k)
-    return ascending_index_reference(keep_mask, n - (end - start) + k)
+    return ascending_index_reference(keep_mask, n - num_candidates + k)
 
 
-def k_center(x: torch.Tensor, start: int, end: int, k: int) -> torch.Tensor:
-    """Diversity: kept positions [B, M] by greedy k-center over the tokens [start, end) of x [B, N, C]."""
-    n = x.shape[1]
-    candidates = candidate_mask(n, start, end, x.device)
+def k_center(x: torch.Tensor, candidates: torch.Tensor, num_candidates: int, k: int) -> torch.Tensor:
+    """Diversity: kept positions [B, M] by greedy k-center over the candidates [N] of x [B, N, C]."""
+    if candidates.dim() != 1:
+        raise ValueError("tokred option 'prune.score' 'diversity' takes the same prunable positions in every "
+                         "row ('range'), not 'prunable_ids'")
     # a greedy loop: an opaque op on every device (inlined, it would unroll k steps into the graph)
     if x.is_cuda:
-        return torch.ops.tokred.k_center(x, candidates, k, end - start)
+        return torch.ops.tokred.k_center(x, candidates, k, num_candidates)
     keep_mask = ~candidates | k_center_selected_reference(x, candidates, k)
-    return ascending_index_reference(keep_mask, n - (end - start) + k)
+    return ascending_index_reference(keep_mask, x.shape[1] - num_candidates + k)
 
 
 def fuse_pruned(x: torch.Tensor, kept: torch.Tensor, index: torch.Tensor, weights: torch.Tensor):
@@ -261,6 +299,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
     protected = facts.protected_tokens
     fused_tokens = 0  # fused tokens appended by earlier cuts stay at the end, never pruned
     start = end = None
+    candidates = None  # prunable_ids: the candidates node [B, N] after the last cut
     done = 0
     for at, keep in zip(opts["at"], opts["keep"]):
         block = blocks[at]
@@ -271,31 +310,73 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
             reason = reason or "the residual stream at the block output has no known shape"
         if start is None and not reason:
             start, end = prunable_interval(n - fused_tokens, protected, opts["range"], opts["protect_last"])
+            if opts["prunable_ids"] is not None:
+                try:
+                    candidates, end = _token_candidates(gm, opts["prunable_ids"], start, end, n, example_inputs)
+                except RewriteError as exc:
+                    reason = str(exc)
         if not reason and end - start == 0:
-            reason = "no prunable tokens (protected, range and protect_last cover all)"
+            reason = "no prunable tokens (protected, range, prunable_ids and protect_last cover all)"
         if reason:
             record.mark(SKIPPED, f"prune: {reason}", NAME)
             _fail(options, record)
             continue
-        k = kept_count(keep, end - start)
-        m = n - (end - start) + k + (1 if opts["fuse"] else 0)
+        p = end - start  # prunable tokens per row
+        k = kept_count(keep, p)
+        m = n - p + k + (1 if opts["fuse"] else 0)
+        lo, hi = start, end
+        cut = {"k": k, "n": n, "count": p,
+               "candidates": candidates if candidates is not None else
+               (lambda g, stream: g.call_function(interval_candidates, (stream, lo, hi)))}
         try:
-            make = _reduction(gm, block, score, opts, start, end, k, n)
+            make = _reduction(gm, block, score, opts, cut)
             cut_tokens(gm, facts, block.output, blocks[-1].output, make, m, example_inputs, options.verify,
                        kv_outputs=_kv_outputs(blocks[at + 1:]))
         except RewriteError as exc:
             record.mark(SKIPPED, f"prune: {exc}", NAME)
             _fail(options, record)
             continue
+        where = f"prunable {start}..{end - 1}" if candidates is None else f"{p} prunable_ids tokens per row"
         record.mark(REWRITTEN, f"prune score={score} keep={keep}: {n} -> {m} tokens after block {at} "
-                    f"(prunable {start}..{end - 1})", NAME)
+                    f"({where})", NAME)
         done += 1
-        # the kept candidates are contiguous again: [start, start + k); fused tokens go last
-        end = start + k
         fused_tokens += 1 if opts["fuse"] else 0
+        if candidates is not None:  # the kept candidates, wherever the cut put them
+            with gm.graph.inserting_after(cut["index"]):
+                candidates = gm.graph.call_function(next_candidates, (cut["candidates"], cut["index"],
+                                                                      opts["fuse"]))
+            end = start + k  # (only the count end - start is read from here on)
+        else:  # the kept candidates are contiguous again: [start, start + k); fused tokens go last
+            end = start + k
     if done:
+        gm.graph.eliminate_dead_code()
         report.note(f"prune: {done} cut(s), score={score}, {protected} protected leading tokens, "
                     f"pruned tokens exit early")
+
+
+def _token_candidates(gm: fx.GraphModule, ids: tuple, start: int, end: int, n: int, example_inputs) -> tuple:
+    """The node marking the prunable_ids tokens [B, N] and the end of an interval holding as many
+    positions as each row has such tokens (the count is read from the example input)."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    found = [(i, node) for i, node in enumerate(placeholders)
+             if shape_of(node) is not None and len(shape_of(node)) == 2 and shape_of(node)[1] == n
+             and not node.meta["example_value"].dtype.is_floating_point]
+    if not found:
+        raise RewriteError(f"option 'prune.prunable_ids' needs the token ids as a graph input [B, {n}]; none found")
+    i, input_ids = found[0]
+    example = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
+    if example is None or isinstance(example, torch._subclasses.FakeTensor):
+        raise RewriteError("option 'prune.prunable_ids' reads how many such tokens a row holds from the "
+                           "example input, and none with values was given")
+    rows = (torch.isin(example, torch.tensor(ids)) & candidate_mask(n, start, end, example.device)).sum(dim=1)
+    if rows.numel() == 0 or (rows != rows[0]).any():
+        raise RewriteError(f"option 'prune.prunable_ids': the rows of the example input hold different numbers "
+                           f"of those tokens ({rows.tolist()}); every row must hold the same number")
+    count = int(rows[0])
+    first_reader = next(iter(input_ids.users))
+    with gm.graph.inserting_before(first_reader):
+        node = gm.graph.call_function(token_candidates, (input_ids, ids, start, end, count))
+    return node, start + count
 
 
 def _cannot_prune(block, score: str, fuse: bool, causal: bool, protected: int) -> str:
@@ -339,34 +420,39 @@ def _query_rows(score: str, opts: dict, n: int) -> tuple:
 
 
 def _select(gm: fx.GraphModule, graph: fx.Graph, block, score: str, opts: dict, stream: fx.Node,
-            start: int, end: int, k: int, n: int) -> tuple:
+            cut: dict) -> tuple:
     """Insert the selection at the cut after ``block``: (kept [B, M, C], index [B, M], scores [B, N]
-    or None)."""
+    or None). ``cut``: the candidates node, their count per row, the kept count k, the tokens N."""
     site = block.attention
+    cands, p, k, n = cut["candidates"], cut["count"], cut["k"], cut["n"]
     if score in ATTENTION_SCORES:
         scale = site.scale if site.scale is not None else site.head_dim ** -0.5
         pruned = graph.call_function(prune_by_attention, (stream, site.q, site.k, site_mask(site),
                                                           _query_rows(score, opts, n), scale, site.causal,
-                                                          start, end, k))
+                                                          cands, p, k))
         return tuple(graph.call_function(getitem, (pruned, i)) for i in range(3))
     if score == "diversity":
         scores = None
-        index = graph.call_function(k_center, (stream, start, end, k))
+        index = graph.call_function(k_center, (stream, cands, p, k))
     else:
         if score == "transition":
             scores = graph.call_function(transition_scores, (block.input, stream))
         else:  # random: a seeded table per cut, a constant of the graph
             table = torch.rand(n, generator=torch.Generator().manual_seed(opts["seed"] + block.index))
             scores = graph.call_function(constant_scores, (stream, tuple(table.tolist())))
-        index = graph.call_function(select_kept, (scores, start, end, k))
+        index = graph.call_function(select_kept, (scores, cands, p, k))
     return graph.call_function(tokens.gather_stream, (stream, index)), index, scores
 
 
-def _reduction(gm: fx.GraphModule, block, score: str, opts: dict, start: int, end: int, k: int, n: int):
-    """make_reduction for one pruning cut after ``block``."""
+def _reduction(gm: fx.GraphModule, block, score: str, opts: dict, cut: dict):
+    """make_reduction for one pruning cut after ``block``; ``cut["candidates"]`` is a node, or a
+    function of the graph and the stream that inserts it; ``cut["index"]`` is set to the index node."""
 
     def make(graph: fx.Graph, stream: fx.Node) -> Reduction:
-        kept, index, scores = _select(gm, graph, block, score, opts, stream, start, end, k, n)
+        if callable(cut["candidates"]):
+            cut["candidates"] = cut["candidates"](graph, stream)
+        kept, index, scores = _select(gm, graph, block, score, opts, stream, cut)
+        cut["index"] = index
         if not opts["fuse"]:
             restore = lambda g, cut_stream, end_node: g.call_function(tokens.scatter_stream,
                                                                       (cut_stream, index, end_node))
@@ -375,6 +461,7 @@ def _reduction(gm: fx.GraphModule, block, score: str, opts: dict, start: int, en
         weights = scores if score in ATTENTION_SCORES else graph.call_function(uniform_weights, (stream,))
         fused = graph.call_function(fuse_pruned, (stream, kept, index, weights))
         kept_f, index_f = (graph.call_function(getitem, (fused, i)) for i in range(2))
+        cut["index"] = index_f
         restore = lambda g, cut_stream, end_node: g.call_function(restore_fused, (cut_stream, index, end_node))
         return Reduction(stream=kept_f, index=index_f, restore=restore)
 

@@ -1,0 +1,119 @@
+"""Pass-level behaviour of token pruning that the reference tests (test_prune.py) do not cover:
+prunable_ids (per-row prunable tokens), the KV-cache rule for padded batches, generation with a
+pruned prefill through transformers' generate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import tokred
+from zoo import ZOO
+
+IMAGE_TOKEN = 5
+
+
+def _exit_after_first_block(model, ids) -> torch.Tensor:
+    """Logits [B, N, V] of every token as if it left the model after block 0 (pruned tokens do)."""
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+    return model.lm_head(model.model.norm(hidden))
+
+
+def _image_ids(seed: int = 0) -> torch.Tensor:
+    """[2, 12] ids with 5 IMAGE_TOKEN tokens per row, at different places in each row."""
+    ids = torch.randint(10, 90, (2, 12), generator=torch.Generator().manual_seed(seed))
+    ids[0, 2:7] = IMAGE_TOKEN
+    ids[1, 4:9] = IMAGE_TOKEN
+    return ids
+
+
+@pytest.mark.parametrize("score", ["query", "transition", "random"])
+def test_prunable_ids_prune_only_those_tokens(score, fresh_dynamo):
+    z = ZOO["hf_llama_sdpa"]()
+    ids = _image_ids()
+    backend = tokred.backend(inner="eager", prune={"keep": 0.4, "at": [0], "score": score,
+                                                   "prunable_ids": [IMAGE_TOKEN]})
+    logits = torch.compile(z.model, backend=backend)(input_ids=ids).logits
+    early = _exit_after_first_block(z.model, ids)
+    with torch.no_grad():
+        exited = ((logits - early).abs().amax(dim=-1) < 1e-5)  # [B, N]: tokens that left after block 0
+    is_image = ids == IMAGE_TOKEN
+    # keep 0.4 of 5 -> 2 kept, 3 pruned per row; only image tokens are pruned
+    assert exited.sum(dim=1).tolist() == [3, 3]
+    assert not (exited & ~is_image).any()
+    record = backend.report.attention_sites[0]
+    assert record.status == "rewritten" and "5 prunable_ids tokens per row" in record.reason
+
+
+def test_prunable_ids_keep_all_is_identity(fresh_dynamo):
+    z = ZOO["hf_llama_sdpa"]()
+    ids = _image_ids()
+    backend = tokred.backend(inner="eager", prune={"keep": 1.0, "at": [0], "prunable_ids": [IMAGE_TOKEN]})
+    got = torch.compile(z.model, backend=backend)(input_ids=ids).logits
+    assert torch.allclose(got, z.model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_prunable_ids_uneven_rows_are_reported(fresh_dynamo):
+    z = ZOO["hf_llama_sdpa"]()
+    ids = _image_ids()
+    ids[1, 4] = 7  # row 1 now holds 4 image tokens, row 0 five
+    backend = tokred.backend(inner="eager", prune={"keep": 0.5, "at": [0], "prunable_ids": [IMAGE_TOKEN]})
+    got = torch.compile(z.model, backend=backend)(input_ids=ids).logits
+    assert torch.allclose(got, z.model(input_ids=ids).logits, atol=1e-5)  # left unchanged
+    record = backend.report.attention_sites[0]
+    assert record.status == "skipped" and "different numbers" in record.reason
+
+
+def test_prunable_ids_batch_with_another_count_fails_loudly(fresh_dynamo):
+    z = ZOO["hf_llama_sdpa"]()
+    ids = _image_ids()
+    compiled = torch.compile(z.model, backend=tokred.backend(
+        inner="eager", prune={"keep": 0.5, "at": [0], "prunable_ids": [IMAGE_TOKEN]}), dynamic=False)
+    compiled(input_ids=ids)
+    other = ids.clone()
+    other[1, 4] = 7
+    with pytest.raises(RuntimeError, match="prunable_ids"):
+        compiled(input_ids=other)
+
+
+def test_padded_prefill_with_kv_cache_is_not_pruned(fresh_dynamo):
+    """transformers builds one decode mask over N + 1 keys for every layer: a pruned cache would not
+    fit it, so a padded prefill returning its cache is left alone, with the reason."""
+    z = ZOO["hf_llama_sdpa"]()
+    ids = z.kwargs["input_ids"]
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    plain = z.model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    backend = tokred.backend(inner="eager", prune={"keep": 0.5, "at": [0]})
+    z.model.forward = torch.compile(z.model.forward, backend=backend)
+    got = z.model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, plain)
+    prefill = backend.reports[0].attention_sites[0]
+    assert prefill.status == "skipped" and "KV-cache output" in prefill.reason
+
+
+def test_generate_with_pruned_prefill_runs_and_keep_all_is_identity(fresh_dynamo):
+    z = ZOO["hf_llama_sdpa"]()
+    ids = z.kwargs["input_ids"][:1]
+    plain = z.model.generate(ids, max_new_tokens=4, do_sample=False)
+    for keep, same in ((1.0, True), (0.5, None)):
+        torch._dynamo.reset()
+        backend = tokred.backend(inner="eager", prune={"keep": keep, "at": [0]})
+        z.model.forward = torch.compile(z.model.forward, backend=backend)
+        got = z.model.generate(ids, max_new_tokens=4, do_sample=False)
+        del z.model.forward
+        assert got.shape == plain.shape
+        assert backend.reports[0].attention_sites[0].status == "rewritten"
+        if same:
+            assert torch.equal(got, plain)
+
+
+@pytest.mark.parametrize("options, key", [
+    ({"keep": 0.5, "at": [0], "prunable_ids": []}, "prune.prunable_ids"),
+    ({"keep": 0.5, "at": [0], "prunable_ids": [-1]}, "prune.prunable_ids"),
+    ({"keep": 0.5, "at": [5]}, "prune.at"),
+])
+def test_bad_prune_options_name_the_key(options, key, fresh_dynamo):
+    z = ZOO["hf_llama_sdpa"]()
+    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+        tokred.explain(z.model, *z.args, example_kwargs=z.kwargs, prune=options)
