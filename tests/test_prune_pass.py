@@ -117,3 +117,28 @@ def test_bad_prune_options_name_the_key(options, key, fresh_dynamo):
     z = ZOO["hf_llama_sdpa"]()
     with pytest.raises(Exception, match=key.replace(".", r"\.")):
         tokred.explain(z.model, *z.args, example_kwargs=z.kwargs, prune=options)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_trace_source_records_where_each_token_left(fuse, fresh_dynamo):
+    """report.sources[run] [B, N]: the block after which a token was pruned (-1: kept to the end);
+    the tokens it says left after block 0 are exactly those whose output is their block-0 value."""
+    z = ZOO["hf_bert_sdpa"]() if fuse else ZOO["hf_llama_sdpa"]()
+    model, ids = z.model, z.kwargs["input_ids"]
+    report = tokred.explain(model, example_kwargs={"input_ids": ids},
+                            prune={"keep": 0.5, "at": [0], "trace_source": True, "fuse": fuse})
+    exits = report.sources[0]
+    assert exits.shape == ids.shape and set(exits.unique().tolist()) <= {-1, 0}
+    backend = tokred.backend(inner="eager", prune={"keep": 0.5, "at": [0], "fuse": fuse})
+    torch._dynamo.reset()
+    out = torch.compile(model, backend=backend)(input_ids=ids, output_hidden_states=False)
+    with torch.no_grad():
+        if fuse:  # BERT (post-norm): the last hidden state of a pruned token is its block-0 output
+            early = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+            got = out.last_hidden_state
+        else:
+            early, got = _exit_after_first_block(model, ids), out.logits
+        left = (got - early).abs().amax(dim=-1) < 1e-5
+    assert torch.equal(left, exits == 0)
+    n, protected = ids.shape[1], 1 if fuse else 0
+    assert (exits == 0).sum(dim=1).tolist() == [(n - protected) - round(0.5 * (n - protected))] * ids.shape[0]

@@ -31,7 +31,7 @@ from tokred.rewriter import tokens
 from tokred.rewriter.analysis.graph import shape_of
 from tokred.rewriter.analysis.sites import is_projection_node, projection_input, site_mask
 from tokred.rewriter.report import REWRITTEN, SKIPPED
-from tokred.rewriter.surgery import Reduction, RewriteError, cut_tokens
+from tokred.rewriter.surgery import Reduction, RewriteError, cut_tokens, record_each_run
 from tokred.rewriter.verify import propagate_shapes
 
 NAME = "merge"
@@ -216,22 +216,6 @@ def compose_dest(total: Optional[torch.Tensor], dest: torch.Tensor) -> torch.Ten
     return dest if total is None else dest.gather(1, total)
 
 
-class SourceRecorder(torch.nn.Module):
-    """Records, per forward, which merged token each original token ended in ([B, N] int64).
-
-    Inserted by ``trace_source``; the graph must run eagerly (``tokred.explain`` does) for the
-    record to happen: a compiled graph traces it away.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.sources: list = []
-
-    def forward(self, groups: torch.Tensor) -> torch.Tensor:
-        self.sources.append(groups.detach().clone())
-        return groups
-
-
 # ----------------------------------------------------------------------------- the pass
 
 def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs) -> None:
@@ -281,12 +265,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         if example_inputs is not None:
             propagate_shapes(gm, example_inputs)
     if opts["trace_source"] and state["source"] is not None:
-        recorder = SourceRecorder()
-        gm.add_submodule("tokred_merge_sources", recorder)
-        with gm.graph.inserting_after(state["source"]):
-            gm.graph.call_module("tokred_merge_sources", (state["source"],))
-        gm.recompile()
-        report.sources = recorder.sources
+        report.sources = record_each_run(gm, state["source"], "tokred_merge_sources")
         if options.inner != "eager":
             report.note("merge: trace_source records only when the graph runs eagerly (tokred.explain)")
     if state["merges"]:

@@ -37,12 +37,12 @@ from tokred.rewriter import tokens
 from tokred.rewriter.analysis.graph import shape_of
 from tokred.rewriter.analysis.sites import site_mask
 from tokred.rewriter.report import REWRITTEN, SKIPPED
-from tokred.rewriter.surgery import KVOutputs, Reduction, RewriteError, cut_tokens
+from tokred.rewriter.surgery import KVOutputs, Reduction, RewriteError, cut_tokens, record_each_run
 
 NAME = "prune"
 SCORES = ("cls", "query", "transition", "diversity", "random")
 ATTENTION_SCORES = ("cls", "query")
-KNOWN = ("keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "seed")
+KNOWN = ("keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "seed", "trace_source")
 
 
 # ----------------------------------------------------------------------------- options
@@ -75,8 +75,8 @@ def _check_pair(key: str, value) -> Optional[tuple]:
 
 
 def validate(value: Any) -> dict:
-    """``{"keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "seed"}``;
-    a float is keep."""
+    """``{"keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "seed",
+    "trace_source"}``; a float is keep."""
     if isinstance(value, float):
         value = {"keep": value}
     if not isinstance(value, dict):
@@ -100,7 +100,7 @@ def validate(value: Any) -> dict:
     score = value.get("score")
     if score is not None and score not in SCORES:
         raise _error("score", f"must be one of {SCORES}, got {score!r}")
-    for flag in ("fuse",):
+    for flag in ("fuse", "trace_source"):
         if flag in value and not isinstance(value[flag], bool):
             raise _error(flag, f"must be True or False, got {value[flag]!r}")
     protect_last = value.get("protect_last", 0)
@@ -120,7 +120,7 @@ def validate(value: Any) -> dict:
         raise _error("query", "applies to score 'query' only")
     return {"keep": [keeps[i] for i in order], "at": [at[i] for i in order], "score": score,
             "fuse": value.get("fuse", False), "range": _check_pair("range", value.get("range")),
-            "prunable_ids": ids,
+            "prunable_ids": ids, "trace_source": value.get("trace_source", False),
             "protect_last": protect_last, "query": query, "seed": seed}
 
 
@@ -273,6 +273,27 @@ def fuse_pruned(x: torch.Tensor, kept: torch.Tensor, index: torch.Tensor, weight
     return torch.cat([kept, fused.to(kept.dtype)], dim=1), torch.cat([index, at], dim=1)
 
 
+def init_exits(x: torch.Tensor) -> torch.Tensor:
+    """trace_source before the first cut: every token of x [B, N, C] is in (-1) -> [B, N] int64."""
+    return torch.full(x.shape[:2], -1, dtype=torch.int64, device=x.device)
+
+
+def track_exits(exits: torch.Tensor, origin: Optional[torch.Tensor], kept: torch.Tensor,
+                carried: torch.Tensor, block: int) -> tuple:
+    """trace_source after a cut at ``block``: (exits [B, N0], origin [B, M]).
+
+    exits:   for each original position, the block after which it left (-1: still in);
+    origin:  the original position of each current token (None: identity, before the first cut);
+    kept:    [B, K] the positions (in the current tokens) the cut kept;
+    carried: [B, M] the positions the next region's tokens stand for (kept, plus a fused token's
+             representative), so that later cuts map back to original positions.
+    """
+    to_original = (lambda i: i) if origin is None else (lambda i: origin.gather(1, i))
+    still_in = torch.zeros_like(exits, dtype=torch.bool).scatter(1, to_original(kept), True)
+    exits = torch.where((exits < 0) & ~still_in, torch.full_like(exits, block), exits)
+    return exits, to_original(carried)
+
+
 def uniform_weights(x: torch.Tensor) -> torch.Tensor:
     """Equal weights [B, N] for the tokens of x [B, N, C]."""
     return torch.ones(x.shape[:2], dtype=torch.float32, device=x.device)
@@ -300,6 +321,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
     fused_tokens = 0  # fused tokens appended by earlier cuts stay at the end, never pruned
     start = end = None
     candidates = None  # prunable_ids: the candidates node [B, N] after the last cut
+    trace = {"exits": None, "origin": None}  # trace_source: exit block per original token
     done = 0
     for at, keep in zip(opts["at"], opts["keep"]):
         block = blocks[at]
@@ -325,7 +347,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         k = kept_count(keep, p)
         m = n - p + k + (1 if opts["fuse"] else 0)
         lo, hi = start, end
-        cut = {"k": k, "n": n, "count": p,
+        cut = {"k": k, "n": n, "count": p, "trace": trace,
                "candidates": candidates if candidates is not None else
                (lambda g, stream: g.call_function(interval_candidates, (stream, lo, hi)))}
         try:
@@ -348,8 +370,12 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
             end = start + k  # (only the count end - start is read from here on)
         else:  # the kept candidates are contiguous again: [start, start + k); fused tokens go last
             end = start + k
+    if done and opts["trace_source"]:
+        report.sources = record_each_run(gm, trace["exits"], "tokred_prune_exits")
+        if options.inner != "eager":
+            report.note("prune: trace_source records only when the graph runs eagerly (tokred.explain)")
     if done:
-        gm.graph.eliminate_dead_code()
+        gm.graph.eliminate_dead_code()  # e.g. the candidates after the last cut
         report.note(f"prune: {done} cut(s), score={score}, {protected} protected leading tokens, "
                     f"pruned tokens exit early")
 
@@ -453,17 +479,22 @@ def _reduction(gm: fx.GraphModule, block, score: str, opts: dict, cut: dict):
             cut["candidates"] = cut["candidates"](graph, stream)
         kept, index, scores = _select(gm, graph, block, score, opts, stream, cut)
         cut["index"] = index
+        if opts["fuse"]:
+            weights = scores if score in ATTENTION_SCORES else graph.call_function(uniform_weights, (stream,))
+            fused = graph.call_function(fuse_pruned, (stream, kept, index, weights))
+            kept, cut["index"] = (graph.call_function(getitem, (fused, i)) for i in range(2))
+        if opts["trace_source"]:
+            trace = cut["trace"]
+            exits = trace["exits"] if trace["exits"] is not None else graph.call_function(init_exits, (stream,))
+            tracked = graph.call_function(track_exits, (exits, trace["origin"], index, cut["index"], block.index))
+            trace["exits"], trace["origin"] = (graph.call_function(getitem, (tracked, i)) for i in range(2))
         if not opts["fuse"]:
             restore = lambda g, cut_stream, end_node: g.call_function(tokens.scatter_stream,
                                                                       (cut_stream, index, end_node))
             return Reduction(stream=kept, index=index, restore=restore)
-        # the attention scores weight the average (EViT); other scores: a plain mean
-        weights = scores if score in ATTENTION_SCORES else graph.call_function(uniform_weights, (stream,))
-        fused = graph.call_function(fuse_pruned, (stream, kept, index, weights))
-        kept_f, index_f = (graph.call_function(getitem, (fused, i)) for i in range(2))
-        cut["index"] = index_f
+        # (fuse) the attention scores weighted the fused token's average (EViT), other scores a mean
         restore = lambda g, cut_stream, end_node: g.call_function(restore_fused, (cut_stream, index, end_node))
-        return Reduction(stream=kept_f, index=index_f, restore=restore)
+        return Reduction(stream=kept, index=cut["index"], restore=restore)
 
     return make
 

@@ -328,3 +328,31 @@ def _check_region_shapes(cut: TokenCut, before: dict, keep: int, n: int) -> None
                 raise RewriteError(f"node {node.name}: dim {d} is {b} after the rewrite, expected "
                                    f"{expected} (shape before {old})")
 
+
+
+class TensorRecorder(torch.nn.Module):
+    """Keeps a copy of the tensor it is called on, once per forward (see :func:`record_each_run`)."""
+
+    _is_impure = True  # fx dead-code elimination keeps its calls (their effect is the record)
+
+    def __init__(self):
+        super().__init__()
+        self.records: list = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.records.append(x.detach().clone())
+        return x
+
+
+def record_each_run(gm: fx.GraphModule, node: fx.Node, name: str) -> list:
+    """Record the value of ``node`` at every run of ``gm``; returns the list the records go to.
+
+    The graph must run eagerly (``tokred.explain``, or ``inner="eager"``) for the record to happen:
+    a compiled graph traces the recorder away.
+    """
+    recorder = TensorRecorder()
+    gm.add_submodule(name, recorder)
+    with gm.graph.inserting_after(node):
+        gm.graph.call_module(name, (node,))
+    gm.recompile()
+    return recorder.records
