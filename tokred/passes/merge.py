@@ -97,13 +97,7 @@ def merge_groups(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     ``mask`` is the attention mask as the block's attention reads it ([B, 1|H, N|1, N], boolean
     "may attend" or additive); a key nobody may attend to is padding.
     """
-    b, n = x.shape[0], x.shape[1]
-    if mask is None:
-        return torch.zeros(b, n, dtype=torch.int64, device=x.device)
-    m = mask.expand(b, *mask.shape[1:]) if mask.shape[0] != b else mask
-    m = m[:, 0]
-    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
-    return (~allowed.any(dim=-2)).to(torch.int64)
+    return tokens.padding_keys(mask, x.shape[0], x.shape[1]).to(device=x.device, dtype=torch.int64)
 
 
 def tome_step(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],

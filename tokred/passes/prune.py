@@ -195,6 +195,14 @@ def transition_scores(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
     return (1 - cos) + (norm_out - norm_in).abs() / (norm_in + 1e-6)
 
 
+def demote_padding(scores: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Scores [B, N] with padding keys (no query may attend them, per the attention ``mask``) at
+    -inf: padding is pruned first, whatever the scorer thinks of it (a padding token's hidden state
+    moves a lot across a block, and a random ranking would keep some)."""
+    padding = tokens.padding_keys(mask, scores.shape[0], scores.shape[1]).to(scores.device)
+    return scores.float().masked_fill(padding, float("-inf"))
+
+
 def constant_scores(x: torch.Tensor, table: tuple) -> torch.Tensor:
     """The same scores for every sample: ``table`` (N floats, a graph constant) -> [B, N]."""
     scores = torch.tensor(table, dtype=torch.float32, device=x.device)
@@ -466,6 +474,8 @@ def _select(gm: fx.GraphModule, graph: fx.Graph, block, score: str, opts: dict, 
         else:  # random: a seeded table per cut, a constant of the graph
             table = torch.rand(n, generator=torch.Generator().manual_seed(opts["seed"] + block.index))
             scores = graph.call_function(constant_scores, (stream, tuple(table.tolist())))
+        if site_mask(site) is not None:
+            scores = graph.call_function(demote_padding, (scores, site_mask(site)))
         index = graph.call_function(select_kept, (scores, cands, p, k))
     return graph.call_function(tokens.gather_stream, (stream, index)), index, scores
 

@@ -48,3 +48,14 @@ def fixed_token_index(x: torch.Tensor, keep: tuple) -> torch.Tensor:
     """The same kept token positions for every sample: x [B, N, ...] -> index [B, len(keep)] int64."""
     index = torch.tensor(keep, dtype=torch.int64, device=x.device)
     return index.unsqueeze(0).expand(x.shape[0], len(keep))
+
+
+def padding_keys(mask, batch: int, n: int) -> torch.Tensor:
+    """Keys no query may attend to (padding) [B, N] bool, from an attention mask as the attention
+    reads it ([B|1, 1|H, N|1, N], boolean "may attend" or additive); None: no padding."""
+    if mask is None:
+        return torch.zeros(batch, n, dtype=torch.bool)
+    m = mask.expand(batch, *mask.shape[1:]) if mask.shape[0] != batch else mask
+    m = m[:, 0]
+    allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+    return ~allowed.any(dim=-2)
