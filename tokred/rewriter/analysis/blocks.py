@@ -14,7 +14,7 @@ from tokred.rewriter.analysis.graph import (
     module_path, shape_of,
 )
 from tokred.rewriter.analysis.sites import (
-    LAYOUT_FUNCS, LAYOUT_METHODS, AttentionSite, Block, is_projection_node, projection_input,
+    LAYOUT_FUNCS, LAYOUT_METHODS, AttentionSite, Block, is_projection_node, projection_input, skip_layout,
 )
 from tokred.rewriter.analysis.token_axis import TokenAxes
 
@@ -170,10 +170,11 @@ def assign_roles(projections: list, sites: list, blocks: list, graph: fx.Graph) 
         for i, node in enumerate(projs):
             _set_role(by_node, node, "mlp_out" if i == len(projs) - 1 else "mlp_in")
     # the head after the last block: lm_head where it projects to the rows of the embedding table
-    # that reads the user's token ids (not position or token-type tables)
+    # that reads the user's token ids (not position or token-type tables); the ids may be reshaped
+    # first (GPT-2 views input_ids to [-1, N])
     vocab = {shape_of(n.args[1])[0] for n in graph.nodes
              if is_call(n, torch.nn.functional.embedding) and shape_of(n.args[1])
-             and isinstance(n.args[0], fx.Node) and n.args[0].op == "placeholder"}
+             and isinstance(n.args[0], fx.Node) and getattr(skip_layout(n.args[0]), "op", None) == "placeholder"}
     last = blocks[-1].output if blocks and blocks[-1].output is not None else None
     order = {n: i for i, n in enumerate(graph.nodes)}
     for p in projections:
