@@ -1,7 +1,7 @@
 """Speculative decoding speed: tokred.generate against transformers' generate, side by side, one run.
 
-    python bench/speculative.py                      # SmolLM2-135M, 6 prompts x 64 new tokens (~10 min on 2 cores)
-    python bench/speculative.py --prompts 12 --new-tokens 128 --exit-layer 12
+    python bench/speculative.py                      # SmolLM2-135M, 6 prompts x 64 new tokens (~10 min, 1 thread)
+    python bench/speculative.py --prompts 12 --new-tokens 128 --exit-layer 12 --threads 0
     python bench/speculative.py --qwen               # Qwen2.5-Coder 1.5B target, 0.5B draft (slow: ~7 GB fp32)
 
 Prompts are input-grounded: Wikipedia lead extracts (``tokred.offline.wiki_texts``) inside the
@@ -11,7 +11,7 @@ rotates), so a loaded machine slows them alike. Methods (SmolLM2):
 
     tokred plain          tokred.generate(draft=None)
     hf plain              model.generate(do_sample=False)
-    tokred prompt_lookup  tokred.generate(draft="prompt_lookup", k=--k, ngram=--ngram)
+    tokred prompt_lookup  tokred.generate(draft="prompt_lookup", k=--lookup-k, ngram=--ngram)
     hf prompt_lookup      model.generate(prompt_lookup_num_tokens=--hf-lookup-tokens)
     tokred early_exit     tokred.generate(draft="early_exit", exit_layer=L)   (L from a quick sweep)
     hf early_exit         model.generate(assistant_early_exit=L)
@@ -50,7 +50,7 @@ TARGETS = {"prompt_lookup": 1.8, "early_exit": 1.3, "draft_model": None}
 
 # ----------------------------------------------------------------------------- prompts
 
-def build_prompts(tokenizer, n: int, max_chars: int, seed: int = 0) -> list:
+def build_prompts(tokenizer, n: int, max_chars: int, device: str = "cpu", seed: int = 0) -> list:
     """n chat-template prompts [1, T] cycling over TASKS, each with its own Wikipedia extract."""
     texts = [t for t in wiki_texts(seed) if len(t) >= max_chars // 2]
     prompts = []
@@ -60,7 +60,7 @@ def build_prompts(tokenizer, n: int, max_chars: int, seed: int = 0) -> list:
         messages = [{"role": "user", "content": TASKS[task].format(text=text)}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
         ids = ids if torch.is_tensor(ids) else ids["input_ids"]
-        prompts.append((task, ids))
+        prompts.append((task, ids.to(device)))
     return prompts
 
 
@@ -88,7 +88,12 @@ def new_tokens_of(sequences: torch.Tensor, prompt_len: int, eos: int) -> list:
     return out[:out.index(eos) + 1] if eos in out else out
 
 
-def run_methods(methods: dict, prompts: list, new_tokens: int, eos: int, desc: str) -> dict:
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_methods(methods: dict, prompts: list, new_tokens: int, eos: int, desc: str, device: str = "cpu") -> dict:
     """Run every method on every prompt, the method order rotating per prompt; per-method records."""
     from tqdm import tqdm
 
@@ -98,8 +103,10 @@ def run_methods(methods: dict, prompts: list, new_tokens: int, eos: int, desc: s
     for p, (task, ids) in enumerate(prompts):
         order = names[p % len(names):] + names[:p % len(names)]
         for name in order:
+            synchronize(device)
             start = time.perf_counter()
             sequences, stats = methods[name](ids, new_tokens, eos)
+            synchronize(device)
             seconds = time.perf_counter() - start
             records[name].append({"prompt": p, "task": task, "seconds": seconds, "stats": stats,
                                   "tokens": new_tokens_of(sequences, ids.shape[1], eos)})
@@ -128,7 +135,7 @@ def summarise(records: dict, reference: str) -> dict:
     return rows
 
 
-def sweep_exit_layer(model, prompts: list, layers: list, new_tokens: int, eos: int) -> dict:
+def sweep_exit_layer(model, prompts: list, layers: list, new_tokens: int, eos: int, k: int) -> dict:
     """tokens/s and mean accepted length of tokred early_exit at each exit layer (short runs)."""
     from tqdm import tqdm
 
@@ -137,7 +144,7 @@ def sweep_exit_layer(model, prompts: list, layers: list, new_tokens: int, eos: i
         tokens = seconds = committed = steps = 0
         for _, ids in prompts:
             start = time.perf_counter()
-            result = generate(model, ids, new_tokens, draft="early_exit", exit_layer=layer, eos_token_id=eos,
+            result = generate(model, ids, new_tokens, draft="early_exit", exit_layer=layer, k=k, eos_token_id=eos,
                               progress=False)
             seconds += time.perf_counter() - start
             tokens += len(new_tokens_of(result.sequences, ids.shape[1], eos))
@@ -191,8 +198,18 @@ def write(path: str, lines: list) -> None:
     print(f"wrote {path}")
 
 
+def load_note(args) -> str:
+    """How loaded the machine was: ratios are trustworthy (same prompts, interleaved), absolute
+    tokens/s on a shared CPU are not."""
+    return (f"Load average of this machine at the end of the run: {os.getloadavg()[0]:.1f} on "
+            f"{os.cpu_count()} cores (shared with other jobs: absolute tokens/s are noisy; ratios come from "
+            "the same prompts in the same run, interleaved).")
+
+
 def environment(args) -> str:
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch "
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    return (f"{where}, torch "
             f"{torch.__version__}, transformers {__import__('transformers').__version__}, fp32, batch 1, greedy")
 
 
@@ -200,8 +217,9 @@ def environment(args) -> str:
 
 def run_smollm2(args, command: str) -> None:
     model, tokenizer = load_causal_lm("smollm2")
+    model.to(args.device)
     eos = tokenizer.eos_token_id
-    prompts = build_prompts(tokenizer, args.prompts, args.max_chars)
+    prompts = build_prompts(tokenizer, args.prompts, args.max_chars, args.device)
     # warm-up: first calls pay one-time costs (allocator, transformers' lazy setup, the draft's capture)
     start = time.perf_counter()
     generate(model, prompts[0][1], 4, draft="early_exit", exit_layer=1, eos_token_id=eos, progress=False)
@@ -209,7 +227,8 @@ def run_smollm2(args, command: str) -> None:
     hf_method(model)(prompts[0][1], 2, eos)
 
     if args.exit_layer is None:
-        sweep = sweep_exit_layer(model, prompts[:args.sweep_prompts], args.sweep_layers, args.sweep_tokens, eos)
+        sweep = sweep_exit_layer(model, prompts[:args.sweep_prompts], args.sweep_layers, args.sweep_tokens, eos,
+                                 args.k)
         exit_layer = max(sweep, key=lambda layer: sweep[layer]["tokens_per_s"])
     else:
         sweep, exit_layer = {}, args.exit_layer
@@ -217,30 +236,30 @@ def run_smollm2(args, command: str) -> None:
     methods = {
         "tokred plain": tokred_method(model),
         "hf plain": hf_method(model),
-        "tokred prompt_lookup": tokred_method(model, draft="prompt_lookup", k=args.k, ngram=args.ngram),
+        "tokred prompt_lookup": tokred_method(model, draft="prompt_lookup", k=args.lookup_k, ngram=args.ngram),
         "hf prompt_lookup": hf_method(model, prompt_lookup_num_tokens=args.hf_lookup_tokens),
         "tokred early_exit": tokred_method(model, draft="early_exit", exit_layer=exit_layer, k=args.k),
         "hf early_exit": hf_method(model, assistant_early_exit=exit_layer),
     }
-    records = run_methods(methods, prompts, args.new_tokens, eos, "methods x prompts")
+    records = run_methods(methods, prompts, args.new_tokens, eos, "methods x prompts", args.device)
     rows = summarise(records, "tokred plain")
     pairs = [("prompt_lookup", "tokred prompt_lookup", "hf prompt_lookup"),
              ("early_exit", "tokred early_exit", "hf early_exit")]
     hf_vs_tokred_plain = [r["prompt"] for r, ref in zip(records["hf plain"], records["tokred plain"])
                           if r["tokens"] != ref["tokens"]]
 
-    lines = ["# Speculative decoding, SmolLM2-135M-Instruct, CPU", "",
+    lines = [f"# Speculative decoding, SmolLM2-135M-Instruct, {args.device.upper()}", "",
              f"`{command}`", "",
              f"{environment(args)}. {len(prompts)} prompts ({', '.join(TASKS)} over Wikipedia extracts of at most "
              f"{args.max_chars} characters, chat template; prompt lengths "
              f"{min(p[1].shape[1] for p in prompts)}-{max(p[1].shape[1] for p in prompts)} tokens), up to "
              f"{args.new_tokens} new tokens each (stopping at eos). Methods alternate prompt by prompt (rotating "
-             "order). tokred k = {0} (adaptive), prompt lookup n-gram <= {1}; transformers prompt lookup "
-             "`prompt_lookup_num_tokens={2}`.".format(args.k, args.ngram, args.hf_lookup_tokens),
+             f"order). tokred draft lengths: early exit k <= {args.k}, prompt lookup k <= {args.lookup_k} (adaptive "
+             f"within [1, k]), n-gram <= {args.ngram}; transformers prompt lookup "
+             f"`prompt_lookup_num_tokens={args.hf_lookup_tokens}`, assisted early exit with its default "
+             "draft-length schedule.",
              "",
-             "**The machine is shared and loaded** (2 cores, several other jobs running; load average at the "
-             f"end of the run: {os.getloadavg()[0]:.1f}), so absolute tokens/s are noisy; ratios come from the same "
-             "prompts in the same run, interleaved.", ""]
+             load_note(args), ""]
     lines += table(rows, {"tokred": "tokred plain", "hf": "hf plain"})
     lines += ["", "Ratios of each method's tokens/s over plain greedy of tokred and of transformers. "
               "Acceptance = accepted drafts / proposed drafts; accepted length = tokens committed per target "
@@ -252,7 +271,7 @@ def run_smollm2(args, command: str) -> None:
     lines += ["", "## Early-exit layer", ""]
     if sweep:
         lines += [f"Sweep over exit layers (tokred early_exit, {args.sweep_prompts} prompts x {args.sweep_tokens} "
-                  f"tokens, k = {4}): chose **L = {exit_layer}** of {model.config.num_hidden_layers}.", "",
+                  f"tokens, k <= {args.k}): chose **L = {exit_layer}** of {model.config.num_hidden_layers}.", "",
                   "| exit layer | tokens/s | accepted length |", "|---:|---:|---:|"]
         lines += [f"| {layer} | {s['tokens_per_s']:.2f} | {s['mean_accepted_length']:.2f} |" for layer, s in sweep.items()]
     else:
@@ -271,19 +290,21 @@ def run_smollm2(args, command: str) -> None:
 def run_qwen(args, command: str) -> None:
     target, tokenizer = load_causal_lm("qwen-coder-1.5b")
     draft, _ = load_causal_lm("qwen-coder-0.5b")
+    target.to(args.device)
+    draft.to(args.device)
     eos = tokenizer.eos_token_id
-    prompts = build_prompts(tokenizer, args.prompts, args.max_chars)
+    prompts = build_prompts(tokenizer, args.prompts, args.max_chars, args.device)
     methods = {
         "tokred plain": tokred_method(target),
         "hf plain": hf_method(target),
         "tokred draft model": tokred_method(target, draft=draft, k=args.k),
         "hf assistant_model": hf_method(target, assistant_model=draft),
     }
-    records = run_methods(methods, prompts, args.new_tokens, eos, "methods x prompts")
+    records = run_methods(methods, prompts, args.new_tokens, eos, "methods x prompts", args.device)
     rows = summarise(records, "tokred plain")
-    lines = ["# Speculative decoding, Qwen2.5-Coder 1.5B target with the 0.5B as draft, CPU", "",
-             f"`{command}`", "", f"{environment(args)}. {len(prompts)} prompts, up to {args.new_tokens} new tokens. "
-             "**The machine is shared and loaded**; ratios are from the same run, interleaved.", ""]
+    lines = [f"# Speculative decoding, Qwen2.5-Coder 1.5B target with the 0.5B as draft, {args.device.upper()}", "",
+             f"`{command}`", "", f"{environment(args)}. {len(prompts)} prompts, up to {args.new_tokens} new tokens.", "",
+             load_note(args), ""]
     lines += table(rows, {"tokred": "tokred plain", "hf": "hf plain"})
     lines += ["", "## Targets", ""] + verdicts(rows, [("draft_model", "tokred draft model", "hf assistant_model")])
     write(args.out or os.path.join(RESULTS, "speculative_qwen.md"), lines)
@@ -296,14 +317,20 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=None, help="prompts (default 6; --qwen: 2)")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per prompt (default 64; --qwen: 32)")
     parser.add_argument("--max-chars", type=int, default=900, help="characters of each Wikipedia extract")
-    parser.add_argument("--k", type=int, default=4, help="tokred: most draft tokens per verification")
+    parser.add_argument("--k", type=int, default=4, help="tokred early_exit / draft model: most draft tokens per "
+                        "verification")
+    parser.add_argument("--lookup-k", type=int, default=10, help="tokred prompt_lookup: most draft tokens per "
+                        "verification (default: as many as transformers' prompt_lookup_num_tokens)")
     parser.add_argument("--ngram", type=int, default=3, help="tokred prompt lookup: longest n-gram matched")
     parser.add_argument("--hf-lookup-tokens", type=int, default=10, help="transformers prompt_lookup_num_tokens")
     parser.add_argument("--exit-layer", type=int, default=None, help="early-exit layer (default: a quick sweep)")
-    parser.add_argument("--sweep-layers", type=int, nargs="+", default=[6, 10, 14, 18, 22])
-    parser.add_argument("--sweep-prompts", type=int, default=2)
-    parser.add_argument("--sweep-tokens", type=int, default=24)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--sweep-layers", type=int, nargs="+", default=[8, 16, 24])
+    parser.add_argument("--sweep-prompts", type=int, default=1)
+    parser.add_argument("--sweep-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: on a shared, loaded machine 2 threads made single-token "
+                             "SDPA up to 100x slower, spinning on a descheduled thread; 0 = torch's default)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     parser.add_argument("--qwen", action="store_true", help="Qwen2.5-Coder 1.5B target with the 0.5B as draft")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -311,10 +338,13 @@ def main() -> None:
         args.prompts = 2 if args.qwen else 6
     if args.new_tokens is None:
         args.new_tokens = 32 if args.qwen else 64
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     command = "python bench/speculative.py " + " ".join(sys.argv[1:])
     torch.manual_seed(0)
+    if args.out is None and args.device != "cpu":
+        name = "speculative_qwen" if args.qwen else "speculative"
+        args.out = os.path.join(RESULTS, f"{name}_{args.device.split(':')[0]}.md")
     (run_qwen if args.qwen else run_smollm2)(args, command.strip())
 
 

@@ -198,6 +198,7 @@ def test_own_window_recognises_causal_and_sliding_masks():
     ({"pattern": "block_topk", "block": 0}, "sparse_attention.block"),
     ({"pattern": "block_topk", "topk": True}, "sparse_attention.topk"),
     ({"pattern": "mask", "mask": 3}, "sparse_attention.mask"),
+    ({"pattern": "mask", "mask": lambda b, h, q, k: q.float() > k}, "sparse_attention.mask"),
     ({"pattern": "sink_window", "window": 8, "layers": [0, -1]}, "sparse_attention.layers"),
     ({"pattern": "sink_window", "window": 8, "layers": 1}, "sparse_attention.layers"),
     ("sink_window", "sparse_attention"),

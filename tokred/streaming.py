@@ -24,9 +24,11 @@ time, so rounding does not accumulate over a long stream.
 Supported: transformers decoders with ``rotate_half`` rotary embeddings whose frequencies do not
 depend on the position (rope types default, linear, llama3, yarn, longrope at a fixed length; not
 "dynamic"), partial rotary (the first 2 * len(inv_freq) channels), per-layer-type rotary
-(Gemma3). Not supported: padded batches (every row must have the same length; the padding mask
-columns of the sinks would not line up), ``crop`` (assisted/speculative decoding rollback), beam
-search's cache reordering of the sinks' first keys is handled.
+(Gemma3); beam search (the sinks' first keys are reordered with the rest). Not supported: padded
+batches (every row must have the same length; the padding mask columns of the sinks would not line
+up), ``crop`` (assisted/speculative decoding rollback, so not ``tokred.generate``'s drafts), and
+models with learned absolute positions (GPT-2: positions cannot be moved). A model compiled by
+tokred recompiles at every step while the cache grows (its lengths and ``start`` are Python ints).
 """
 
 from __future__ import annotations

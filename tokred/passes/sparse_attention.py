@@ -27,6 +27,13 @@ causal attention (a bidirectional encoder has no "last ``window`` tokens"); such
 with that reason, as are sites whose mask cannot be expressed as an additive or boolean bias
 broadcastable to [B, H, Nq, Nk].
 
+Decoding with a KV cache: a site whose keys are ``cat(cache, k_proj(x))`` of the queries' own
+hidden states, with fewer queries than keys, is causal self-attention with the queries last (the
+kernel's default ``q_offset = Nk - Nq``); compile with ``dynamic=False`` (the block layout needs
+static lengths; a symbolic length is skipped with that reason). The pass runs after the
+token-reducing passes and reads the lengths the graph has then: after pruning, windows and blocks
+count the tokens that remain.
+
 GQA: where the site repeats kv heads (repeat_kv's expand + reshape, repeat_interleave) the kernel is
 given the un-repeated [B, Hkv, N, D] keys and values and does the grouping itself.
 """
@@ -108,6 +115,12 @@ def validate(value: Any) -> dict:
         if not callable(fn):
             raise ValueError(f"tokred option 'sparse_attention.mask' must be a function "
                              f"mask(b, h, q_idx, kv_idx) -> bool tensor, got {fn!r}")
+        from tokred.triton_ops.sparse_rule import rule_from_mask_fn
+
+        try:  # the kernels trace it into their rule language: fail now, not at compile time
+            rule_from_mask_fn(fn)
+        except ValueError as exc:
+            raise ValueError(f"tokred option 'sparse_attention.mask': {exc}") from exc
         out["mask"] = fn
     return out
 
@@ -361,15 +374,19 @@ class Plan:
 
 def plan_site(gm: fx.GraphModule, site, opts: dict):
     """A :class:`Plan` for ``site``, or the reason (str) it cannot be rewritten."""
-    if not isinstance(site.q_len, int) or not isinstance(site.kv_len, int):
+    # lengths as the graph has them now: a token-reducing pass that ran before may have cut them
+    q_shape, k_shape = shape_of(site.q), shape_of(site.k)
+    if q_shape is None or k_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
+        return f"q/k are not [B, H, N, D] (q {q_shape}, k {k_shape})"
+    n, n_k = q_shape[2], k_shape[2]
+    if not isinstance(n, int) or not isinstance(n_k, int):
         return ("symbolic sequence length (dynamic shapes): the pattern's block layout needs static "
                 "shapes; compile with dynamic=False")
-    cached = site.q_len < site.kv_len and attends_over_cache(site)
-    if site.q_len != site.kv_len and not cached:
-        return f"cross-attention ({site.q_len} queries, {site.kv_len} keys)"
+    cached = n < n_k and attends_over_cache(site)
+    if n != n_k and not cached:
+        return f"cross-attention ({n} queries, {n_k} keys)"
     if _training_dropout(site):
         return "attention dropout is active (training)"
-    n, n_k = site.q_len, site.kv_len
     # the site's mask: a node (or None) and how it is applied
     if site.kind == "sdpa":
         if arg(site.node, 5, "is_causal", False) not in (True, False):
@@ -387,7 +404,7 @@ def plan_site(gm: fx.GraphModule, site, opts: dict):
         return f"the mask is a constant {type(mask_node).__name__}, not a tensor"
     mask_shape = shape_of(mask_node)
     if mask_node is not None and (mask_shape is None or len(mask_shape) > 4 or not _broadcasts(
-            mask_shape, (site.batch, site.heads, n, n_k))):
+            mask_shape, (q_shape[0], q_shape[1], n, n_k))):
         return f"the mask of shape {mask_shape} does not broadcast to [B, H, Nq, Nk]"
     # self-attention over a KV cache is causal with the queries last, whatever its mask shows (one
     # decoding query sees every key)

@@ -50,7 +50,7 @@ import torch
 from torch import fx
 
 from tokred.generate import Draft, Drafter, DraftState
-from tokred.rewriter.analysis import analyze
+from tokred.rewriter.analysis import GraphFacts, ProjectionSite, analyze
 from tokred.rewriter.analysis.graph import (
     is_call, is_parameter_like, is_state, module_path, shape_of, to_networkx,
 )
@@ -88,7 +88,7 @@ def capture_graph(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[fx.G
     return graphs[0]
 
 
-def find_head(facts) -> "ProjectionSite":  # noqa: F821 (tokred.rewriter.analysis.ProjectionSite)
+def find_head(facts: GraphFacts) -> ProjectionSite:
     """The projection to the vocabulary after the last block: role ``lm_head``, else ``head``."""
     for role in ("lm_head", "head"):
         heads = [p for p in facts.projections if p.role == role]
@@ -193,7 +193,8 @@ def slice_early_exit(model: torch.nn.Module, capture_ids: Optional[torch.Tensor]
     """Capture ``model``, analyse the graph, and return the blocks and the tail after the last block."""
     if capture_ids is None:
         vocab = model.get_input_embeddings().num_embeddings if hasattr(model, "get_input_embeddings") else 2
-        capture_ids = torch.arange(CAPTURE_TOKENS).remainder(vocab)[None]
+        device = next(model.parameters()).device
+        capture_ids = torch.arange(CAPTURE_TOKENS, device=device).remainder(vocab)[None]
     gm, example_inputs = capture_graph(model, capture_ids)
     facts = analyze(gm)
     blocks = [b for b in facts.blocks if b.output is not None]
@@ -244,10 +245,6 @@ def _exit_after(module: torch.nn.Module):
         yield
     finally:
         handle.remove()
-
-
-def _cache_lengths(cache) -> list:
-    return [layer.get_seq_length() if getattr(layer, "is_initialized", True) else 0 for layer in cache.layers]
 
 
 def _crop_layers(cache, tokens: int) -> None:
