@@ -8,8 +8,8 @@ For each length N and pattern (sink_window: sinks 4, window 1024; block_topk: bl
 
 * dense: F.scaled_dot_product_attention(is_causal=True, enable_gqa=True), the baseline;
 * tokred: ``torch.compile(lambda q, k, v: sparse_attention(q, k, v, pattern))``, end to end
-  (layout, block_topk's Quest selection and, being compiled on CPU, flex_attention on tokred's
-  blocks: the path a rewritten graph takes);
+  (layout, block_topk's Quest selection, then on CPU: flex_attention on tokred's blocks for
+  sink_window, the custom op's gathered-block path for block_topk): the path a rewritten graph takes;
 * tokred op: the same call in eager mode, i.e. the gathered-block SDPA path of the custom op
   ``tokred::sparse_attention`` (what runs outside compile, e.g. decode or with a padding bias);
 * flex: ``torch.compile(flex_attention)`` given the same blocks as a BlockMask built beforehand
@@ -28,17 +28,18 @@ import os
 import platform
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tokred.triton_ops.sparse_attention import (  # noqa: E402
+from tokred.triton_ops.sparse_attention import (
     SparsePattern,
     block_layout,
-    kept_blocks,
     element_rule,
+    kept_blocks,
     pattern_layout,
     sparse_attention,
 )
@@ -89,6 +90,8 @@ def flex_block_mask(pattern: SparsePattern, q: torch.Tensor, k: torch.Tensor):
 
     rule_fn = torch_rule_fn(rule)
 
+    # The rule only: compiled flex visits just the listed blocks (inductor's CPU flex lowering has no
+    # kernel for a mask_mod reading block_topk's selection tensor).
     def mask_mod(b, h, q_idx, kv_idx):
         return rule_fn(b, h, q_idx, kv_idx)
 
@@ -135,25 +138,24 @@ def main() -> None:
             q = torch.randn(1, args.heads, n, args.dim)
             k = torch.randn(1, args.kv_heads, n, args.dim)
             v = torch.randn(1, args.kv_heads, n, args.dim)
-            fns = {"dense": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)}
+            fns = {"dense": partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, enable_gqa=True)}
             info = {}
             for name, pattern in patterns(args.window, args.topk).items():
-                compiled = torch.compile((lambda p: lambda q, k, v: sparse_attention(q, k, v, p))(pattern),
-                                         dynamic=False)
+                compiled = torch.compile(partial(sparse_attention, pattern=pattern), dynamic=False)
                 start = time.perf_counter()
                 compiled_out = compiled(q, k, v)
                 info[name] = {"density": density(pattern, q, k), "compile_s": time.perf_counter() - start}
                 op_out = sparse_attention(q, k, v, pattern)
                 info[name]["max_diff_compiled_vs_op"] = (compiled_out - op_out).abs().max().item()
-                fns[name] = (lambda f: lambda: f(q, k, v))(compiled)
-                fns[f"{name}/op"] = (lambda p: lambda: sparse_attention(q, k, v, p))(pattern)
+                fns[name] = partial(compiled, q, k, v)
+                fns[f"{name}/op"] = partial(sparse_attention, q, k, v, pattern)
                 if not args.no_flex:
                     mask = flex_block_mask(pattern, q, k)
                     start = time.perf_counter()
                     flex_out = flex(q, k, v, block_mask=mask, enable_gqa=True)
                     info[name]["flex_compile_s"] = time.perf_counter() - start
                     info[name]["max_diff_vs_flex"] = (flex_out - op_out).abs().max().item()
-                    fns[f"{name}/flex"] = (lambda m: lambda: flex(q, k, v, block_mask=m, enable_gqa=True))(mask)
+                    fns[f"{name}/flex"] = partial(flex, q, k, v, block_mask=mask, enable_gqa=True)
             medians = alternating_medians(fns, args.repeats)
             for name in info:
                 row = {"n": n, "pattern": name, "dense_s": medians["dense"], "tokred_s": medians[name],
@@ -180,8 +182,10 @@ def write_results(args, rows: list[dict]) -> None:
         f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
         f"fp32, batch 1, {args.heads} heads / {args.kv_heads} kv heads, head_dim {args.dim}; median of "
         f"{args.repeats} alternating rounds; sink_window: sinks 4, window {args.window}; block_topk: block 64, "
-        f"topk {args.topk}, 1 sink + 1 local block. tokred is timed end to end (layout and selection included); "
-        "flex gets the same blocks as a prebuilt BlockMask.)",
+        f"topk {args.topk}, 1 sink + 1 local block. tokred = torch.compile of sparse_attention, timed end to end "
+        "(layout and selection included); on CPU it runs flex_attention on tokred's blocks for sink_window and "
+        "the custom op for block_topk. tokred op = the eager gathered-block path of the custom op. flex = "
+        "compiled flex_attention given the same blocks as a prebuilt BlockMask (outside the timing).)",
         "",
         "| N | pattern | density | dense SDPA s | tokred s | speedup | x density bound (<= 1.3) | flex s "
         "| x flex (<= 1.0) | max diff op vs flex | tokred op (eager) s | op x bound |",

@@ -23,18 +23,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 import traceback
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import tokred.triton_ops  # noqa: E402,F401  (registers the ops)
-from tokred.triton_ops.sparse_attention import (  # noqa: E402
+import tokred.triton_ops  # noqa: F401  (registers the ops)
+from tokred.triton_ops.sparse_attention import (
     SparsePattern,
     block_layout,
     element_rule,
@@ -44,7 +44,7 @@ from tokred.triton_ops.sparse_attention import (  # noqa: E402
     sparse_attention,
     sparse_attention_reference,
 )
-from tokred.triton_ops.sparse_rule import rule_fn  # noqa: E402
+from tokred.triton_ops.sparse_rule import rule_fn
 
 BLOCK = 64
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -74,6 +74,7 @@ def flex_block_mask(pattern, q, kept, rule):
     full_count, full_index = block_layout(full, kept.shape[-1])
     fn = rule_fn(rule)
 
+    # The rule only, as in bench/sparse_attention_speed.py: compiled flex visits just the listed blocks.
     def mask_mod(b, h, q_idx, kv_idx):
         return fn(b, h, q_idx, kv_idx) if fn is not None else kv_idx >= 0
 
@@ -121,7 +122,7 @@ def main() -> None:
             from torch.nn.attention.flex_attention import flex_attention
 
             flex = torch.compile(flex_attention, dynamic=False)
-        except Exception as error:  # old torch without flex
+        except Exception as error:  # noqa: BLE001 (old torch without flex: run the rest)
             print(f"flex_attention unavailable: {error}")
     group = args.heads // args.kv_heads
     rows = []
@@ -132,7 +133,7 @@ def main() -> None:
             k = torch.randn(1, args.kv_heads, n, args.dim, device=device, dtype=dtype)
             v = torch.randn(1, args.kv_heads, n, args.dim, device=device, dtype=dtype)
             k_rep, v_rep = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-            fns = {"dense": lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=True)}
+            fns = {"dense": partial(F.scaled_dot_product_attention, q, k_rep, v_rep, is_causal=True)}
             info = {}
             for name, pattern in patterns(args.window, args.topk).items():
                 kept, count, index, rule = layout(pattern, q, k)
@@ -144,16 +145,15 @@ def main() -> None:
                 if n <= 4096:
                     reference = sparse_attention_reference(q.float(), k.float(), v.float(), pattern)
                     row["max_diff_ref"] = (out.float() - reference).abs().max().item()
-                fns[name] = (lambda p: lambda: sparse_attention(q, k, v, p))(pattern)
-                fns[f"{name}/kernel"] = (lambda a: lambda: torch.ops.tokred.sparse_attention(*a))(op_args)
+                fns[name] = partial(sparse_attention, q, k, v, pattern)
+                fns[f"{name}/kernel"] = partial(torch.ops.tokred.sparse_attention, *op_args)
                 if flex is not None:
                     try:
                         mask = flex_block_mask(pattern, q, kept, rule)
                         flex_out = flex(q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
                         row["max_diff_flex"] = (out.float() - flex_out.float()).abs().max().item()
-                        fns[f"{name}/flex"] = (lambda m: lambda: flex(q, k, v, block_mask=m, scale=scale,
-                                                                      enable_gqa=True))(mask)
-                    except Exception as error:
+                        fns[f"{name}/flex"] = partial(flex, q, k, v, block_mask=mask, scale=scale, enable_gqa=True)
+                    except Exception as error:  # noqa: BLE001 (the table records why flex failed)
                         row["flex_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
                         traceback.print_exc()
                 info[name] = row
@@ -166,8 +166,6 @@ def main() -> None:
                     row["x_flex"] = row["kernel_ms"] / row["flex_ms"]
                 rows.append(row)
                 print(row, flush=True)
-            del q, k, v, k_rep, v_rep, fns
-            torch.cuda.empty_cache()
     write_results(args, rows, time.perf_counter() - started)
 
 

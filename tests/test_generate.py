@@ -27,8 +27,8 @@ def _tiny(arch: str, layers: int = 2, hidden: int = 64, seed: int = 0) -> torch.
     import transformers as tf
 
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
-                  intermediate_size=2 * hidden, max_position_embeddings=128)
+    common = {"vocab_size": VOCAB, "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
+              "intermediate_size": 2 * hidden, "max_position_embeddings": 128}
     if arch == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(num_key_value_heads=2, **common))
     elif arch == "qwen2":
@@ -51,12 +51,12 @@ def _tiny(arch: str, layers: int = 2, hidden: int = 64, seed: int = 0) -> torch.
     return model.eval().double()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def target(arch: str) -> torch.nn.Module:
     return _tiny(arch)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def draft_model() -> torch.nn.Module:
     """A smaller, unrelated random model with the same vocabulary (a poor draft)."""
     return _tiny("llama", layers=1, hidden=32, seed=7)
@@ -84,7 +84,7 @@ def prompts() -> list[list[int]]:
             torch.randint(0, VOCAB, (9,), generator=g).tolist()]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def references(arch: str) -> tuple:
     return tuple(tuple(reference_greedy(target(arch), p, MAX_NEW)) for p in prompts())
 
@@ -196,12 +196,7 @@ def test_early_exit_draft_greedy_identity():
     assert 0 <= result.stats.accepted <= result.stats.proposed
 
 
-@pytest.mark.parametrize("dynamic", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(
-        strict=True, reason="tokred analysis hashes a SymInt token count (analysis/__init__.py: "
-                            "Counter(s.q_len ...)) under dynamic shapes; remove this mark once fixed")),
-])
+@pytest.mark.parametrize("dynamic", [False, True])
 def test_compiled_model(fresh_dynamo, dynamic):
     """A model whose forward goes through torch.compile with the tokred backend (OptimizedModule)."""
     import tokred
@@ -365,6 +360,14 @@ def test_stats_counts():
     only = generate(target("qwen2"), ids, MAX_NEW, attention_mask=mask, return_stats=False)
     assert isinstance(only, torch.Tensor) and torch.equal(only, generate(target("qwen2"), ids, MAX_NEW,
                                                                          attention_mask=mask).sequences)
+
+
+def test_progress_bar_counts_new_tokens(capsys):
+    generate(target("llama"), torch.tensor([prompts()[1]]), MAX_NEW, draft="prompt_lookup", progress=True)
+    err = capsys.readouterr().err
+    assert f"{MAX_NEW}/{MAX_NEW}" in err
+    generate(target("llama"), torch.tensor([prompts()[1]]), MAX_NEW, progress=False)
+    assert capsys.readouterr().err == ""
 
 
 # ---- bad input ----------------------------------------------------------------------------------

@@ -12,19 +12,28 @@ detects the bias.
 from __future__ import annotations
 
 import functools
+import importlib
 
 import pytest
 import torch
 
-import tokred.generate as generate_module
 from tokred.generate import generate
-from tokred.speculative_runtime import _accept_prefix, sample, speculative_sample, warp_probs
+from tokred.speculative_runtime import (
+    accepted_prefix,
+    pick_rows,
+    sample,
+    speculative_sample,
+    warp_probs,
+)
 
 VOCAB = 8
 PROMPT = [3, 1, 4, 1, 5, 3, 1]
-SAMPLES = 12000
+SAMPLES = 6000
 NEW = 3
 ALPHA = 1e-3
+
+# The module, not the function: a package may re-export the function under the module's name.
+generate_module = importlib.import_module("tokred.generate")
 
 
 def _tiny(seed: int, sharpness: float) -> torch.nn.Module:
@@ -39,12 +48,12 @@ def _tiny(seed: int, sharpness: float) -> torch.nn.Module:
     return model.eval().double()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def target() -> torch.nn.Module:
     return _tiny(seed=0, sharpness=3.0)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bad_draft() -> torch.nn.Module:
     return _tiny(seed=11, sharpness=12.0)
 
@@ -111,15 +120,27 @@ def test_speculative_sampling_keeps_target_distribution(case):
         assert 0 < stats.accepted < stats.proposed
 
 
-def test_negative_control_accepting_every_draft_is_detected(monkeypatch):
-    """A sampler that keeps every draft (no rejection) produces the draft's distribution, not the
-    target's: the chi-square test must reject it, else the tests above prove nothing."""
+def _accept_every_draft(drafts, counts, draft_probs, target_probs, generator):
+    """Biased: keeps every draft (no rejection), so the draft's distribution leaks through."""
+    accepted = counts.clone()
+    return accepted, sample(pick_rows(target_probs, accepted), generator)
 
-    def accept_all(drafts, counts, draft_probs, target_probs, generator):
-        accepted = counts.clone()
-        return accepted, sample(target_probs[torch.arange(drafts.shape[0]), accepted], generator)
 
-    monkeypatch.setattr(generate_module, "speculative_sample", accept_all)
+def _resample_from_p(drafts, counts, draft_probs, target_probs, generator):
+    """Biased (the classic slip): after a rejection draws from p instead of normalize(max(0, p - q))."""
+    if drafts.shape[1] == 0:
+        return counts * 0, sample(target_probs[:, 0], generator)
+    p = target_probs[:, :-1].gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
+    q = draft_probs.gather(-1, drafts.unsqueeze(-1)).squeeze(-1)
+    u = torch.rand(p.shape, generator=generator, dtype=p.dtype)
+    accepted = accepted_prefix(u * q < p, counts)
+    return accepted, sample(pick_rows(target_probs, accepted), generator)
+
+
+@pytest.mark.parametrize("biased", [_accept_every_draft, _resample_from_p])
+def test_negative_control_biased_samplers_are_detected(monkeypatch, biased):
+    """The same chi-square test must reject a biased acceptance rule, else the tests above prove nothing."""
+    monkeypatch.setattr(generate_module, "speculative_sample", biased)
     counts, _ = sample_joint(bad_draft(), 2, 1.0, 1.0)
     p_value = chi_square_p_value(counts, exact_joint(target(), PROMPT, NEW, 1.0, 1.0))
     assert p_value < ALPHA, f"the biased sampler was not detected (p = {p_value:.2e})"
@@ -164,7 +185,7 @@ def test_rejection_step_output_is_distributed_as_p(one_hot):
 
 def test_accept_prefix_stops_at_first_mismatch_and_counts():
     matches = torch.tensor([[True, True, False, True], [True, True, True, True], [False, True, True, True]])
-    assert _accept_prefix(matches, torch.tensor([4, 2, 4])).tolist() == [2, 2, 0]
+    assert accepted_prefix(matches, torch.tensor([4, 2, 4])).tolist() == [2, 2, 0]
 
 
 def test_warp_probs_temperature_and_nucleus():

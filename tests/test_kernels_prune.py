@@ -577,6 +577,7 @@ def three_ops(x, q_rows, k, bias, scores, candidates):
 def three_inputs(batch, seed):
     x, q_rows, k, _, bias, candidates, _, _ = make_prune_args(batch, seed)
     scores = torch.randint(0, 3, (batch, 13), generator=torch.Generator().manual_seed(seed)).float()
+    scores[:, 4] = float("nan")  # ranks as -inf
     return x, q_rows, k, bias, scores, candidates
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tokred.triton_ops as triton_ops
+from tokred import triton_ops
 from tokred.triton_ops import common, sparse_kernel, sparse_rule
 from tokred.triton_ops.sparse_attention import (
     SparsePattern,
@@ -106,7 +106,7 @@ def oracle_attention(q, k, v, allowed, scale, bias=None) -> torch.Tensor:
 
 def qkv(batch, heads, kv_heads, num_queries, num_keys, dim=16, dtype=torch.float32, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    make = lambda h, n: torch.randn(batch, h, n, dim, generator=generator).to(dtype)  # noqa: E731
+    make = lambda h, n: torch.randn(batch, h, n, dim, generator=generator).to(dtype)
     return make(heads, num_queries), make(kv_heads, num_keys), make(kv_heads, num_keys)
 
 
@@ -132,6 +132,7 @@ SHAPES = {
     "mha_multi_block": (1, 2, 2, 67, 67),
     "prefill_with_cache": (1, 2, 1, 21, 53),
     "decode": (2, 4, 2, 1, 45),
+    "whole_blocks_with_cache": (1, 4, 2, 32, 64),
 }
 
 
@@ -179,6 +180,23 @@ def test_cpu_path_matches_reference(name, shape):
     q, k, v = qkv(*SHAPES[shape])
     pattern = PATTERNS[name]
     torch.testing.assert_close(sparse_attention(q, k, v, pattern), sparse_attention_reference(q, k, v, pattern),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sink_window", "block_topk", "mask"])
+@pytest.mark.parametrize("bias_kind", ["padding", "float"])
+def test_cpu_path_with_bias_matches_oracle(name, bias_kind):
+    q, k, v = qkv(2, 4, 2, 37, 37)
+    pattern = PATTERNS[name]
+    scale, q_offset = resolve(q, k, None, None)
+    if bias_kind == "padding":  # bool [B, 1, 1, Nk], True = may attend
+        bias = torch.ones(2, 1, 1, 37, dtype=torch.bool)
+        bias[1, ..., 29:] = False
+        additive = torch.where(bias, 0.0, -math.inf).expand(2, 4, 37, 37)
+    else:  # float [B, H, Nq, Nk]
+        bias = additive = torch.randn(2, 4, 37, 37, generator=torch.Generator().manual_seed(1))
+    expected = oracle_attention(q, k, v, oracle_mask(pattern, q, k, q_offset), scale, additive)
+    torch.testing.assert_close(sparse_attention(q, k, v, pattern, attn_bias=bias).double(), expected,
                                atol=1e-5, rtol=1e-5)
 
 
@@ -321,9 +339,13 @@ def test_opcheck():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("name", ["sink_window", "block_topk", "mask"])
-def test_compiles_with_static_shapes(fresh_dynamo, name):
-    q, k, v = qkv(1, 4, 2, 37, 37)
+@pytest.mark.parametrize("name", ["sink_window", "block_topk", "mask", "sink_window_noncausal"])
+@pytest.mark.parametrize("shape", ["gqa_odd", "prefill_with_cache", "whole_blocks_with_cache", "decode"])
+def test_compiles_with_static_shapes(fresh_dynamo, name, shape):
+    # Compiled on CPU without a bias, sparse_attention takes the flex_attention path
+    # (flex_cpu_attention): its BlockMask and mask_mod (partial/full split, q_offset, block_topk's
+    # selection) must give the reference's result.
+    q, k, v = qkv(*SHAPES[shape])
     pattern = PATTERNS[name]
     compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, pattern), backend="aot_eager",
                              fullgraph=True)
@@ -356,3 +378,21 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path, name):
     got = torch.from_numpy(session.run(None, feeds)[0])
     torch.testing.assert_close(got, sparse_attention_reference(q, k, v, PATTERNS[name], attn_bias=padding),
                                atol=1e-4, rtol=1e-4)
+
+
+def test_onnx_block_topk_breaks_ties_like_torch(tmp_path):
+    # Equal keys make every Quest bound tie: ONNX TopK and torch's stable sort must both keep the
+    # lowest-index candidate blocks.
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    q, _, v = qkv(1, 2, 1, 64, 64)
+    k = torch.ones(1, 1, 64, 16)
+    padding = torch.ones(1, 1, 1, 64, dtype=torch.bool)
+    pattern = SparsePattern("block_topk", block=16, topk=1, sinks=0, local=1)
+    path = tmp_path / "ties.onnx"
+    torch.onnx.export(SparseLayer(pattern).eval(), (q, k, v, padding), str(path), dynamo=True,
+                      custom_translation_table=triton_ops.onnx_translation_table())
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), (q, k, v, padding))}
+    got = torch.from_numpy(session.run(None, feeds)[0])
+    torch.testing.assert_close(got, sparse_attention_reference(q, k, v, pattern), atol=1e-4, rtol=1e-4)

@@ -2,10 +2,11 @@
 
 from tokred.backend import backend, rewrite
 from tokred.explain import explain
+from tokred.generate import generate
 from tokred.rewriter.options import Options, parse_options
 from tokred.rewriter.report import Report, SiteRecord
 
-__all__ = ["backend", "rewrite", "explain", "export_onnx", "Options", "parse_options", "Report", "SiteRecord"]
+__all__ = ["backend", "rewrite", "explain", "generate", "export_onnx", "Options", "parse_options", "Report", "SiteRecord"]
 
 
 def __getattr__(name):

@@ -3,6 +3,9 @@
     tokred explain SPEC [--option KEY=JSON ...] [--inner eager]
     tokred export SPEC -o OUT.onnx [--option KEY=JSON ...] [--static-batch] [--atol 1e-4]
     tokred demo [DEMO ARGS ...]      (tokred.demo; ``tokred demo --help`` lists its arguments)
+    tokred generate --model smollm2|hf:MODEL_TYPE --prompt TEXT [--max-new-tokens N]
+                    [--draft none|prompt_lookup|early_exit] [--k 4] [--exit-layer L]
+                    [--sample --temperature T --top-p P --seed S]      (tokred.generate)
 
 SPEC names a model and its example input (see :mod:`tokred.models`): ``minilm``, ``timm:NAME``,
 ``hf:MODEL_TYPE``, ``FILE.py:FACTORY``. Options are tokred options; each value is JSON
@@ -66,10 +69,97 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--static-batch", action="store_true", help="export with a fixed batch size")
     export.add_argument("--atol", type=float, default=1e-4,
                         help="largest abs difference allowed between onnxruntime and PyTorch (default 1e-4)")
+    _add_generate_parser(commands)
     # The demo parses its own arguments (tokred.demo.main); listed here for the help text.
     commands.add_parser("demo", add_help=False,
                         help="token merging on the real MiniLM model (see: tokred demo --help)")
     return parser
+
+
+def _add_generate_parser(commands) -> None:
+    gen = commands.add_parser("generate", help="generate text, speculatively (tokred.generate), and print its stats")
+    gen.add_argument("--model", default="smollm2",
+                     help="an offline causal LM (smollm2, see tokred.offline) or hf:MODEL_TYPE[?k=v&...] "
+                          "(random weights, no tokenizer: the prompt's UTF-8 bytes are the token ids)")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
+    gen.add_argument("--draft", choices=["none", "prompt_lookup", "early_exit"], default="none",
+                     help="draft for speculative decoding (default none: plain decoding)")
+    gen.add_argument("--k", type=int, default=4, help="most draft tokens per verification (default 4)")
+    gen.add_argument("--fixed-k", action="store_true", help="do not adapt k to the acceptance")
+    gen.add_argument("--ngram", type=int, default=3, help="longest n-gram prompt lookup matches (default 3)")
+    gen.add_argument("--exit-layer", type=int, metavar="L", help="early exit: blocks the draft runs")
+    gen.add_argument("--sample", action="store_true", help="sample (default: greedy)")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, help="seed for sampling")
+
+
+def _load_causal_lm(spec: str):
+    """(model, tokenizer or None, description) for ``--model``."""
+    from tokred.offline import CAUSAL_LMS, load_causal_lm
+
+    if spec in CAUSAL_LMS:
+        model, tokenizer = load_causal_lm(spec)
+        return model, tokenizer, f"{spec} ({type(model).__name__}, fp32)"
+    if not spec.startswith("hf:"):
+        raise ValueError(f"--model {spec!r}: expected one of {', '.join(CAUSAL_LMS)} or hf:MODEL_TYPE[?k=v&...]")
+    from tokred.models import load_spec
+
+    if "task=" not in spec:
+        spec += ("&" if "?" in spec else "?") + "task=causal-lm"
+    loaded = load_spec(spec)
+    return loaded.model, None, loaded.description.rsplit(", input ", 1)[0]
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from tokred.generate import generate
+
+    model, tokenizer, description = _load_causal_lm(args.model)
+    print(f"model: {description}")
+    if tokenizer is not None:
+        ids = tokenizer(args.prompt, return_tensors="pt").input_ids
+        eos = tokenizer.eos_token_id
+    else:
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        ids = torch.tensor([[b % vocab for b in args.prompt.encode("utf-8")]])
+        eos = None
+    draft = None if args.draft == "none" else args.draft
+    result = generate(model, ids, args.max_new_tokens, draft=draft, k=args.k, adaptive_k=not args.fixed_k,
+                      do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                      eos_token_id=eos, ngram=args.ngram, exit_layer=args.exit_layer)
+    new = result.sequences[0, ids.shape[1]:].tolist()
+    if eos is not None and eos in new:
+        new = new[:new.index(eos)]
+    print(tokenizer.decode(new) if tokenizer is not None else f"token ids: {new}")
+    _print_stats(result.stats, args.draft)
+
+
+def _print_stats(stats, draft: str) -> None:
+    rows = [("draft", draft),
+            ("new tokens", str(stats.new_tokens)),
+            ("target forwards", str(stats.target_forwards)),
+            ("drafts proposed / accepted", f"{stats.proposed} / {stats.accepted}"),
+            ("acceptance rate", f"{stats.acceptance_rate:.3f}"),
+            ("tokens per target forward", f"{stats.mean_accepted_length:.3f}"),
+            ("time to first token", f"{stats.time_to_first_token_s * 1e3:.1f} ms"),
+            ("tokens/s", f"{stats.tokens_per_s:.1f}")]
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        width = max(len(name) for name, _ in rows)
+        for name, value in rows:
+            print(f"{name:<{width}}  {value}")
+        return
+    table = Table(title="tokred.generate")
+    table.add_column("stat")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    Console(width=100).print(table)
 
 
 def _load_model(args: argparse.Namespace, options: dict[str, Any]):
@@ -116,7 +206,7 @@ def run_demo(demo_argv: list[str]) -> int:
     return demo_main(demo_argv)
 
 
-COMMANDS = {"explain": run_explain, "export": run_export}
+COMMANDS = {"explain": run_explain, "export": run_export, "generate": run_generate}
 
 
 def _error_message(error: BaseException) -> str:

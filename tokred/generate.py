@@ -18,17 +18,34 @@ from __future__ import annotations
 import abc
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from tokred.speculative_runtime import (BatchedDecoder, _pick, greedy_accept, model_config, next_k, prompt_lookup,
-                                        sample, speculative_sample, warp_probs)
+from tokred.speculative_runtime import (
+    BatchedDecoder,
+    greedy_accept,
+    model_config,
+    next_k,
+    pick_rows,
+    prompt_lookup,
+    sample,
+    speculative_sample,
+    warp_probs,
+)
 
-__all__ = ["generate", "GenerateResult", "GenerateStats", "Drafter", "DraftState", "Draft", "warp_probs",
-           "PromptLookupDrafter", "ModelDrafter"]
+__all__ = [
+    "Draft",
+    "DraftState",
+    "Drafter",
+    "GenerateResult",
+    "GenerateStats",
+    "ModelDrafter",
+    "PromptLookupDrafter",
+    "generate",
+    "warp_probs",
+]
 
 # ---- the Drafter interface (stable: other drafts implement it) ---------------------------------
 
@@ -62,7 +79,7 @@ class DraftState:
     do_sample: bool = False
     temperature: float = 1.0
     top_p: float = 1.0
-    generator: Optional[torch.Generator] = None
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -80,8 +97,8 @@ class Draft:
     """
 
     tokens: torch.Tensor
-    counts: Optional[torch.Tensor] = None
-    probs: Optional[torch.Tensor] = None
+    counts: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
 
 
 class Drafter(abc.ABC):
@@ -116,8 +133,10 @@ class GenerateStats:
     proposed:           draft tokens sent to verification (rows still generating only).
     accepted:           of those, accepted by the target.
     acceptance_rate:    accepted / proposed (0.0 when nothing was proposed).
-    mean_accepted_length: tokens committed per sequence per decode step (accepted drafts + the
-                        target's own token); 1.0 for plain decoding.
+    committed_in_decode, row_steps: tokens committed by decode steps, and (sequence, decode step)
+                        pairs with the sequence still generating.
+    mean_accepted_length: committed_in_decode / row_steps: tokens committed per sequence per target
+                        forward (accepted drafts + the target's own token); 1.0 for plain decoding.
     time_to_first_token_s, total_s: wall time of the prefill (through the first token) and of the call.
     tokens_per_s:       new_tokens / total_s.
     k_history:          the draft length k asked for at each decode step (empty without a draft).
@@ -132,11 +151,7 @@ class GenerateStats:
     row_steps: int = 0
     time_to_first_token_s: float = 0.0
     total_s: float = 0.0
-    k_history: list = None
-
-    def __post_init__(self):
-        if self.k_history is None:
-            self.k_history = []
+    k_history: list = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -162,6 +177,7 @@ class GenerateStats:
             "time_to_first_token_s": self.time_to_first_token_s,
             "total_s": self.total_s,
             "tokens_per_s": self.tokens_per_s,
+            "k_history": list(self.k_history),
         }
 
 
@@ -208,7 +224,7 @@ class ModelDrafter(Drafter):
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.decoder: Optional[BatchedDecoder] = None
+        self.decoder: BatchedDecoder | None = None
 
     def reset(self) -> None:
         self.decoder = None
@@ -254,8 +270,8 @@ DRAFT_NAMES = ("prompt_lookup", "early_exit")
 def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 32, *,
              draft=None, k: int = 4, adaptive_k: bool = True, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, pad_token_id=None,
-             attention_mask: Optional[torch.Tensor] = None, seed: Optional[int] = None, ngram: int = 3,
-             exit_layer: Optional[int] = None, return_stats: bool = True, progress: Optional[bool] = None):
+             attention_mask: torch.Tensor | None = None, seed: int | None = None, ngram: int = 3,
+             exit_layer: int | None = None, return_stats: bool = True, progress: bool | None = None):
     """Generate up to ``max_new_tokens`` tokens per sequence with ``model`` (a transformers causal LM,
     or its ``torch.compile`` wrapper, e.g. with ``backend="tokred"``), speculatively when ``draft`` is
     given.
@@ -312,24 +328,24 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, drafter, k_max, 
     target = BatchedDecoder(model, batch, device, name="model")
     logits = target.step(prompt, prompt_lengths, last_only=True)[:, 0]
     target.keep(prompt_lengths)
+    vocab = logits.shape[-1]
     first = sample(warp_probs(logits, temperature, top_p), generator) if do_sample else logits.argmax(dim=-1)
     _synchronize(device)
     stats.time_to_first_token_s = time.perf_counter() - start
 
     active = torch.ones(batch, dtype=torch.bool, device=device)
     committed, n_commit = first.unsqueeze(1), torch.ones_like(lengths)
-    drafts_width = 0
     reused = torch.zeros_like(lengths)
     k = k_max
     while True:
-        # Commit this step's tokens, cut at eos and at max_new_tokens.
+        # Commit this step's tokens (the first: the prefill's), cut at eos and at max_new_tokens.
         n_commit, stopped = _cut(committed, n_commit, eos, lengths - prompt_lengths, max_new_tokens)
         n_commit = torch.where(active, n_commit, torch.zeros_like(n_commit))
         columns = lengths.unsqueeze(1) + torch.arange(committed.shape[1], device=device)
         writes = torch.arange(committed.shape[1], device=device) < n_commit.unsqueeze(1)
         context.scatter_(1, torch.where(writes, columns, torch.full_like(columns, trash)), committed)
         lengths = lengths + n_commit
-        last_token = _pick(committed, (n_commit - 1).clamp(min=0))
+        last_token = pick_rows(committed, (n_commit - 1).clamp(min=0))
         stats.new_tokens += int(n_commit.sum())
         if stats.decode_steps:
             stats.committed_in_decode += int(n_commit[active].sum())
@@ -349,7 +365,7 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, drafter, k_max, 
             state = DraftState(context[:, :int(lengths.max())], lengths, torch.minimum(reused, lengths), active,
                                do_sample, temperature, top_p, generator)
             proposal = drafter.propose(state, step_k)
-            drafts, counts, draft_probs = _check_draft(proposal, batch, step_k, logits.shape[-1])
+            drafts, counts, draft_probs = _check_draft(proposal, batch, step_k, vocab)
             counts = torch.minimum(counts, (remaining - 1).clamp(min=0))
             counts = torch.where(active, counts, torch.zeros_like(counts))
             stats.k_history.append(step_k)
@@ -373,11 +389,12 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, drafter, k_max, 
         if adaptive_k and drafter is not None:
             k = next_k(k, k_max, step_proposed, step_accepted)
         reused = lengths + accepted
+        # Row b commits its accepted drafts, then the target's token in place of the first rejected one.
         committed = torch.cat([drafts, torch.zeros_like(last_token).unsqueeze(1)], dim=1)
         committed.scatter_(1, accepted.unsqueeze(1), next_token.unsqueeze(1))
         n_commit = accepted + 1
-        logits = logits_all[:, -1]
 
+    bar.refresh()  # the last update may have been throttled
     stats.target_forwards = target.forwards
     _synchronize(device)
     stats.total_s = time.perf_counter() - start
@@ -408,13 +425,13 @@ def _output(input_ids, context, prompt_lengths, lengths, pad_token_id) -> torch.
     return torch.cat([input_ids, new], dim=1)
 
 
-def _left_align(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]):
+def _left_align(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """[B, T] ids and mask -> (ids [B, T'] with each row's real tokens first, in order, then filler
     (T' = the longest row), lengths [B])."""
     if attention_mask is None:
         return input_ids.long(), torch.full((input_ids.shape[0],), input_ids.shape[1], dtype=torch.long,
                                             device=input_ids.device)
-    mask = attention_mask.bool()
+    mask = attention_mask.to(input_ids.device).bool()
     lengths = mask.sum(dim=1)
     # Stable sort puts real tokens (key 0) first, keeping their order.
     order = torch.sort((~mask).long(), dim=1, stable=True).indices
@@ -460,17 +477,17 @@ def _eos_list(eos_token_id) -> list:
     return ids
 
 
-def _vocab_size(model) -> Optional[int]:
+def _vocab_size(model) -> int | None:
     config = model_config(model)
     return getattr(config, "vocab_size", None) if config is not None else None
 
 
-def _num_layers(model) -> Optional[int]:
+def _num_layers(model) -> int | None:
     config = model_config(model)
     return getattr(config, "num_hidden_layers", None) if config is not None else None
 
 
-def _resolve_draft(model, draft, ngram: int, exit_layer: Optional[int]) -> Optional[Drafter]:
+def _resolve_draft(model, draft, ngram: int, exit_layer: int | None) -> Drafter | None:
     if exit_layer is not None and draft != "early_exit":
         raise ValueError(f"tokred.generate: 'exit_layer' is only used with draft='early_exit' (draft={draft!r})")
     if draft is None:
@@ -497,7 +514,7 @@ def _resolve_draft(model, draft, ngram: int, exit_layer: Optional[int]) -> Optio
                      f"{', '.join(repr(n) for n in DRAFT_NAMES)}, a Drafter or a causal LM")
 
 
-def _early_exit(model, exit_layer: Optional[int]) -> Drafter:
+def _early_exit(model, exit_layer: int | None) -> Drafter:
     layers = _num_layers(model)
     if exit_layer is None:
         if layers is None:

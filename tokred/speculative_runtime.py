@@ -16,10 +16,8 @@ and slot distance equals token distance (sliding-window attention stays exact).
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 import torch
-
 
 # ---- sampling math -------------------------------------------------------------------------------
 
@@ -37,7 +35,7 @@ def warp_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
-def sample(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """[B, V] probabilities -> [B] int64 draws."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -50,13 +48,13 @@ def greedy_accept(drafts: torch.Tensor, counts: torch.Tensor,
     Returns (accepted [B]: the longest prefix of each row's drafts equal to the target's argmax,
     next_token [B]: the target's argmax after that prefix)."""
     choice = target_logits.argmax(dim=-1)  # [B, n]; first index on ties
-    accepted = _accept_prefix(drafts == choice[:, :-1], counts)
-    return accepted, _pick(choice, accepted)
+    accepted = accepted_prefix(drafts == choice[:, :-1], counts)
+    return accepted, pick_rows(choice, accepted)
 
 
-def speculative_sample(drafts: torch.Tensor, counts: torch.Tensor, draft_probs: Optional[torch.Tensor],
+def speculative_sample(drafts: torch.Tensor, counts: torch.Tensor, draft_probs: torch.Tensor | None,
                        target_probs: torch.Tensor,
-                       generator: Optional[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+                       generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rejection sampling (Leviathan et al. 2023; Chen et al. 2023). drafts [B, n-1], counts [B],
     draft_probs [B, n-1, V] or None (one-hot q: a deterministic draft), target_probs [B, n, V].
 
@@ -73,16 +71,16 @@ def speculative_sample(drafts: torch.Tensor, counts: torch.Tensor, draft_probs: 
     else:
         q_draft = draft_probs.gather(-1, drafts.unsqueeze(-1)).squeeze(-1).float()
     u = torch.rand(p_draft.shape, generator=generator, device=p_draft.device)
-    accepted = _accept_prefix(u * q_draft < p_draft, counts)
+    accepted = accepted_prefix(u * q_draft < p_draft, counts)
 
-    p_next = _pick(target_probs, accepted)  # [B, V]
+    p_next = pick_rows(target_probs, accepted)  # [B, V]
     rejected = accepted < counts
     # The draft distribution at the rejected position (one-hot at the draft when deterministic).
     at = accepted.clamp(max=width - 1)
     if draft_probs is None:
-        q_next = torch.zeros_like(p_next).scatter(-1, _pick(drafts, at).unsqueeze(-1), 1.0)
+        q_next = torch.zeros_like(p_next).scatter(-1, pick_rows(drafts, at).unsqueeze(-1), 1.0)
     else:
-        q_next = _pick(draft_probs, at).float()
+        q_next = pick_rows(draft_probs, at).float()
     residual = (p_next - q_next).clamp(min=0)
     mass = residual.sum(dim=-1, keepdim=True)
     # mass == 0 means p == q there: then the draft is never rejected; guard the division anyway.
@@ -91,14 +89,14 @@ def speculative_sample(drafts: torch.Tensor, counts: torch.Tensor, draft_probs: 
     return accepted, sample(next_dist, generator)
 
 
-def _accept_prefix(matches: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+def accepted_prefix(matches: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """matches [B, m] bool, counts [B] -> [B] length of the all-True prefix within the first counts[b]."""
     positions = torch.arange(matches.shape[1], device=matches.device)
     valid = matches & (positions < counts.unsqueeze(1))
     return valid.long().cumprod(dim=1).sum(dim=1)
 
 
-def _pick(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def pick_rows(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """values [B, n, ...], index [B] -> values[b, index[b]] for each b: [B, ...]."""
     return values[torch.arange(values.shape[0], device=values.device), index]
 
@@ -218,7 +216,7 @@ class BatchedDecoder:
         self.n_real = torch.zeros(batch, dtype=torch.long, device=device)
         self.slots = 0  # cache length (layer 0's; every layer's unless a pruned prefill made them differ)
         self.forwards = 0
-        self._pending: Optional[int] = None  # width of the last step, until keep
+        self._pending: int | None = None  # width of the last step, until keep
         self._logits_to_keep = _accepts_logits_to_keep(model)
 
     def step(self, tokens: torch.Tensor, counts: torch.Tensor,
@@ -240,8 +238,8 @@ class BatchedDecoder:
         # Holes get the position of the row's last new token: in range, and never seen by a real token.
         last = (counts - 1).clamp(min=0).unsqueeze(1)
         position_ids = self.n_real.unsqueeze(1) + torch.minimum(offsets.unsqueeze(0), last)
-        kwargs = dict(input_ids=tokens, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=self.cache, use_cache=True)
+        kwargs = {"input_ids": tokens, "attention_mask": attention_mask, "position_ids": position_ids,
+                  "past_key_values": self.cache, "use_cache": True}
         if last_only and self._logits_to_keep:
             kwargs["logits_to_keep"] = last.view(batch, 1)
         try:
@@ -258,12 +256,12 @@ class BatchedDecoder:
             self.cache = returned
         logits = output.logits if hasattr(output, "logits") else output[0]
         if last_only and logits.shape[1] != 1:
-            logits = _pick(logits, last.squeeze(1)).unsqueeze(1)
+            logits = pick_rows(logits, last.squeeze(1)).unsqueeze(1)
         self._pending = width
         self.slots += width
         return logits
 
-    def keep(self, kept: torch.Tensor, live: Optional[torch.Tensor] = None) -> None:
+    def keep(self, kept: torch.Tensor, live: torch.Tensor | None = None) -> None:
         """Commit the first kept[b] new slots of row b (kept [B] in [0, counts[b]]), roll back the rest.
         Rows where ``live`` [B] bool is False (finished sequences) are left as they are: their cache
         content no longer matters, and skipping them avoids shifting every row for their sake."""
@@ -275,7 +273,7 @@ class BatchedDecoder:
         self.n_real = self.n_real + kept
         self._drop_tail(width - kept, live)
 
-    def rollback(self, dropped: torch.Tensor, live: Optional[torch.Tensor] = None) -> None:
+    def rollback(self, dropped: torch.Tensor, live: torch.Tensor | None = None) -> None:
         """Forget the last dropped[b] committed tokens of row b (dropped [B] in [0, n_real[b]])."""
         if self._pending is not None:
             raise RuntimeError("BatchedDecoder.rollback called between step and keep")
@@ -284,7 +282,7 @@ class BatchedDecoder:
         self.n_real = self.n_real - dropped
         self._drop_tail(dropped, live)
 
-    def _drop_tail(self, dropped: torch.Tensor, live: Optional[torch.Tensor]) -> None:
+    def _drop_tail(self, dropped: torch.Tensor, live: torch.Tensor | None) -> None:
         """Remove the last dropped[b] slots of each live row (n_real already updated), restoring right
         alignment: crop the tail all live rows drop, shift the rows that drop more right by the
         difference, then drop the left padding all live rows share."""

@@ -179,14 +179,14 @@ if HAS_TRITON:
         js = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
         j_mask = js < N
         s_j = tl.load(scores_ptr + b * stride_sb + js * stride_sn, mask=j_mask, other=0.0).to(tl.float32)
-        s_j = tl.where(s_j != s_j, float("-inf"), s_j)  # NaN ranks as -inf (as the reference)
+        s_j = tl.where(s_j != s_j, float("-inf"), s_j)  # noqa: PLR0124  (NaN test) NaN ranks as -inf
         cand_j = tl.load(cand_ptr + js, mask=j_mask, other=0) != 0
         rank = tl.full((BLOCK_J,), 0, tl.int32)
         for i0 in range(0, N, BLOCK_I):
             i_s = i0 + tl.arange(0, BLOCK_I)
             i_mask = i_s < N
             s_i = tl.load(scores_ptr + b * stride_sb + i_s * stride_sn, mask=i_mask, other=0.0).to(tl.float32)
-            s_i = tl.where(s_i != s_i, float("-inf"), s_i)
+            s_i = tl.where(s_i != s_i, float("-inf"), s_i)  # noqa: PLR0124
             cand_i = (tl.load(cand_ptr + i_s, mask=i_mask, other=0) != 0) & i_mask
             before = (s_i[None, :] > s_j[:, None]) | ((s_i[None, :] == s_j[:, None]) & (i_s[None, :] < js[:, None]))
             before = before & cand_i[None, :]
@@ -310,7 +310,8 @@ if HAS_TRITON:
                 n_mask = tokens < N
                 is_open = (tl.load(keep_row + tokens, mask=n_mask, other=1) == 0) & n_mask
                 dist = tl.load(dist_row + tokens, mask=n_mask, other=0.0)
-                dist = tl.where(dist != dist, float("-inf"), dist)  # NaN (non-finite rows): never preferred
+                # NaN (non-finite rows): never preferred.
+                dist = tl.where(dist != dist, float("-inf"), dist)  # noqa: PLR0124
                 # Lane-wise running max; a later block wins a lane only when strictly greater, and
                 # a lane's first open token always enters (so even -inf distances yield a pick).
                 better = is_open & ((dist > best) | (best_pos == 2147483647))
@@ -411,7 +412,8 @@ def attention_row_scores_triton(q_rows: Tensor, k: Tensor, scale: float, bias: T
         bias_strides = bias_arg.stride()
     shapes = (heads, rows, num_tokens, head_dim, heads // kv_heads)
     strides = (*q_rows.stride(), *k.stride(), *bias_strides, *block_max.stride())
-    blocks = dict(HAS_BIAS=bias is not None, USE_DOT=use_dot, BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_D=block_d)
+    blocks = {"HAS_BIAS": bias is not None, "USE_DOT": use_dot, "BLOCK_R": block_r, "BLOCK_N": block_n,
+              "BLOCK_D": block_d}
     grid = (num_blocks, batch)
     _row_partial_stats_kernel[grid](
         q_rows, k, bias_arg, block_max, block_sum, *shapes, float(scale), *strides,

@@ -30,17 +30,21 @@ query block: the sorted key blocks to visit, ``kv_index[B, H, NQB, MAXK]`` and t
 ``kv_count[B, H, NQB]``; computed with torch ops so compile and ONNX trace it) and an element
 rule string, then calls ``torch.ops.tokred.sparse_attention``. On CUDA that is the generated
 block-sparse flash-attention kernel (sparse_kernel.py); elsewhere ``sparse_attention_blocks``:
-for each query block, gather the kept key blocks and run SDPA on them, so work is proportional
-to the blocks kept. ``sparse_attention_reference`` is dense SDPA with the pattern's mask.
+for each query block (or chunk of blocks sharing a layout), gather the kept key blocks and run
+SDPA on them, so work is proportional to the blocks kept. On CPU inside a graph being compiled,
+sink_window and mask patterns instead lower to flex_attention with the same blocks (inductor's
+CPU flex kernel measured faster; see ``use_flex_path``). ``sparse_attention_reference`` is
+dense SDPA with the pattern's mask.
 
 Rows with no visible key (possible with a padding ``attn_bias``) return zeros in every path.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +84,7 @@ class SparsePattern:
     topk: int = 16
     local: int = 1
     causal: bool = True
-    mask_fn: Optional[Callable] = None
+    mask_fn: Callable | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -119,14 +123,14 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
                  lambda: f"sparse_attention: q, k, v must share a float dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-def resolve(q: Tensor, k: Tensor, scale: Optional[float], q_offset: Optional[int]) -> tuple[float, int]:
+def resolve(q: Tensor, k: Tensor, scale: float | None, q_offset: int | None) -> tuple[float, int]:
     """(scale, q_offset) with their defaults: 1/sqrt(D) and Nk - Nq."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q_offset = k.shape[2] - q.shape[2] if q_offset is None else int(q_offset)
     return scale, q_offset
 
 
-def additive_bias(attn_bias: Optional[Tensor], q: Tensor, k: Tensor) -> Optional[Tensor]:
+def additive_bias(attn_bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
     """``attn_bias`` as a float tensor viewed as [B, H, Nq, Nk] (broadcast dims stay stride 0).
 
     A boolean bias follows SDPA: True = may attend, False = masked (-inf).
@@ -254,7 +258,7 @@ def block_topk_blocks(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: in
 
 
 def dense_rule_mask(rule: str, batch: int, heads: int, num_queries: int, num_keys: int, q_offset: int,
-                    device) -> Optional[Tensor]:
+                    device) -> Tensor | None:
     """The rule evaluated on every (query, key): bool [B or 1, H or 1, Nq, Nk]; None for no rule."""
     b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
     h = torch.arange(heads, device=device).view(1, -1, 1, 1)
@@ -329,7 +333,7 @@ def pattern_layout(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int) 
     return count.expand(batch, heads, -1), index.expand(batch, heads, -1, -1), rule
 
 
-def pattern_mask(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: Optional[int] = None) -> Tensor:
+def pattern_mask(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int | None = None) -> Tensor:
     """The exact allowed set: bool [B or 1, H or 1, Nq, Nk] (block_topk's depends on q and k)."""
     _, q_offset = resolve(q, k, None, q_offset)
     rule = element_rule(pattern)
@@ -348,26 +352,60 @@ def pattern_mask(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: Optiona
 # ----------------------------------------------------------------------------------------------
 
 
-def attention_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Optional[Tensor],
+# Thread counts saved by the active ``single_thread`` blocks (outermost first).
+_SAVED_THREADS: list[int] = []
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run the enclosed small elementwise/indexing ops on one CPU thread.
+
+    On a loaded machine each multi-threaded op waits for every OpenMP thread to be scheduled
+    (measured: a mask op of ~1 ms took 20-40 ms with 2 threads, 1 ms with 1); the SDPA calls run
+    under ``all_threads`` instead.
+    """
+    _SAVED_THREADS.append(torch.get_num_threads())
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_SAVED_THREADS.pop())
+
+
+@contextlib.contextmanager
+def all_threads():
+    """Run the enclosed op with the thread count in force before any ``single_thread`` block."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_SAVED_THREADS[0] if _SAVED_THREADS else threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def attention_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Tensor | None,
                         scale: float) -> Tensor:
     """Dense SDPA of q [.., H, L, D] over k, v [.., Hkv, S, *] with bool ``mask`` and additive
     ``bias`` (both broadcastable to [.., H, L, S]); rows with no allowed key give zeros."""
-    group = q.shape[-3] // k.shape[-3]
-    if group > 1 and q.dim() != 4:  # SDPA's enable_gqa wants [B, H, L, D]
-        k = k.repeat_interleave(group, dim=-3)
-        v = v.repeat_interleave(group, dim=-3)
-    additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
-    if bias is not None:
-        additive = additive + bias
-    row_open = (additive > float("-inf")).any(-1, keepdim=True)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale,
-                                         enable_gqa=q.shape[-3] != k.shape[-3])
-    return torch.where(row_open, out, 0.0).to(q.dtype)
+    with single_thread():
+        group = q.shape[-3] // k.shape[-3]
+        if group > 1 and q.dim() != 4:  # SDPA's enable_gqa wants [B, H, L, D]
+            k = k.repeat_interleave(group, dim=-3)
+            v = v.repeat_interleave(group, dim=-3)
+        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        if bias is not None:
+            additive = additive + bias
+        row_open = (additive > float("-inf")).any(-1, keepdim=True)
+    with all_threads():
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, scale=scale,
+                                             enable_gqa=q.shape[-3] != k.shape[-3])
+    with single_thread():
+        return torch.where(row_open, out, 0.0).to(q.dtype)
 
 
 def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern,
-                               scale: Optional[float] = None, q_offset: Optional[int] = None,
-                               attn_bias: Optional[Tensor] = None) -> Tensor:
+                               scale: float | None = None, q_offset: int | None = None,
+                               attn_bias: Tensor | None = None) -> Tensor:
     """Dense masked SDPA with ``pattern_mask``: [B, H, Nq, Dv] (zeros where a row sees no key)."""
     check_qkv(q, k, v)
     scale, q_offset = resolve(q, k, scale, q_offset)
@@ -379,8 +417,6 @@ def sparse_attention_reference(q: Tensor, k: Tensor, v: Tensor, pattern: SparseP
 # throughput, small enough that the union of the step's key blocks stays close to each row's own
 # (a window of w keys costs w + CHUNK_ROWS keys per row instead of w + block).
 CHUNK_ROWS = 256
-# Query blocks per step of the per-head CPU path (bounds the gathered K/V copy).
-BLOCKS_PER_STEP = 16
 
 
 def without_broadcast(t: Tensor, dims: tuple[int, ...]) -> Tensor:
@@ -401,7 +437,7 @@ def kept_from_layout(kv_count: Tensor, kv_index: Tensor, num_k_blocks: int) -> T
 
 
 def sparse_attention_blocks(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, kv_index: Tensor,
-                            bias: Optional[Tensor], scale: float, q_offset: int, block_m: int, block_n: int,
+                            bias: Tensor | None, scale: float, q_offset: int, block_m: int, block_n: int,
                             rule: str) -> Tensor:
     """CPU path of the op (runs eagerly inside the opaque custom op): [B, H, Nq, Dv].
 
@@ -412,19 +448,20 @@ def sparse_attention_blocks(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, k
     * layout shared by every batch row and head (sink_window, mask rules without b/h): steps of
       CHUNK_ROWS query rows, each one SDPA over the union of its blocks' key blocks (one copy of
       those keys, GQA inside SDPA), masked to each block's own blocks and the rule;
-    * per-head layouts (block_topk): steps of BLOCKS_PER_STEP query blocks, each block with its
-      own gathered key blocks, one batched SDPA per step.
+    * per-head layouts (block_topk): steps of as many query blocks as fit STEP_BYTES, each block
+      with its own gathered key blocks, one batched SDPA per step.
     """
     count = without_broadcast(kv_count, (0, 1))
     index = without_broadcast(kv_index, (0, 1))
     if bias is not None:
         bias = without_broadcast(bias, (0, 1, 2))
-    if count.shape[0] == 1 and count.shape[1] == 1:
-        return shared_layout_attention(q, k, v, count[0, 0], index[0, 0], bias, scale, q_offset, block_m,
-                                       block_n, rule)
-    return per_head_layout_attention(q, k, v, count.expand(q.shape[0], q.shape[1], -1),
-                                     index.expand(q.shape[0], q.shape[1], -1, -1), bias, scale, q_offset,
-                                     block_m, block_n, rule)
+    with single_thread():  # the mask and gather ops; SDPA itself runs on all threads
+        if count.shape[0] == 1 and count.shape[1] == 1:
+            return shared_layout_attention(q, k, v, count[0, 0], index[0, 0], bias, scale, q_offset, block_m,
+                                           block_n, rule)
+        return per_head_layout_attention(q, k, v, count.expand(q.shape[0], q.shape[1], -1),
+                                         index.expand(q.shape[0], q.shape[1], -1, -1), bias, scale, q_offset,
+                                         block_m, block_n, rule)
 
 
 def padded_rows(t: Tensor, rows: int) -> Tensor:
@@ -567,7 +604,7 @@ def check_layout(q: Tensor, kv_count: Tensor, kv_index: Tensor, block_m: int) ->
 
 @torch.library.custom_op("tokred::sparse_attention", mutates_args=())
 def sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, kv_index: Tensor,
-                        bias: Optional[Tensor], scale: float, q_offset: int, block_m: int, block_n: int,
+                        bias: Tensor | None, scale: float, q_offset: int, block_m: int, block_n: int,
                         rule: str) -> Tensor:
     """Block-sparse attention over a block layout: q [B, H, Nq, D] -> [B, H, Nq, Dv] (see module doc)."""
     check_qkv(q, k, v)
@@ -593,7 +630,7 @@ def _sparse_attention_fake(q, k, v, kv_count, kv_index, bias, scale, q_offset, b
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
-def full_blocks(pattern: SparsePattern, num_queries: int, num_keys: int, q_offset: int, device) -> Optional[Tensor]:
+def full_blocks(pattern: SparsePattern, num_queries: int, num_keys: int, q_offset: int, device) -> Tensor | None:
     """Blocks where the element rule holds for every (query, key): [1, 1, NQB, NKB] bool, or None
     where unknown (kind "mask": every kept block is treated as partial)."""
     if pattern.kind == "mask":
@@ -613,12 +650,19 @@ def full_blocks(pattern: SparsePattern, num_queries: int, num_keys: int, q_offse
     return full[None, None]
 
 
-def use_flex_path(q: Tensor, attn_bias: Optional[Tensor], block_m: int) -> bool:
+def use_flex_path(pattern: SparsePattern, q: Tensor, attn_bias: Tensor | None) -> bool:
     """True where the CPU path should be flex_attention: a graph being compiled (inductor lowers
     flex to its CPU template, measured faster than the gathered-block op on this machine, see
-    bench/results/sparse_attention_speed.md), prefill-sized queries, no extra bias."""
+    bench/results/sparse_attention_speed.md), no extra bias (the op handles padding masks), and a
+    pattern whose allowed set is its element rule (sink_window, mask).
+
+    Not block_topk: flex's mask_mod defines its result (flex's non-inductor implementation, run by
+    backends like aot_eager, evaluates mask_mod everywhere and ignores the block list), so the
+    selection would have to be looked up in mask_mod, and inductor's CPU flex lowering found no
+    kernel for a mask_mod reading a tensor computed in the graph (NoValidChoicesError, torch 2.14).
+    """
     tracing = torch.compiler.is_compiling() or torch._guards.detect_fake_mode((q,)) is not None
-    return tracing and not q.is_cuda and attn_bias is None and q.shape[2] >= block_m
+    return tracing and not q.is_cuda and attn_bias is None and pattern.kind != "block_topk"
 
 
 def flex_cpu_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, kept: Tensor, rule: str,
@@ -638,25 +682,26 @@ def flex_cpu_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, 
     rule_fn = sparse_rule.rule_fn(rule)
 
     def mask_mod(b, h, q_idx, kv_idx):
-        if rule_fn is None:
-            return kv_idx >= 0
-        return rule_fn(b, h, q_idx + q_offset, kv_idx)
+        return kv_idx >= 0 if rule_fn is None else rule_fn(b, h, q_idx + q_offset, kv_idx)
 
+    # compute_q_blocks stays on: without the q-block index inductor's CPU flex lowering found no
+    # kernel choice (NoValidChoicesError, torch 2.14).
     mask = BlockMask.from_kv_blocks(partial_count, partial_index, full_count, full_index,
                                     BLOCK_SIZE=(block_m, block_n), mask_mod=mask_mod,
                                     seq_lengths=(num_queries, num_keys))
     return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, scale: Optional[float] = None,
-                     q_offset: Optional[int] = None, attn_bias: Optional[Tensor] = None) -> Tensor:
+def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, scale: float | None = None,
+                     q_offset: int | None = None, attn_bias: Tensor | None = None) -> Tensor:
     """Sparse attention with ``pattern``: q [B, H, Nq, D], k/v [B, Hkv, Nk, D/Dv] -> [B, H, Nq, Dv].
 
     Builds the block layout and rule, then runs, by where it is:
     * CUDA: ``torch.ops.tokred.sparse_attention`` -> the generated Triton kernel;
     * CPU inside a graph being compiled (Dynamo or the aot_autograd trace of a rewritten graph),
-      prefill with no ``attn_bias``: flex_attention with the same blocks (``flex_cpu_attention``);
-    * CPU otherwise (eager, decode, bias): the op's gathered-block SDPA path.
+      no ``attn_bias``, sink_window or mask: flex_attention with the same blocks
+      (``flex_cpu_attention``);
+    * CPU otherwise (eager, block_topk, bias): the op's gathered-block SDPA path.
     Traceable by torch.compile for static shapes.
     """
     if not isinstance(pattern, SparsePattern):
@@ -667,7 +712,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, sc
     rule = element_rule(pattern)
     kept = kept_blocks(pattern, q, k, q_offset, rule)
     block_m, block_n = layout_blocks(pattern)
-    if use_flex_path(q, attn_bias, block_m):
+    if use_flex_path(pattern, q, attn_bias):
         return flex_cpu_attention(q, k, v, pattern, kept, rule, scale, q_offset)
     kv_count, kv_index = block_layout(kept, max_kept_blocks(pattern, q.shape[2], k.shape[2]))
     batch, heads = q.shape[0], q.shape[1]
@@ -707,7 +752,6 @@ def onnx_lowering():
         group = op.Div(heads, kv_heads)
 
         def repeat_heads(t):  # [B, Hkv, S, D] -> [B, H, S, D], head h reads h // group
-            shape = op.Shape(t)
             expanded = op.Expand(op.Unsqueeze(t, ints(2)),
                                  op.Concat(op.Shape(t, start=0, end=2), op.Reshape(group, ints(1)),
                                            op.Shape(t, start=2), axis=0))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ast
 import functools
 import operator
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.fx
@@ -146,7 +146,9 @@ def torch_rule_fn(rule: str) -> Callable:
     """``rule`` as a Python function of (b, h, q_idx, kv_idx) evaluated with torch ops (cached)."""
     if rule not in _RULE_FNS:
         check_rule(rule)
-        namespace = {"__builtins__": {}, **_TORCH_CALLS}
+        # Normal builtins: check_rule already limits the expression to the rule language, and
+        # Dynamo (tracing flex_attention's mask_mod) needs __import__ in the function's globals.
+        namespace = dict(_TORCH_CALLS)
         exec(f"def rule_fn(b, h, q_idx, kv_idx):\n    return {rule}\n", namespace)  # noqa: S102 (checked grammar)
         _RULE_FNS[rule] = namespace["rule_fn"]
     return _RULE_FNS[rule]

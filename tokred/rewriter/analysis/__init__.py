@@ -81,16 +81,21 @@ def analyze(gm: fx.GraphModule) -> GraphFacts:
     sites = find_attention_sites(graph)
     for i, site in enumerate(sites):
         site.layer = i
-    counts = Counter(s.q_len for s in sites if s.q_len == s.kv_len)
+        if not (isinstance(site.q_len, int) and isinstance(site.kv_len, int)) and not site.skip_reason:
+            # dynamic=True: the token count is a symbol; rewrites need it fixed
+            site.skip_reason = ("the token count is dynamic (a symbolic shape); compile with dynamic=False "
+                                "to rewrite this site")
+    sites_static = [s for s in sites if isinstance(s.q_len, int) and isinstance(s.kv_len, int)]
+    counts = Counter(s.q_len for s in sites_static if s.q_len == s.kv_len)
     token_counts = set(counts)
     seeds = {}
-    for site in sites:
+    for site in sites_static:
         for node, dims in _site_seeds(site).items():
             seeds[node] = seeds.get(node, frozenset()) | dims
     axes = infer_token_axes(graph, token_counts, seeds)
     projections = find_projections(graph)
-    blocks = find_blocks([s for s in sites if s.q_len == s.kv_len], nxg, post_dominators(graph, nxg))
-    for site in sites:
+    blocks = find_blocks([s for s in sites_static if s.q_len == s.kv_len], nxg, post_dominators(graph, nxg))
+    for site in sites_static:
         if site.q_len != site.kv_len and not site.skip_reason:
             site.skip_reason = f"cross-attention ({site.q_len} queries, {site.kv_len} keys)"
     assign_roles(projections, sites, blocks, graph)
