@@ -41,15 +41,16 @@ def llama(seq: int):
     return model, (), {"input_ids": ids, "use_cache": False}
 
 
-CASES = [
-    ("vit_base b32, prune keep 0.5 at 3 (cls)", lambda: vit(32), {"prune": {"keep": 0.5, "at": [3]}}),
-    ("vit_base b32, merge r=16", lambda: vit(32), {"merge": {"r": 16}}),
-    ("llama 8L N=2048, prune keep 0.5 at 2 (query)", lambda: llama(2048), {"prune": {"keep": 0.5, "at": [2]}}),
-    ("llama 8L N=8192, sink_window 4+1024", lambda: llama(8192),
-     {"sparse_attention": {"pattern": "sink_window", "sinks": 4, "window": 1024}}),
-    ("llama 8L N=8192, block_topk 64/16", lambda: llama(8192),
-     {"sparse_attention": {"pattern": "block_topk", "block": 64, "topk": 16, "sinks": 1, "local": 1}}),
-]
+CASES = {  # key: (description, model builder, tokred options)
+    "prune_vit": ("vit_base b32, prune keep 0.5 at 3 (cls)", lambda: vit(32), {"prune": {"keep": 0.5, "at": [3]}}),
+    "merge_vit": ("vit_base b32, merge r=16", lambda: vit(32), {"merge": {"r": 16}}),
+    "prune_llama": ("llama 8L N=2048, prune keep 0.5 at 2 (query)", lambda: llama(2048),
+                    {"prune": {"keep": 0.5, "at": [2]}}),
+    "sink_window": ("llama 8L N=8192, sink_window 4+1024", lambda: llama(8192),
+                    {"sparse_attention": {"pattern": "sink_window", "sinks": 4, "window": 1024}}),
+    "block_topk": ("llama 8L N=8192, block_topk 64/16", lambda: llama(8192),
+                   {"sparse_attention": {"pattern": "block_topk", "block": 64, "topk": 16, "sinks": 1, "local": 1}}),
+}
 
 
 def logits(out):
@@ -98,7 +99,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--cases", nargs="+", choices=sorted(CASES), default=list(CASES))
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    import os
     import torch
 
     if not torch.cuda.is_available():
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
         return 0
     dtype = getattr(torch, args.dtype)
     rows = []
-    for name, build, options in CASES:
+    for key in args.cases:
+        name, build, options = CASES[key]
         try:
             rows.append(run_case(name, build, options, dtype, args.repeats))
         except Exception as exc:  # record, go on with the other cases
@@ -114,7 +119,9 @@ def main(argv=None) -> int:
         print(rows[-1], flush=True)
     lines = ["# tokred passes end to end on CUDA (Triton ops in the graph)", "",
              f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; Python {platform.python_version()}; "
-             f"{args.dtype}; random weights; median of {args.repeats} alternating calls (ms).",
+             f"{args.dtype}; random weights; median of {args.repeats} alternating calls (ms); "
+             f"TOKRED_KERNELS={os.environ.get('TOKRED_KERNELS', 'auto')} (which tokred ops the graph calls as "
+             f"Triton kernels: see tokred/triton_ops/common.py).",
              "`diff`: max abs difference of the outputs against the same rewrite on CPU in fp32 (the graph "
              "there inlines the plain-torch references), so it includes the fp16 rounding.", "",
              "| case | sites rewritten | FLOPs ratio | dense ms | tokred ms | speedup | diff vs CPU reference |",
@@ -125,8 +132,10 @@ def main(argv=None) -> int:
         else:
             lines.append(f"| {r['name']} | {r['sites']} | {r['flops']:.3f} | {r['dense_ms']:.2f} | "
                          f"{r['tokred_ms']:.2f} | {r['speedup']:.2f}x | {r['diff']} |")
-    lines += ["", f"Command: `python bench/passes_gpu.py --dtype {args.dtype} --repeats {args.repeats}`", ""]
-    RESULTS.write_text("\n".join(lines))
+    command = (f"TOKRED_KERNELS={os.environ.get('TOKRED_KERNELS', 'auto')} python bench/passes_gpu.py "
+               f"--dtype {args.dtype} --repeats {args.repeats} --cases {' '.join(args.cases)}")
+    lines += ["", f"Command: `{command}`", ""]
+    args.out.write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
 

@@ -81,7 +81,8 @@ def continue_through_cache(model, tokens: torch.Tensor, cache, start: int) -> to
     for index, layer in enumerate(inner.layers):
         past = cache.layers[index].keys.shape[2]
         allowed = torch.cat([torch.ones(t, past, dtype=torch.bool, device=tokens.device), causal], dim=1)
-        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        bias = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(
+            ~allowed, torch.finfo(x.dtype).min)
         x = layer(x, attention_mask=bias[None, None], position_ids=position, past_key_values=cache, use_cache=True,
                   position_embeddings=(cos, sin))
     return model.lm_head(inner.norm(x))
@@ -134,22 +135,55 @@ def compile_pruned(model, prune: dict, inner: str):
 
 
 def compile_dense(model, inner: str):
+    """The dense model for timing: eager, or compiled by ``inner`` next to the pruned compile
+    (no reset: dynamo keeps one entry per backend)."""
     if inner == "eager":
         return model
-    torch._dynamo.reset()
-    return torch.compile(model, backend=inner)
+    return torch.compile(model, backend="inductor" if inner == "inductor" else inner)
 
 
 # ----------------------------------------------------------------------------- the bench
 
-def quality(model, args, ids, cont, dense: dict) -> list:
-    """Rows (score, at, keep, next agree, teacher-forced agree, ppl, FLOPs ratio) over the grid."""
+def grid(args) -> list:
+    """(score, at, keep) variants: every score at the target; the keep and at sweeps for
+    ``--sweep-scores`` (the whole keep x at grid for every score with --full-grid)."""
+    if args.full_grid:
+        return [(s, a, k) for s in args.scores for a in args.at for k in args.keep]
+    out = [(s, TARGET["at"], TARGET["keep"]) for s in args.scores]
+    for s in args.sweep_scores:
+        out += [(s, TARGET["at"], k) for k in args.keep if k != TARGET["keep"]]
+        out += [(s, a, TARGET["keep"]) for a in args.at if a != TARGET["at"]]
+    return out
+
+
+def stability(model, fn, args, ids, layer: int, dense_keys: list) -> tuple:
+    """(mean, min) Jaccard of the kept sets of ``fn`` (a pruned model cutting after ``layer - 1``),
+    prompt vs its perturbed copies; ``dense_keys``: the dense keys of ``layer`` for each copy."""
+    variants = [ids] + [perturbed(ids, args.perturb, args.protect_last, model.config.vocab_size, seed)
+                        for seed in range(args.perturb_seeds)]
+    kept = [kept_positions(dk, prefill(fn, v)[1].layers[layer].keys) for dk, v in zip(dense_keys, variants)]
+    scores = [jaccard(a, b) for other in kept[1:] for a, b in zip(kept[0], other)]
+    return sum(scores) / len(scores), min(scores)
+
+
+def run(model, args, ids, cont, dense: dict) -> tuple:
+    """Every variant: compiled once, then its quality; at the target cut also its ranking
+    stability and its prefill time next to the dense model's.
+
+    -> (rows (score, at, keep, next agree, tf agree, ppl, FLOPs ratio), stability rows (score,
+    mean, min), timing rows (score, keep, dense s, pruned s)).
+    """
     from tqdm import tqdm
 
-    rows = []
-    grid = [(s, a, k) for s in args.scores for a in args.at for k in args.keep]
-    for score, at, keep in tqdm(grid, desc="pruned variants"):
-        prune = {"keep": keep, "at": at, "score": score, "protect_last": args.protect_last}
+    layer = TARGET["at"] + 1  # the first layer that caches only the kept tokens
+    variants = [ids] + [perturbed(ids, args.perturb, args.protect_last, model.config.vocab_size, seed)
+                        for seed in range(args.perturb_seeds)]
+    dense_keys = [] if "stability" in args.skip else [prefill(model, v)[1].layers[layer].keys.clone() for v in variants]
+    rows, stable, times = [], [], []
+    control = [("control: " + args.scores[0], TARGET["at"], 1.0)]  # keep everything: must equal dense
+    for score, at, keep in tqdm(control + grid(args), desc="pruned variants"):
+        name = score.split(": ")[-1]
+        prune = {"keep": keep, "at": at, "score": name, "protect_last": args.protect_last}
         fn, backend = compile_pruned(model, prune, args.inner)
         res = evaluate(model, fn, ids, cont, args.agree)
         report = backend.report
@@ -159,63 +193,39 @@ def quality(model, args, ids, cont, dense: dict) -> list:
         rows.append((score, at, keep, (res["next"] == dense["next"]).float().mean().item(),
                      (res["pred"] == dense["pred"]).float().mean().item(), math.exp(res["nll"].mean().item()),
                      report.flops_after / report.flops_before))
-    return rows
-
-
-def stability(model, args, ids) -> list:
-    """Rows (score, mean Jaccard, min Jaccard) of the kept sets at the target cut, prompt vs
-    perturbed prompts."""
-    from tqdm import tqdm
-
-    layer = TARGET["at"] + 1  # the first layer that caches only the kept tokens
-    variants = [ids] + [perturbed(ids, args.perturb, args.protect_last, model.config.vocab_size, seed)
-                        for seed in range(args.perturb_seeds)]
-    dense_keys = [prefill(model, v)[1].layers[layer].keys.clone() for v in variants]
-    rows = []
-    for score in tqdm(args.scores, desc="ranking stability"):
-        prune = dict(TARGET, score=score, protect_last=args.protect_last)
-        fn, _ = compile_pruned(model, prune, args.inner)
-        kept = [kept_positions(dk, prefill(fn, v)[1].layers[layer].keys) for dk, v in zip(dense_keys, variants)]
-        scores = [jaccard(a, b) for other in kept[1:] for a, b in zip(kept[0], other)]
-        rows.append((score, sum(scores) / len(scores), min(scores)))
-    return rows
-
-
-def timing(model, args, ids) -> list:
-    """Rows (score, keep, dense seconds, pruned seconds) at the target cut, alternating calls."""
-    dense = compile_dense(model, args.inner)
-    rows = []
-    for score in args.scores:
-        for keep in args.time_keep:
-            prune = {"keep": keep, "at": TARGET["at"], "score": score, "protect_last": args.protect_last}
-            fn, _ = compile_pruned(model, prune, args.inner)
-            if args.inner != "eager":
-                # the dense model was compiled before the reset in compile_pruned: compile it again
-                dense = compile_dense(model, args.inner)
+        if at != TARGET["at"] or keep != TARGET["keep"] or score.startswith("control"):
+            continue
+        if "stability" not in args.skip:
+            stable.append((score, *stability(model, fn, args, ids, layer, dense_keys)))
+        if "timing" not in args.skip and score in args.time_scores:
+            dense_fn = compile_dense(model, args.inner)
             batch = {"input_ids": ids, "use_cache": True, "logits_to_keep": 1}
-            times = time_per_batch({"dense": dense, "pruned": fn}, batch, repeats=args.repeats)
-            rows.append((score, keep, times["dense"], times["pruned"]))
-    return rows
+            t = time_per_batch({"dense": dense_fn, "pruned": fn}, batch, repeats=args.repeats)
+            times.append((score, keep, t["dense"], t["pruned"]))
+    return rows, stable, times
 
 
 def plot(rows: list, args, path: str) -> None:
+    """Teacher-forced agreement against the fraction of the prompt pruned: one series per (score,
+    cut layer), the marker shape tells the layer."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(args.at), figsize=(3.6 * len(args.at), 3.6), sharey=True, squeeze=False)
-    for ax, at in zip(axes[0], args.at):
-        for score in args.scores:
-            pts = sorted((r[2], r[4]) for r in rows if r[0] == score and r[1] == at)
-            ax.plot([1 - p[0] for p in pts], [100 * p[1] for p in pts], "o-", label=score,
-                    ls="--" if score == "random" else "-")
-        ax.axhline(95, color="0.7", ls=":", lw=0.8)
-        ax.set_title(f"cut after layer {at}")
-        ax.set_xlabel("fraction of the prompt pruned")
-    axes[0][0].set_ylabel(f"teacher-forced top-1 agreement, {args.agree} positions (%)")
-    axes[0][-1].legend(fontsize=7)
-    fig.suptitle(f"tokred prune on SmolLM2-135M, {args.length}-token prompts", fontsize=9)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    markers = dict(zip(sorted(args.at), "osD^v"))
+    for score in args.scores:
+        for at in sorted(args.at):
+            pts = sorted((1 - r[2], r[4]) for r in rows if r[0] == score and r[1] == at)
+            if pts:
+                ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=markers.get(at, "o"),
+                        label=f"{score}, after layer {at}", ls="--" if score == "random" else "-")
+    ax.axhline(95, color="0.7", ls=":", lw=0.8)
+    ax.set_xlabel("fraction of the prompt pruned")
+    ax.set_ylabel(f"top-1 agreement, {args.agree} teacher-forced positions (%)")
+    ax.set_title(f"tokred prune on SmolLM2-135M, {args.prompts} x {args.length}-token prompts", fontsize=9)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -224,7 +234,7 @@ def plot(rows: list, args, path: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=2)
-    parser.add_argument("--length", type=int, default=512, help="prompt tokens (the issue's target: 2048)")
+    parser.add_argument("--length", type=int, default=256, help="prompt tokens (the issue's target: 2048)")
     parser.add_argument("--continuation", type=int, default=64, help="true continuation tokens for perplexity")
     parser.add_argument("--agree", type=int, default=16, help="teacher-forced positions compared for agreement")
     parser.add_argument("--keep", type=float, nargs="+", default=[0.25, 0.5, 0.75])
@@ -233,12 +243,16 @@ def main() -> None:
     parser.add_argument("--protect-last", type=int, default=16)
     parser.add_argument("--perturb", type=float, default=0.02, help="fraction of prompt tokens replaced")
     parser.add_argument("--perturb-seeds", type=int, default=2)
-    parser.add_argument("--time-keep", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--sweep-scores", nargs="*", default=["query"], choices=SCORES,
+                        help="scores also run over --keep and --at around the target")
+    parser.add_argument("--time-scores", nargs="*", default=["query"], choices=SCORES,
+                        help="scores whose prefill is timed against the dense model at the target")
+    parser.add_argument("--full-grid", action="store_true", help="every score at every keep and at")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--inner", default="eager", choices=["eager", "aot_eager", "inductor"],
                         help="tokred's inner compiler (and the dense model's compiler unless eager)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["quality", "stability", "timing"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["stability", "timing"])
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.time()
@@ -247,9 +261,7 @@ def main() -> None:
     ids, cont = prompts(tokenizer, args.prompts, args.length, args.continuation, args.device)
     dense = evaluate(model, model, ids, cont, args.agree)
     dense_ppl = math.exp(dense["nll"].mean().item())
-    rows = [] if "quality" in args.skip else quality(model, args, ids, cont, dense)
-    stable = [] if "stability" in args.skip else stability(model, args, ids)
-    times = [] if "timing" in args.skip else timing(model, args, ids)
+    rows, stable, times = run(model, args, ids, cont, dense)
     minutes = (time.time() - start) / 60
 
     cmd = "python bench/prune_llm.py " + " ".join(sys.argv[1:])
@@ -262,7 +274,10 @@ def main() -> None:
              f"`next`: greedy next token equal to the dense model's (over {args.prompts} prompts); "
              f"`tf-agree`: top-1 equal to dense over {args.agree} teacher-forced positions through the pruned "
              f"cache; `ppl`: perplexity of the {args.continuation} true continuation tokens through the pruned "
-             "cache; FLOPs ratio from the tokred report (prefill graph).", ""]
+             "cache; FLOPs ratio from the tokred report (prefill graph). The control row keeps every token "
+             "(keep=1.0) and must reproduce the dense numbers. With "
+             f"{args.prompts} x {args.agree} teacher-forced positions, one position is "
+             f"{100 / (args.prompts * args.agree):.1f} points of tf-agree.", ""]
     if rows:
         lines += ["| score | at | keep | next | tf-agree | ppl | FLOPs ratio |", "|---|---|---|---|---|---|---|"]
         for score, at, keep, nxt, agree, ppl, fl in rows:
@@ -273,7 +288,8 @@ def main() -> None:
                 f"{r[0]} {100 * r[4]:.1f}% ({'met' if r[4] >= 0.95 else 'NOT met'})" for r in target)]
     if times:
         lines += ["", f"Prefill time (time to first token), at={TARGET['at']}, dense and pruned called alternately, "
-                  f"median of {args.repeats}, inner compiler {args.inner} on both sides:", "",
+                  f"median of {args.repeats}; dense: " + ("the plain eager model" if args.inner == "eager" else
+                  f"compiled by {args.inner}") + f"; pruned: tokred with inner compiler {args.inner}:", "",
                   "| score | keep | dense s | pruned s | speedup |", "|---|---|---|---|---|"]
         for score, keep, td, tp in times:
             lines.append(f"| {score} | {keep} | {td:.2f} | {tp:.2f} | {td / tp:.2f}x |")

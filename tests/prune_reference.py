@@ -201,8 +201,10 @@ def select(scores: Optional[Tensor], tokens: Tensor, prunable: list, k: int, opt
             s = scores[b, prunable]
             ranked = torch.sort(s, descending=True, stable=True)
             chosen = [prunable[i] for i in ranked.indices[:k].tolist()]
-            if k < len(prunable):
-                gap = (ranked.values[k - 1] - ranked.values[k]) / ranked.values.abs().max().clamp_min(1e-12)
+            last_kept = ranked.values[k - 1] if k > 0 else None
+            if k < len(prunable) and torch.isfinite(last_kept):  # -inf ties (padding) follow the position rule
+                finite = ranked.values[torch.isfinite(ranked.values)]
+                gap = (last_kept - ranked.values[k]) / finite.abs().max().clamp_min(1e-12)
                 margin = min(margin, gap.item())
         kept = sorted(fixed + chosen)
         pruned = [j for j in prunable if j not in set(chosen)]
@@ -292,13 +294,30 @@ def scores_from(opts: PruneOptions, q: Optional[Tensor], k: Optional[Tensor], sc
     return None
 
 
+def padding_keys(bias: Optional[Tensor], batch: int, n: int) -> Tensor:
+    """[B, N] bool: keys that no query may attend under the additive mask ``bias`` (padding; a
+    causal mask has none)."""
+    if bias is None:
+        return torch.zeros(batch, n, dtype=torch.bool)
+    blocked = bias.expand(batch, bias.shape[1], bias.shape[2], n) <= negative(bias.dtype) / 2
+    return blocked.all(dim=2).all(dim=1)
+
+
 def plan_cut(opts: PruneOptions, cut_number: int, protected: int, q, k, scale, bias, x_in, x_out) -> Cut:
     """Scores and selection of the cut ``cut_number`` made after the block whose input is x_in and
-    output x_out [B, N, C]."""
+    output x_out [B, N, C].
+
+    Padding is pruned first by the scorers that do not read the attention (transition, random):
+    their padding scores are -inf (the pass's rule, beyond /tmp/prune_spec.md: a padding token's
+    state moves a lot across a block, and a random ranking would keep some). The attention
+    scorers give padding keys zero attention anyway; diversity selects as it is.
+    """
     n = x_in.shape[1]
     prunable = prunable_positions(n, protected, opts.range, opts.protect_last)
     count = kept_count(opts.keep[cut_number], len(prunable))
     scores = scores_from(opts, q, k, scale, bias, x_in, x_out)
+    if opts.score in ("transition", "random"):
+        scores = scores.masked_fill(padding_keys(bias, x_in.shape[0], n), -math.inf)
     return select(scores, x_out, prunable, count, opts)
 
 

@@ -28,10 +28,10 @@ import torch
 
 import tokred
 import zoo
-from prune_reference import (SCORERS, Cut, DecoderResult, PruneOptions, apply_cut, attention_probs,
+from prune_reference import (DecoderResult, PruneOptions, apply_cut, attention_probs, causal_bias,
                              decoder_qk, hf_decoder_forward, hf_decoder_generate, hf_decoder_step,
-                             k_center, kept_count, prune_options, prunable_positions, reference_forward,
-                             select, split_heads, timm_vit_features, transition_scores)
+                             k_center, kept_count, padding_keys, prune_options, prunable_positions,
+                             reference_forward, select, split_heads, timm_vit_features, transition_scores)
 from zoo import ZOO, flatten_outputs, max_abs_diff
 
 TOL = 1e-4
@@ -206,6 +206,14 @@ def test_reference_k_center():
     assert k_center(tie, [0, 1, 2, 3, 4], 2) == [1, 3]
 
 
+def test_reference_padding_keys():
+    """Padding: keys that no query may attend (a padding mask); a causal mask has none."""
+    pad = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, torch.finfo(torch.float32).min]])[:, None, None, :]
+    assert padding_keys(pad, 2, 3).tolist() == [[False, False, False], [False, False, True]]
+    causal = causal_bias(torch.arange(3).expand(2, 3), torch.float32)
+    assert not padding_keys(causal, 2, 3).any()
+
+
 def test_reference_transition_scores():
     x_in = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [2.0, 0.0]]])
     x_out = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [4.0, 0.0]]])
@@ -242,7 +250,6 @@ def test_reference_scores_are_the_models_attention():
         n = ids.shape[1]
         position = torch.arange(n).expand(ids.shape[0], n)
         cos, sin = inner.rotary_emb(x, position_ids=position)
-        from prune_reference import causal_bias
         x0 = inner.layers[0](x, attention_mask=causal_bias(position, x.dtype), position_embeddings=(cos, sin))
         q, k = decoder_qk(inner.layers[1], x0, cos, sin)
         mine = attention_probs(q, k, inner.layers[1].self_attn.scaling, causal_bias(position, x.dtype), [n - 3, n - 1])
@@ -333,7 +340,7 @@ REFERENCE_CASES = [
     ("timm_vit_tiny_sdpa", 2, {"keep": 0.5, "at": 0, "score": "query"}),
     ("timm_vit_tiny_sdpa", 2, {"keep": 0.4, "at": 0, "score": "transition"}),
     ("timm_vit_tiny_sdpa", 2, {"keep": 0.4, "at": 0, "score": "diversity"}),
-    ("timm_vit_tiny_sdpa", 2, {"keep": 0.6, "at": 0, "score": "random", "seed": 3}),
+    ("timm_vit_tiny_sdpa", 3, {"keep": 0.6, "at": 1, "score": "random", "seed": 3}),
     ("timm_vit_tiny_sdpa", 4, {"keep": [0.7, 0.5], "at": [0, 2], "score": "cls"}),
     ("timm_vit_tiny_eager", 4, {"keep": 0.6, "at": [1, 2], "score": "diversity"}),
     ("timm_vit_tiny_sdpa", 2, {"keep": 5, "at": 0, "score": "cls", "range": [5, 20], "protect_last": 3}),
@@ -555,3 +562,33 @@ def test_pruned_vit_onnx_round_trip(tmp_path):
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: zm.args[0].numpy()})[0])
     want = reference("timm_vit_tiny_sdpa", prune)
     assert max_abs_diff(got, want) <= TOL
+
+
+# ----------------------------------------------------------------------------- CUDA (Triton kernels)
+
+CUDA_CASES = [REFERENCE_CASES[i] for i in (0, 4, 9, 15, 19)]  # cls, diversity, BERT cls, query, random+range
+CUDA_TOL = 1e-3  # GPU SDPA/matmul kernels round differently; selections are clear of that (MARGIN)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", CUDA_CASES, ids=[case_id(c) for c in CUDA_CASES])
+@needs_pass
+def test_cuda_equals_reference(case):
+    """On CUDA the pass runs its Triton selection ops; the result still equals the CPU reference."""
+    name, depth, prune = case
+    want = reference(name, prune, depth)
+    zm = build(name, depth)
+    model = zm.model.cuda()
+    args = tuple(a.cuda() for a in zm.args)
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in zm.kwargs.items()}
+    torch._dynamo.reset()
+    be = tokred.backend(inner="inductor", prune=prune)
+    try:
+        with torch.no_grad():
+            out = torch.compile(model, backend=be)(*args, **kwargs)
+    finally:
+        torch._dynamo.reset()
+    assert be.report.changed
+    got = model_output(name, out)
+    got = got.cpu() if isinstance(got, torch.Tensor) else type(got)(**{k: v.cpu() for k, v in got.items()})
+    assert max_abs_diff(got, want) <= CUDA_TOL

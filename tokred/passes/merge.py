@@ -25,6 +25,7 @@ import torch
 from torch import fx
 
 import tokred.triton_ops  # noqa: F401  (registers tokred::tome_match / tokred::tome_merge)
+from tokred.triton_ops.common import graph_calls_kernel
 from tokred.triton_ops.tome_match import tome_match_reference
 from tokred.triton_ops.tome_merge import tome_merge_reference
 from tokred.rewriter import tokens
@@ -130,8 +131,8 @@ def _bipartite_merge(x, metric, size, group, r: int):
     b, n, _ = x.shape
     na, nb = (n + 1) // 2, n // 2
     # CUDA: the fused Triton kernels; elsewhere the references, inlined for inductor to fuse
-    match = torch.ops.tokred.tome_match if x.is_cuda else tome_match_reference
-    merge = torch.ops.tokred.tome_merge if x.is_cuda else tome_merge_reference
+    match = torch.ops.tokred.tome_match if graph_calls_kernel(x, "tome_match") else tome_match_reference
+    merge = torch.ops.tokred.tome_merge if graph_calls_kernel(x, "tome_merge") else tome_merge_reference
     node_max, node_idx = match(metric, group)
     src_idx, unm_idx = split_best(node_max, r)
     dst_idx = node_idx.gather(1, src_idx)

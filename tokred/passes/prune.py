@@ -29,6 +29,7 @@ import torch
 from torch import fx
 
 import tokred.triton_ops  # noqa: F401  (registers the tokred:: prune ops)
+from tokred.triton_ops.common import graph_calls_kernel
 from tokred.triton_ops.prune import (
     ascending_index_reference, attention_row_scores_reference, k_center_selected_reference,
     selected_mask_reference,
@@ -173,14 +174,14 @@ def prune_by_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mask: 
     ``candidates`` ([N] or [B, N] bool): x [B, N, C], q [B, H, N, D], k [B, Hkv, N, D]
     -> (kept [B, M, C], index [B, M], scores [B, N] float32).
 
-    Only the R query rows are computed (never the [N, N] map): the model keeps its SDPA. On CUDA the
-    fused Triton op scores, selects and gathers in one pass.
+    Only the R query rows are computed (never the [N, N] map): the model keeps its SDPA. The fused
+    Triton op (score, select and gather in one) is called where ``graph_calls_kernel`` says so.
     """
     q_rows = q[:, :, list(rows)]
     bias = row_bias(mask, rows, k.shape[2], causal)
     if bias is not None:
         bias = bias.to(q.device)
-    if x.is_cuda and candidates.dim() == 1:
+    if candidates.dim() == 1 and graph_calls_kernel(x, "prune_tokens"):
         return torch.ops.tokred.prune_tokens(x, q_rows, k, scale, bias, candidates, keep, num_candidates)
     scores = attention_row_scores_reference(q_rows, k, scale, bias)
     index = select_kept(scores, candidates, num_candidates, keep)
@@ -247,7 +248,7 @@ def select_kept(scores: torch.Tensor, candidates: torch.Tensor, num_candidates: 
     scores [B, N]; candidates [N] bool (the same for every row) or [B, N] (``num_candidates`` each).
     """
     n = scores.shape[1]
-    if scores.is_cuda and candidates.dim() == 1:
+    if candidates.dim() == 1 and graph_calls_kernel(scores, "select_kept"):
         return torch.ops.tokred.select_kept(scores.float(), candidates, k, num_candidates)
     keep_mask = ~candidates | selected_mask_reference(scores.float(), candidates, k)
     return ascending_index_reference(keep_mask, n - num_candidates + k)
@@ -259,7 +260,7 @@ def k_center(x: torch.Tensor, candidates: torch.Tensor, num_candidates: int, k: 
         raise ValueError("tokred option 'prune.score' 'diversity' takes the same prunable positions in every "
                          "row ('range'), not 'prunable_ids'")
     # a greedy loop: an opaque op on every device (inlined, it would unroll k steps into the graph)
-    if x.is_cuda:
+    if graph_calls_kernel(x, "k_center"):
         return torch.ops.tokred.k_center(x, candidates, k, num_candidates)
     keep_mask = ~candidates | k_center_selected_reference(x, candidates, k)
     return ascending_index_reference(keep_mask, x.shape[1] - num_candidates + k)
@@ -330,6 +331,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
     start = end = None
     candidates = None  # prunable_ids: the candidates node [B, N] after the last cut
     trace = {"exits": None, "origin": None}  # trace_source: exit block per original token
+    reduced = {}  # stream node at a cut -> the reduced stream that replaced it for later blocks
     done = 0
     for at, keep in zip(opts["at"], opts["keep"]):
         block = blocks[at]
@@ -356,12 +358,13 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         m = n - p + k + (1 if opts["fuse"] else 0)
         lo, hi = start, end
         cut = {"k": k, "n": n, "count": p, "trace": trace,
+               "block_input": reduced.get(block.input, block.input),
                "candidates": candidates if candidates is not None else
                (lambda g, stream: g.call_function(interval_candidates, (stream, lo, hi)))}
         try:
             make = _reduction(gm, block, score, opts, cut)
-            cut_tokens(gm, facts, block.output, blocks[-1].output, make, m, example_inputs, options.verify,
-                       kv_outputs=_kv_outputs(blocks[at + 1:]))
+            token_cut = cut_tokens(gm, facts, block.output, blocks[-1].output, make, m, example_inputs,
+                                   options.verify, kv_outputs=_kv_outputs(blocks[at + 1:]))
         except RewriteError as exc:
             record.mark(SKIPPED, f"prune: {exc}", NAME)
             _fail(options, record)
@@ -370,6 +373,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         record.mark(REWRITTEN, f"prune score={score} keep={keep}: {n} -> {m} tokens after block {at} "
                     f"({where})", NAME)
         done += 1
+        reduced[token_cut.stream] = token_cut.gathered
         fused_tokens += 1 if opts["fuse"] else 0
         if candidates is not None:  # the kept candidates, wherever the cut put them
             with gm.graph.inserting_after(cut["index"]):
@@ -469,10 +473,10 @@ def _select(gm: fx.GraphModule, graph: fx.Graph, block, score: str, opts: dict, 
         scores = None
         index = graph.call_function(k_center, (stream, cands, p, k))
     else:
-        if score == "transition":
-            scores = graph.call_function(transition_scores, (block.input, stream))
+        if score == "transition":  # the block's input as it reads it now (an earlier cut reduced it)
+            scores = graph.call_function(transition_scores, (cut["block_input"], stream))
         else:  # random: a seeded table per cut, a constant of the graph
-            table = torch.rand(n, generator=torch.Generator().manual_seed(opts["seed"] + block.index))
+            table = torch.rand(n, generator=torch.Generator().manual_seed(opts["seed"]))
             scores = graph.call_function(constant_scores, (stream, tuple(table.tolist())))
         if site_mask(site) is not None:
             scores = graph.call_function(demote_padding, (scores, site_mask(site)))

@@ -253,7 +253,7 @@ def allowed_from_bias(bias: torch.Tensor) -> Optional[torch.Tensor]:
 def own_window(allowed: torch.Tensor, n_q: int, n_k: int) -> Optional[int]:
     """``None`` if ``allowed`` [.., Nq, Nk] is not a causal (sliding-window) mask; else the window
     (``n_k`` or more for plain causal): the w with allowed[i, j] == (p - w < j <= p), p = n_k - n_q + i."""
-    a = allowed.reshape(-1, n_q, n_k)
+    a = allowed.reshape(-1, n_q, n_k).cpu()  # a graph constant: compare it on the host
     if not torch.all(a == a[:1]):
         return None
     a = a[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from tokred.triton_ops.common import graph_calls_kernel
 from tokred.triton_ops.gather_tokens import gather_tokens_reference
 from tokred.triton_ops.scatter_tokens import scatter_tokens_reference
 
@@ -32,14 +33,14 @@ def gather_token_dim(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Te
 
 def gather_stream(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Kept tokens of the residual stream: x [B, N, C], index [B, M] -> [B, M, C]."""
-    if x.is_cuda:
+    if graph_calls_kernel(x, "gather_tokens"):
         return torch.ops.tokred.gather_tokens(x, index)
     return gather_tokens_reference(x, index)
 
 
 def scatter_stream(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """Restore the token axis: ``base`` [B, N, C] with rows ``index`` [B, M] replaced by src [B, M, C]."""
-    if base.is_cuda:
+    if graph_calls_kernel(base, "scatter_tokens"):
         return torch.ops.tokred.scatter_tokens(base, index, src)
     return scatter_tokens_reference(base, index, src)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from typing import Any, Callable
 
 import torch
@@ -76,6 +77,34 @@ def require_triton(op_name: str) -> None:
 def use_triton(*tensors: torch.Tensor) -> bool:
     """True when the Triton kernel should run: Triton is installed and every tensor is on CUDA."""
     return HAS_TRITON and all(t.is_cuda for t in tensors)
+
+
+KERNEL_MODES = ("auto", "triton", "reference")
+# Ops a rewritten graph calls as Triton kernels on CUDA in "auto" mode. Measured end to end on an
+# H100 (bench/results/passes_gpu*.md): graphs that inline the plain-torch references of the
+# token ops were faster than graphs calling their kernels (merged ViT-B 0.34x against 0.27x of
+# dense, pruned ViT-B 1.20x against 1.03x): inductor fuses the references with their neighbours,
+# a custom op is a fusion barrier. The fused prune_tokens kernel also lost alone (0.02-0.06x of its
+# reference under inductor, bench/results/prune_kernels_gpu.md). k_center's greedy loop is the
+# exception: unrolled by inductor it takes minutes to compile, and its kernel runs 13x faster
+# than the eager loop.
+KERNELS_IN_GRAPH = frozenset({"k_center"})
+
+
+def graph_calls_kernel(x: torch.Tensor, op: str) -> bool:
+    """Whether a rewritten graph calls the custom op ``op`` (Triton) for ``x``, or inlines its
+    plain-torch reference (which inductor then fuses with its neighbours).
+
+    Read when the graph is traced. ``TOKRED_KERNELS``: "auto" (default: the ops in
+    KERNELS_IN_GRAPH as Triton kernels on CUDA, the others inlined), "triton" (every custom op on
+    CUDA), "reference" (never a custom op). Off CUDA the references are always inlined.
+    """
+    mode = os.environ.get("TOKRED_KERNELS", "auto")
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"TOKRED_KERNELS must be one of {KERNEL_MODES}, got {mode!r}")
+    if mode == "reference" or not (x.is_cuda and HAS_TRITON):
+        return False
+    return mode == "triton" or op in KERNELS_IN_GRAPH
 
 
 def cdiv(a: int, b: int) -> int:
