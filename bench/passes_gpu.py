@@ -115,7 +115,8 @@ def main(argv=None) -> int:
         try:
             rows.append(run_case(name, build, options, dtype, args.repeats))
         except Exception as exc:  # record, go on with the other cases
-            rows.append({"name": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            message = " ".join(str(exc).split())  # one line for the table
+            rows.append({"name": name, "error": f"{type(exc).__name__}: {message[:300]}"})
         print(rows[-1], flush=True)
     lines = ["# tokred passes end to end on CUDA (Triton ops in the graph)", "",
              f"GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}; Python {platform.python_version()}; "

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
-from tokred.demo import embed, fit_probe, load_minilm, load_wiki_topics, tokenize  # noqa: E402
+from tokred.demo import embed, fit_probe, load_minilm, load_wiki_topics, mean_pool, tokenize  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCORES = ["cls", "query", "transition", "diversity", "random"]
@@ -68,6 +68,22 @@ def pruned_model(model, prune: dict):
     return torch.compile(model, backend=backend), backend
 
 
+def kept_embeddings(model, backend, enc: dict, batch: int, desc: str) -> torch.Tensor:
+    """[n, C] embeddings pooled over the tokens that went through every block: the mean of the
+    last hidden states of the real tokens the pruning kept (``trace_source`` says which, per run)."""
+    from tqdm import tqdm
+
+    out = []
+    n = enc["input_ids"].shape[0]
+    with torch.no_grad():
+        for i in tqdm(range(0, n - n % batch, batch), desc=desc, leave=False):
+            part = {k: v[i:i + batch] for k, v in enc.items()}
+            hidden = model(**part).last_hidden_state
+            exits = backend.reports[-1].sources[-1].to(hidden.device)  # [B, N]: -1 = kept to the end
+            out.append(mean_pool(hidden, part["attention_mask"] * (exits == -1)))
+    return torch.cat(out).float().cpu()
+
+
 def run(args) -> tuple:
     """(rows, dense accuracy, number of classes): rows are (score, at, keep, accuracy, FLOPs ratio)."""
     from tqdm import tqdm
@@ -83,11 +99,14 @@ def run(args) -> tuple:
     grid = variants(args)
     for score, at, keep in tqdm(grid, desc="pruned variants"):
         torch._dynamo.reset()
-        fn, backend = pruned_model(model, {"keep": keep, "at": at, "score": score})
-        emb = embeddings(fn, test, args.batch, f"{score} at={at} keep={keep}")
+        kept_pool = args.pool == "kept"
+        fn, backend = pruned_model(model, {"keep": keep, "at": at, "score": score, "trace_source": kept_pool})
+        pool = (lambda e, d: kept_embeddings(fn, backend, e, args.batch, d)) if kept_pool else \
+            (lambda e, d: embeddings(fn, e, args.batch, d))
+        emb = pool(test, f"{score} at={at} keep={keep}")
         scorer = probe
         if args.refit:  # a probe fitted on this variant's own training embeddings
-            scorer = fit_probe(embeddings(fn, train, args.batch, f"{score} at={at} keep={keep}, train"), y_train)
+            scorer = fit_probe(pool(train, f"{score} at={at} keep={keep}, train"), y_train)
         report = backend.report
         if not report.changed:
             raise SystemExit(f"prune {score} at={at} keep={keep} rewrote nothing: "
@@ -150,8 +169,11 @@ def main() -> None:
     parser.add_argument("--full-grid", action="store_true", help="every keep at every cut (default: the keep "
                         "sweep at the middle cut and the cut sweep at the middle keep)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--pool", choices=["kept", "all"], default="kept",
+                        help="kept: mean over the tokens that went through every block (what a pruned encoder "
+                             "serves); all: mean over all N restored tokens, pruned ones at their early-exit value")
     parser.add_argument("--out", default=None, help="results name under bench/results/ (default: "
-                        "prune_quality, or prune_quality_refit with --refit)")
+                        "prune_quality, with _refit for --refit and _allpool for --pool all)")
     parser.add_argument("--refit", action="store_true",
                         help="fit each variant's probe on its own pruned training embeddings (twice the work): "
                              "measures what the pruned embedding still holds, not the shift from dense")
@@ -169,12 +191,15 @@ def main() -> None:
              f"{args.test} test extracts of {args.length} tokens. Dense accuracy: **{100 * dense_acc:.1f}%**. "
              "Cells: accuracy % (points vs dense; FLOPs ratio from the tokred report). `at` is the block after "
              "whose output the cut is made; keep is the fraction of prunable tokens kept ([CLS] is protected). "
-             "Pruned tokens exit early and the embedding is the masked mean over all N restored tokens, so "
-             "pruned tokens still contribute their value after the cut block. The 'query' scorer reads the "
+             + ("The embedding is the mean over the real tokens that went through every block (the kept ones, "
+                "read from trace_source); pruned tokens do not contribute. " if args.pool == "kept" else
+                "Pruned tokens exit early and the embedding is the masked mean over all N restored tokens, so "
+                "pruned tokens still contribute their value after the cut block. ")
+             + "The 'query' scorer reads the "
              "attention of the last position ([SEP] or padding). With this few test extracts one "
              f"extract is {100 / max(1, args.test - args.test % args.batch):.1f} points: differences of a "
              "point or two are noise.", ""]
-    if not args.refit:
+    if not args.refit and args.pool == "all":
         lines += ["With the probe fitted on dense embeddings, the early-exit values shift the pooled "
                   "embedding: a pruned token's state after block `at` is on another scale than a final "
                   "state, so the probe reads the shifted embedding as another class. Run with --refit "
@@ -183,7 +208,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(RESULTS, exist_ok=True)
-    out = args.out or ("prune_quality_refit" if args.refit else "prune_quality")
+    out = args.out or ("prune_quality" + ("_refit" if args.refit else "") + ("_allpool" if args.pool == "all" else ""))
     with open(os.path.join(RESULTS, out + ".md"), "w") as f:
         f.write(text)
     plot(rows, dense_acc, args, os.path.join(RESULTS, out + ".png"))
