@@ -187,8 +187,6 @@ def test_right_padded_prompts():
 
 
 def test_early_exit_draft_greedy_identity():
-    pytest.importorskip("tokred.passes.speculative",
-                        reason="tokred.passes.speculative (EarlyExitDraft) is not written yet")
     ids, mask = left_padded(prompts())
     result = generate(target("llama"), ids, MAX_NEW, draft="early_exit", exit_layer=1, attention_mask=mask)
     for row, expected in enumerate(references("llama")):

@@ -17,13 +17,12 @@ import importlib
 import pytest
 import torch
 
-from tokred.generate import generate
+from tokred.generate import generate, warp_probs
 from tokred.speculative_runtime import (
     accepted_prefix,
     pick_rows,
     sample,
     speculative_sample,
-    warp_probs,
 )
 
 VOCAB = 8

@@ -21,20 +21,6 @@ import torch
 
 # ---- sampling math -------------------------------------------------------------------------------
 
-def warp_probs(logits: torch.Tensor, temperature: float = 1.0, top_p: float = 1.0) -> torch.Tensor:
-    """[..., V] logits -> [..., V] float32 probabilities of ``softmax(logits / temperature)``
-    restricted to the nucleus: the most probable tokens whose mass first reaches ``top_p`` (the
-    token that crosses the threshold is kept), renormalized."""
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p >= 1.0:
-        return probs
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
-    kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return kept / kept.sum(dim=-1, keepdim=True)
-
-
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """[B, V] probabilities -> [B] int64 draws."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
