@@ -650,11 +650,11 @@ def full_blocks(pattern: SparsePattern, num_queries: int, num_keys: int, q_offse
     return full[None, None]
 
 
-def use_flex_path(pattern: SparsePattern, q: Tensor, attn_bias: Tensor | None) -> bool:
+def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_bias: Tensor | None) -> bool:
     """True where the CPU path should be flex_attention: a graph being compiled (inductor lowers
     flex to its CPU template, measured faster than the gathered-block op on this machine, see
     bench/results/sparse_attention_speed.md), no extra bias (the op handles padding masks), and a
-    pattern whose allowed set is its element rule (sink_window, mask).
+    pattern whose allowed set is its element rule (sink_window, mask), and no gradient to carry.
 
     Not block_topk: flex's mask_mod defines its result (flex's non-inductor implementation, run by
     backends like aot_eager, evaluates mask_mod everywhere and ignores the block list), so the
@@ -662,7 +662,12 @@ def use_flex_path(pattern: SparsePattern, q: Tensor, attn_bias: Tensor | None) -
     kernel for a mask_mod reading a tensor computed in the graph (NoValidChoicesError, torch 2.14).
     """
     tracing = torch.compiler.is_compiling() or torch._guards.detect_fake_mode((q,)) is not None
-    return tracing and not q.is_cuda and attn_bias is None and pattern.kind != "block_topk"
+    # flex has no backward on CPU: a graph traced with gradients (a model called without no_grad)
+    # takes the gathered-block op
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    # nor for ONNX: the BlockMask construction sorts stably, which the exporter cannot lower
+    exporting = torch.onnx.is_in_onnx_export()
+    return tracing and not needs_grad and not exporting and not q.is_cuda and attn_bias is None and pattern.kind != "block_topk"
 
 
 def flex_cpu_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, kept: Tensor, rule: str,
@@ -701,18 +706,22 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, sc
     * CPU inside a graph being compiled (Dynamo or the aot_autograd trace of a rewritten graph),
       no ``attn_bias``, sink_window or mask: flex_attention with the same blocks
       (``flex_cpu_attention``);
-    * CPU otherwise (eager, block_topk, bias): the op's gathered-block SDPA path.
+    * CPU otherwise (eager, block_topk, bias): the op's gathered-block SDPA path;
+    * with gradients to carry (a model called without ``torch.no_grad``): the dense masked
+      reference, which autograd differentiates (the op has no backward).
     Traceable by torch.compile for static shapes.
     """
     if not isinstance(pattern, SparsePattern):
         raise ValueError(f"tokred option '{OPTION}' must be a SparsePattern, got {type(pattern).__name__}")
     if not torch.compiler.is_compiling():
         check_qkv(q, k, v)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return sparse_attention_reference(q, k, v, pattern, scale, q_offset, attn_bias)
     scale, q_offset = resolve(q, k, scale, q_offset)
     rule = element_rule(pattern)
     kept = kept_blocks(pattern, q, k, q_offset, rule)
     block_m, block_n = layout_blocks(pattern)
-    if use_flex_path(pattern, q, attn_bias):
+    if use_flex_path(pattern, q, k, v, attn_bias):
         return flex_cpu_attention(q, k, v, pattern, kept, rule, scale, q_offset)
     kv_count, kv_index = block_layout(kept, max_kept_blocks(pattern, q.shape[2], k.shape[2]))
     batch, heads = q.shape[0], q.shape[1]
