@@ -478,25 +478,12 @@ COMPILE_CASES += [("rank-keep", "fp32"), ("compact", "fp32")]
 def test_triton_kernels_compile_for_cuda_without_spills(monkeypatch, kernel_name, x_type):
     """The Triton compiler (not only the interpreter) accepts each kernel with its launch blocks,
     bf16 included (which the interpreter cannot run), and ptxas reports no register spills."""
-    triton = pytest.importorskip("triton")
-    from test_kernels_tome import ptxas_spill_report
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    pytest.importorskip("triton")
+    from test_kernels_tome import compile_for_sm90, ptxas_spill_report
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     kernel, pointers, constexprs, num_warps = kernel_configs()[kernel_name]
-    jitted = kernel.jitted()
-    signature = {}
-    for name in jitted.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name].format(x=x_type)
-        else:
-            assert not name.endswith("_ptr"), name
-            signature[name] = "fp32" if name in FLOAT_ARGS else "i32"
-    source = ASTSource(fn=jitted, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    compiled = compile_for_sm90(kernel, pointers, constexprs, num_warps, x_type, FLOAT_ARGS)
     assert len(compiled.asm["cubin"]) > 0
     report = ptxas_spill_report(compiled.asm["ptx"])
     assert "0 bytes spill stores" in report, report

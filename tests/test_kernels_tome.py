@@ -350,8 +350,9 @@ def kernel_configs(tokens: int, dim: int, width: int, r: int) -> dict:
 COMPILE_SHAPES = {"vit-b": (197, 64, 768, 16), "tiny": (5, 3, 3, 1)}
 
 
-def compile_for_sm90(kernel, pointers, constexprs, num_warps, x_type):
-    """Compile a kernel to an sm_90 cubin ahead of time (no GPU needed); the compiled kernel."""
+def compile_for_sm90(kernel, pointers, constexprs, num_warps, x_type, float_args=frozenset()):
+    """Compile a kernel to an sm_90 cubin ahead of time (no GPU needed); the compiled kernel.
+    Scalar arguments are i32, those named in ``float_args`` fp32."""
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -366,7 +367,7 @@ def compile_for_sm90(kernel, pointers, constexprs, num_warps, x_type):
             signature[name] = pointers[name].format(x=x_type)
         else:
             assert not name.endswith("_ptr"), name
-            signature[name] = "i32"
+            signature[name] = "fp32" if name in float_args else "i32"
     source = ASTSource(fn=jitted, signature=signature, constexprs=constexprs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
