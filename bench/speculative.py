@@ -3,6 +3,7 @@
     python bench/speculative.py                      # SmolLM2-135M, 6 prompts x 64 new tokens (~10 min, 1 thread)
     python bench/speculative.py --prompts 12 --new-tokens 128 --exit-layer 12 --threads 0
     python bench/speculative.py --qwen               # Qwen2.5-Coder 1.5B target, 0.5B draft (slow: ~7 GB fp32)
+    python bench/speculative.py --profile            # where decode time goes; what bounds prompt lookup
 
 Prompts are input-grounded: Wikipedia lead extracts (``tokred.offline.wiki_texts``) inside the
 model's chat template, asking to summarise the text, to continue it, or to answer from it. Every
@@ -11,7 +12,7 @@ rotates), so a loaded machine slows them alike. Methods (SmolLM2):
 
     tokred plain          tokred.generate(draft=None)
     hf plain              model.generate(do_sample=False)
-    tokred prompt_lookup  tokred.generate(draft="prompt_lookup", k=--lookup-k, ngram=--ngram)
+    tokred prompt_lookup  tokred.generate(draft="prompt_lookup", k=--lookup-k, ngram=--ngram, min_ngram=--min-ngram)
     hf prompt_lookup      model.generate(prompt_lookup_num_tokens=--hf-lookup-tokens)
     tokred early_exit     tokred.generate(draft="early_exit", exit_layer=L)   (L from a quick sweep)
     hf early_exit         model.generate(assistant_early_exit=L)
@@ -35,6 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokred.generate import generate  # noqa: E402
+from tokred.speculative_runtime import crop_tail, new_cache, next_k, prompt_lookup  # noqa: E402
 from tokred.offline import load_causal_lm, wiki_texts  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -201,7 +203,8 @@ def write(path: str, lines: list) -> None:
 def load_note(args) -> str:
     """How loaded the machine was: ratios are trustworthy (same prompts, interleaved), absolute
     tokens/s on a shared CPU are not."""
-    return (f"Load average of this machine at the end of the run: {os.getloadavg()[0]:.1f} on "
+    return (f"Load average (1 min) of this machine at the start of the run: {args.load_at_start:.1f}, at the end: "
+            f"{os.getloadavg()[0]:.1f}, on "
             f"{os.cpu_count()} cores (shared with other jobs: absolute tokens/s are noisy; ratios come from "
             "the same prompts in the same run, interleaved).")
 
@@ -236,7 +239,8 @@ def run_smollm2(args, command: str) -> None:
     methods = {
         "tokred plain": tokred_method(model),
         "hf plain": hf_method(model),
-        "tokred prompt_lookup": tokred_method(model, draft="prompt_lookup", k=args.lookup_k, ngram=args.ngram),
+        "tokred prompt_lookup": tokred_method(model, draft="prompt_lookup", k=args.lookup_k, ngram=args.ngram,
+                                               min_ngram=args.min_ngram),
         "hf prompt_lookup": hf_method(model, prompt_lookup_num_tokens=args.hf_lookup_tokens),
         "tokred early_exit": tokred_method(model, draft="early_exit", exit_layer=exit_layer, k=args.k),
         "hf early_exit": hf_method(model, assistant_early_exit=exit_layer),
@@ -255,7 +259,7 @@ def run_smollm2(args, command: str) -> None:
              f"{min(p[1].shape[1] for p in prompts)}-{max(p[1].shape[1] for p in prompts)} tokens), up to "
              f"{args.new_tokens} new tokens each (stopping at eos). Methods alternate prompt by prompt (rotating "
              f"order). tokred draft lengths: early exit k <= {args.k}, prompt lookup k <= {args.lookup_k} (adaptive "
-             f"within [1, k]), n-gram <= {args.ngram}; transformers prompt lookup "
+             f"within [1, k]), n-gram from {args.ngram} down to {args.min_ngram}; transformers prompt lookup "
              f"`prompt_lookup_num_tokens={args.hf_lookup_tokens}`, assisted early exit with its default "
              "draft-length schedule.",
              "",
@@ -278,8 +282,9 @@ def run_smollm2(args, command: str) -> None:
         lines.append(f"L = {exit_layer} of {model.config.num_hidden_layers} (given with --exit-layer).")
     lines += ["", f"The early-exit draft is SmolLM2's own first L layers + final norm + LM head, sliced from the "
               f"captured graph (first call, capture and analysis included: {capture_s:.1f} s); it keeps its own KV "
-              "cache of layers < L. SmolLM2 was not trained for early exit (no LayerSkip), so its early layers "
-              "predict the final token poorly; transformers' `assistant_early_exit` runs the same truncated "
+              "cache of layers < L (sharing the target's is not implemented: tokred/passes/speculative.py says "
+              "what it needs; bench/results/speculative_profile.md bounds what it could gain). SmolLM2 was not "
+              "trained for early exit (no LayerSkip), so its early layers predict the final token poorly; transformers' `assistant_early_exit` runs the same truncated "
               "model (same L)."]
     write(args.out or os.path.join(RESULTS, "speculative.md"), lines)
     for name, r in rows.items():
@@ -312,6 +317,194 @@ def run_qwen(args, command: str) -> None:
         print(f"{name:22s} {r['tokens_per_s']:7.2f} tok/s  {r['tokens_per_s'] / rows['tokred plain']['tokens_per_s']:.2f}x")
 
 
+# ----------------------------------------------------------------------------- profile and bounds
+
+def forward_cost(model, prompt: torch.Tensor, widths: list, reps: int) -> dict:
+    """Median seconds of one target forward over w new tokens after a cached prompt, per width w
+    (all positions' logits, as verification needs), plus "w last" with ``logits_to_keep=1``.
+    Widths alternate within each repetition; the cache is cropped back after each forward."""
+    cache = new_cache()
+    times: dict = {}
+    with torch.no_grad():
+        model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for _ in range(reps):
+            for w in widths:
+                for keep, key in ((0, w), (1, f"{w} last")):
+                    new = torch.randint(0, model.config.vocab_size, (1, w))
+                    start = time.perf_counter()
+                    model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=keep)
+                    times.setdefault(key, []).append(time.perf_counter() - start)
+                    crop_tail(cache, w)
+    return {key: sorted(ts)[len(ts) // 2] for key, ts in times.items()}
+
+
+def cost_of(costs: dict, width: int) -> float:
+    """Relative cost of a forward of ``width`` tokens (costs: measured widths -> relative cost;
+    linear interpolation between them, the last slope beyond)."""
+    known = sorted(w for w in costs if isinstance(w, int))
+    if width in costs:
+        return costs[width]
+    lo = max([w for w in known if w < width], default=known[0])
+    hi = min([w for w in known if w > width], default=None)
+    if hi is None:
+        lo, hi = known[-2], known[-1]
+    return costs[lo] + (costs[hi] - costs[lo]) * (width - lo) / (hi - lo)
+
+
+def simulate_lookup(runs: list, propose, costs: dict, prefill: float, k: int, adaptive: bool = True) -> dict:
+    """Replay greedy decoding with a lookup policy on known greedy outputs, no model: each round
+    proposes ``propose(context, k) -> list`` tokens, accepts the prefix equal to the true output,
+    commits it + 1 token, and costs ``cost_of(costs, 1 + proposed)`` single-token forwards; each
+    prompt adds ``prefill``. Returns the speedup over plain decoding (1 per token + prefill) and the
+    mean accepted length. ``runs``: [(prompt ids list, greedy new tokens list)]."""
+    total = plain = 0.0
+    rounds = committed = 0
+    for prompt, truth in runs:
+        total += prefill
+        plain += prefill + len(truth)
+        context, i, step_k = list(prompt) + truth[:1], 1, k
+        while i < len(truth):
+            room = len(truth) - i - 1
+            draft = propose(context, min(step_k, room))[:room] if room > 0 else []
+            accepted = 0
+            while accepted < len(draft) and draft[accepted] == truth[i + accepted]:
+                accepted += 1
+            context += truth[i:i + accepted + 1]
+            i += accepted + 1
+            total += cost_of(costs, 1 + len(draft))
+            rounds += 1
+            committed += accepted + 1
+            if adaptive and draft:
+                step_k = next_k(step_k, k, len(draft), accepted)
+    return {"speedup": plain / total, "accepted_length": committed / max(rounds, 1)}
+
+
+def hindsight_lookup(truth_ahead: list, context: list, k: int, costs: dict) -> list:
+    """The best any prompt-lookup draft could do (knowing the answer): the longest prefix (<= k) of
+    ``truth_ahead`` that some earlier occurrence of the context's last token continues with, or
+    nothing where committing those n + 1 tokens costs more than n + 1 plain steps."""
+    best = 0
+    for start in range(1, len(context)):
+        if context[start - 1] != context[-1]:
+            continue
+        n = 0
+        while n < min(k, len(truth_ahead)) and start + n < len(context) and context[start + n] == truth_ahead[n]:
+            n += 1
+        best = max(best, n)
+    return truth_ahead[:best] if best + 1 >= cost_of(costs, best + 1) else []
+
+
+def run_profile(args, command: str) -> None:
+    model, tokenizer = load_causal_lm("smollm2")
+    eos = tokenizer.eos_token_id
+    prompts = build_prompts(tokenizer, args.prompts, args.max_chars)
+    widths = [1, 2, 3, 4, 6, 8, 11]
+    seconds = forward_cost(model, prompts[0][1], widths, args.profile_reps)
+    costs = {w: seconds[w] / seconds[1] for w in widths}
+
+    runs, prefill_s, decode_s, outside_s, tokens = [], 0.0, 0.0, 0.0, 0
+    forward_s = [0.0]
+    original = model.forward
+
+    def timed_forward(*a, **kw):  # time inside the model, to tell the runtime's own overhead apart
+        start = time.perf_counter()
+        out = original(*a, **kw)
+        forward_s[0] += time.perf_counter() - start
+        return out
+
+    model.forward = timed_forward
+    try:
+        for _, ids in prompts:
+            forward_s[0] = 0.0
+            result = generate(model, ids, args.new_tokens, eos_token_id=eos, progress=False)
+            stats = result.stats
+            prefill_s += stats.time_to_first_token_s
+            decode_s += stats.total_s - stats.time_to_first_token_s
+            outside_s += stats.total_s - forward_s[0]
+            tokens += stats.new_tokens
+            runs.append((ids[0].tolist(), new_tokens_of(result.sequences, ids.shape[1], eos)))
+    finally:
+        model.forward = original
+    step_s = decode_s / max(tokens - len(prompts), 1)
+    prefill = prefill_s / len(prompts) / step_s  # in single-token steps
+
+    def lookup(ngram, min_ngram):
+        return lambda context, k: prompt_lookup(torch.tensor(context), ngram, k, min_ngram).tolist()
+
+    def truth_of(context):  # the true continuation of a replayed context (runs are prefixes of each other)
+        for prompt, truth in runs:
+            if context[:len(prompt)] == prompt:
+                return truth[len(context) - len(prompt):]
+        raise KeyError
+
+    policies = {
+        f"tokred, n-gram {args.ngram}..1 (before)": (lookup(args.ngram, 1), True),
+        f"tokred, n-gram {args.ngram}..{args.min_ngram} (now)": (lookup(args.ngram, args.min_ngram), True),
+        "best lookup in hindsight": (lambda c, k: hindsight_lookup(truth_of(c), c, k, costs), False),
+        "perfect draft (the true continuation)": (lambda c, k: truth_of(c)[:k], False),
+    }
+    k = args.lookup_k
+    lines = ["# Speculative decoding on CPU: where the time goes, what bounds prompt lookup", "", f"`{command}`", "",
+             f"{environment(args)}. {load_note(args)}", "",
+             "## One target forward over w new tokens (KV cache of a "
+             f"{prompts[0][1].shape[1]}-token prompt), median of {args.profile_reps}", "",
+             "| w | all logits ms | x (w=1) | last logit only ms |", "|---:|---:|---:|---:|"]
+    lines += [f"| {w} | {seconds[w] * 1e3:.1f} | {costs[w]:.2f} | {seconds[f'{w} last'] * 1e3:.1f} |"
+              for w in widths]
+    lines += ["", f"Plain greedy over {len(prompts)} prompts x <= {args.new_tokens} tokens: prefill "
+              f"{prefill_s / len(prompts):.2f} s per prompt (= {prefill:.1f} decode steps), a decode step "
+              f"{step_s * 1e3:.1f} ms; time outside the model's forward (the runtime: masks, cache crops, "
+              f"acceptance, stats) {outside_s:.2f} s of {prefill_s + decode_s:.2f} s "
+              f"({100 * outside_s / (prefill_s + decode_s):.1f} %).", "",
+             "## Prompt lookup replayed on the greedy outputs (no model: cost = the forward costs above)", "",
+             f"k <= {k}; speedup over plain greedy including the prefill, as the benchmark measures it.", "",
+             "| policy | speedup | accepted length |", "|---|---:|---:|"]
+    for name, (propose, adaptive) in policies.items():
+        sim = simulate_lookup(runs, propose, costs, prefill, k, adaptive)
+        lines.append(f"| {name} | {sim['speedup']:.2f}x | {sim['accepted_length']:.2f} |")
+    lines += ["", "A draft of any length makes the forward cost at least the w = 2 figure, so drafting pays only "
+              "where the expected accepted tokens exceed that cost minus one; the hindsight row knows which "
+              "earlier occurrence continues correctly and drafts only what will be accepted: no prompt-lookup "
+              "policy can beat it on these outputs and this machine."]
+    lines += early_exit_ceiling(model, costs, seconds[1], args.profile_reps)
+    write(args.out or os.path.join(RESULTS, "speculative_profile.md"), lines)
+    print("\n".join(lines))
+
+
+def early_exit_ceiling(model, costs: dict, step_s: float, reps: int) -> list:
+    """Markdown: the most an early-exit draft could gain on this machine if every draft were accepted,
+    from the measured forward costs, with the draft's own KV cache of layers < L (as now) and with
+    LayerSkip-style sharing (draft KV written into the target's cache, verification runs layers >= L
+    only, plus layers < L for the last draft). Layer costs are taken as proportional to L/n of a
+    forward without the head; the head's share is measured."""
+    head = model.get_output_embeddings()
+    hidden = torch.randn(1, 1, head.in_features)
+    with torch.no_grad():
+        times = []
+        for _ in range(max(reps, 3)):
+            start = time.perf_counter()
+            head(hidden)
+            times.append(time.perf_counter() - start)
+    h = min(sorted(times)[len(times) // 2] / step_s, 1.0)
+    n = model.config.num_hidden_layers
+    lines = ["", "## Early exit: ceiling with every draft accepted", "",
+             f"LM head = {100 * h:.0f} % of a single-token forward. d drafts per round commit d + 1 tokens; a draft "
+             "step costs L/n of the layers + the head; verification costs c(d + 1) (own cache: all layers) or "
+             "L/n of the layers for the last draft + (1 - L/n) of the layers and the head at c(d + 1) (shared).", "",
+             "| L | " + " | ".join(f"d={d} own / shared" for d in range(1, 5)) + " |", "|---:|" + "---:|" * 4]
+    for layer in (n // 4, n // 2, (3 * n) // 4):
+        f = layer / n
+        cells = []
+        for d in range(1, 5):
+            draft = d * (f * (1 - h) + h)
+            own = draft + cost_of(costs, d + 1)
+            shared = draft + f * (1 - h) + ((1 - f) * (1 - h) + h) * cost_of(costs, d + 1)
+            cells.append(f"{(d + 1) / own:.2f}x / {(d + 1) / shared:.2f}x")
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    lines += ["", "With a real acceptance a < 1 per draft, the d + 1 above becomes 1 + a + ... + a^d."]
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=None, help="prompts (default 6; --qwen: 2)")
@@ -322,6 +515,8 @@ def main() -> None:
     parser.add_argument("--lookup-k", type=int, default=10, help="tokred prompt_lookup: most draft tokens per "
                         "verification (default: as many as transformers' prompt_lookup_num_tokens)")
     parser.add_argument("--ngram", type=int, default=3, help="tokred prompt lookup: longest n-gram matched")
+    parser.add_argument("--min-ngram", type=int, default=2, help="tokred prompt lookup: shortest n-gram match "
+                        "that drafts (shorter: no draft, a plain step)")
     parser.add_argument("--hf-lookup-tokens", type=int, default=10, help="transformers prompt_lookup_num_tokens")
     parser.add_argument("--exit-layer", type=int, default=None, help="early-exit layer (default: a quick sweep)")
     parser.add_argument("--sweep-layers", type=int, nargs="+", default=[8, 16, 24])
@@ -332,6 +527,10 @@ def main() -> None:
                              "SDPA up to 100x slower, spinning on a descheduled thread; 0 = torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
     parser.add_argument("--qwen", action="store_true", help="Qwen2.5-Coder 1.5B target with the 0.5B as draft")
+    parser.add_argument("--profile", action="store_true",
+                        help="forward cost by width, runtime overhead, and prompt lookup policies replayed on the "
+                             "greedy outputs (bench/results/speculative_profile.md)")
+    parser.add_argument("--profile-reps", type=int, default=7, help="--profile: repetitions per width")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.prompts is None:
@@ -341,11 +540,15 @@ def main() -> None:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     command = "python bench/speculative.py " + " ".join(sys.argv[1:])
+    args.load_at_start = os.getloadavg()[0]
     torch.manual_seed(0)
     if args.out is None and args.device != "cpu":
         name = "speculative_qwen" if args.qwen else "speculative"
         args.out = os.path.join(RESULTS, f"{name}_{args.device.split(':')[0]}.md")
-    (run_qwen if args.qwen else run_smollm2)(args, command.strip())
+    if args.profile:
+        run_profile(args, command.strip())
+    else:
+        (run_qwen if args.qwen else run_smollm2)(args, command.strip())
 
 
 if __name__ == "__main__":

@@ -307,6 +307,30 @@ def test_prompt_lookup_prefers_longest_then_most_recent_match():
     assert prompt_lookup(torch.tensor([4]), 3, 4).tolist() == []
 
 
+def test_prompt_lookup_min_ngram_floor():
+    """Matches shorter than min_ngram propose nothing; longer ones are unaffected by the floor."""
+    context = torch.tensor([1, 2, 3, 9, 9, 7, 2, 3, 8, 5, 6, 1, 2, 3])
+    assert prompt_lookup(context, 3, 3, min_ngram=3).tolist() == [9, 9, 7]
+    only_one = torch.tensor([5, 8, 6, 7, 8])  # the last token 8 occurred before, [7, 8] did not
+    assert prompt_lookup(only_one, 3, 2, min_ngram=1).tolist() == [6, 7]
+    assert prompt_lookup(only_one, 3, 2, min_ngram=2).tolist() == []
+
+
+def test_prompt_lookup_drafter_respects_min_ngram():
+    """With min_ngram = ngram = 4 on prompts without repeated 4-grams nothing is proposed (every step
+    is a plain step), and the output still equals plain greedy."""
+    prompt = prompts()[2]
+    result = generate(target("llama"), torch.tensor([prompt]), MAX_NEW, draft="prompt_lookup", ngram=4, min_ngram=4)
+    assert generated(result, len(prompt), 0) == list(references("llama")[2])
+    context = prompt + list(references("llama")[2])
+    grams = [tuple(context[i:i + 4]) for i in range(len(context) - 3)]
+    assert len(set(grams)) == len(grams)  # the premise: no 4-gram repeats in this context
+    assert result.stats.proposed == 0 and result.stats.decode_steps == MAX_NEW - 1
+    # ngram=1 alone lowers the default floor with it (1-token matches draft again).
+    ones = generate(target("llama"), torch.tensor([prompts()[0]]), MAX_NEW, draft="prompt_lookup", ngram=1)
+    assert generated(ones, len(prompts()[0]), 0) == list(references("llama")[0]) and ones.stats.proposed > 0
+
+
 def test_model_drafter_sees_reused_prefix():
     """DraftState.reused counts the previous context plus the accepted drafts; never above lengths."""
     drafter = RandomDrafter(seed=1)
@@ -389,6 +413,8 @@ class NoCacheLM(torch.nn.Module):
     ({"k": 0}, "'k' must be an int >= 1"),
     ({"max_new_tokens": 0}, "'max_new_tokens'"),
     ({"ngram": 0}, "'ngram'"),
+    ({"min_ngram": 0}, "'min_ngram' must be an int >= 1"),
+    ({"ngram": 2, "min_ngram": 3}, r"'min_ngram' \(3\) must be <= 'ngram' \(2\)"),
     ({"temperature": 0.0}, "'temperature'"),
     ({"top_p": 1.5}, "'top_p'"),
     ({"draft": "medusa"}, "unknown 'draft' 'medusa'"),

@@ -88,6 +88,9 @@ def _add_generate_parser(commands) -> None:
     gen.add_argument("--k", type=int, default=4, help="most draft tokens per verification (default 4)")
     gen.add_argument("--fixed-k", action="store_true", help="do not adapt k to the acceptance")
     gen.add_argument("--ngram", type=int, default=3, help="longest n-gram prompt lookup matches (default 3)")
+    gen.add_argument("--min-ngram", type=int, default=None,
+                     help="shortest n-gram match prompt lookup drafts from (default min(2, --ngram): "
+                          "1-token matches draft nothing)")
     gen.add_argument("--exit-layer", type=int, metavar="L", help="early exit: blocks the draft runs")
     gen.add_argument("--sample", action="store_true", help="sample (default: greedy)")
     gen.add_argument("--temperature", type=float, default=1.0)
@@ -129,7 +132,8 @@ def run_generate(args: argparse.Namespace) -> None:
     draft = None if args.draft == "none" else args.draft
     result = generate(model, ids, args.max_new_tokens, draft=draft, k=args.k, adaptive_k=not args.fixed_k,
                       do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                      eos_token_id=eos, ngram=args.ngram, exit_layer=args.exit_layer)
+                      eos_token_id=eos, ngram=args.ngram, min_ngram=args.min_ngram,
+                      exit_layer=args.exit_layer)
     new = result.sequences[0, ids.shape[1]:].tolist()
     if eos is not None and eos in new:
         new = new[:new.index(eos)]

@@ -122,10 +122,14 @@ class GenerateResult:
 
 class PromptLookupDrafter(Drafter):
     """Prompt lookup decoding: propose the tokens that followed the most recent earlier occurrence of
-    the context's last n tokens (n from ``ngram`` down to 1). Deterministic (q is one-hot)."""
+    the context's last n tokens (n from ``ngram`` down to ``min_ngram``; shorter matches propose
+    nothing, see :func:`tokred.speculative_runtime.prompt_lookup`). Deterministic (q is one-hot)."""
 
-    def __init__(self, ngram: int = 3):
+    def __init__(self, ngram: int = 3, min_ngram: int = 2):
+        if not 1 <= min_ngram <= ngram:
+            raise ValueError(f"tokred.generate: 'min_ngram' must be in [1, ngram={ngram}], got {min_ngram!r}")
         self.ngram = ngram
+        self.min_ngram = min_ngram
 
     def propose(self, state: DraftState, k: int) -> Draft:
         tokens = state.tokens.cpu()
@@ -137,7 +141,7 @@ class PromptLookupDrafter(Drafter):
         for row in range(batch):
             if not active[row]:
                 continue
-            found = prompt_lookup(tokens[row, :lengths[row]], self.ngram, k)
+            found = prompt_lookup(tokens[row, :lengths[row]], self.ngram, k, self.min_ngram)
             proposals[row, :found.shape[0]] = found
             counts[row] = found.shape[0]
         device = state.tokens.device
@@ -198,7 +202,8 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
              draft=None, k: int = 4, adaptive_k: bool = True, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, eos_token_id=None, pad_token_id=None,
              attention_mask: torch.Tensor | None = None, seed: int | None = None, ngram: int = 3,
-             exit_layer: int | None = None, return_stats: bool = True, progress: bool | None = None):
+             min_ngram: int | None = None, exit_layer: int | None = None, return_stats: bool = True,
+             progress: bool | None = None):
     """Generate up to ``max_new_tokens`` tokens per sequence with ``model`` (a transformers causal LM,
     or its ``torch.compile`` wrapper, e.g. with ``backend="tokred"``), speculatively when ``draft`` is
     given.
@@ -215,18 +220,22 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
                     target's greedy decoding, argmax with the first index on ties).
     eos_token_id:   int or ints; a sequence stops after emitting one (None: never stops early).
     pad_token_id:   fills each row after it stopped (default: the first eos id, else 0).
-    ngram:          the longest n-gram prompt lookup matches.
+    ngram, min_ngram: prompt lookup matches the context's last n tokens for n from ``ngram`` down to
+                    ``min_ngram`` (default min(2, ngram): a 1-token match drafts nothing; on CPU, where
+                    verifying any draft costs ~1.75x a plain step, 1-token matches were a net loss).
     progress:       a tqdm bar over new tokens (None: when stderr is a terminal).
 
     Returns a :class:`GenerateResult` (``.sequences`` [B, T + new], ``.stats``), or only the
     sequences when ``return_stats`` is False. ``new`` is the most tokens any row generated (<=
     max_new_tokens).
     """
-    _check_args(input_ids, max_new_tokens, k, temperature, top_p, ngram, attention_mask)
+    if min_ngram is None and isinstance(ngram, int):
+        min_ngram = min(2, ngram)
+    _check_args(input_ids, max_new_tokens, k, temperature, top_p, ngram, min_ngram, attention_mask)
     eos_ids = _eos_list(eos_token_id)
     if pad_token_id is None:
         pad_token_id = eos_ids[0] if eos_ids else 0
-    drafter = _resolve_draft(model, draft, ngram, exit_layer)
+    drafter = _resolve_draft(model, draft, ngram, min_ngram, exit_layer)
     if drafter is not None:
         drafter.reset()
     show = sys.stderr.isatty() if progress is None else progress
@@ -375,14 +384,17 @@ def _synchronize(device: torch.device) -> None:
 # ---- argument checks -----------------------------------------------------------------------------
 
 
-def _check_args(input_ids, max_new_tokens, k, temperature, top_p, ngram, attention_mask) -> None:
+def _check_args(input_ids, max_new_tokens, k, temperature, top_p, ngram, min_ngram, attention_mask) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype.is_floating_point:
         raise ValueError("tokred.generate: 'input_ids' must be an integer tensor [batch, tokens]")
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
         raise ValueError(f"tokred.generate: 'input_ids' is empty (shape {tuple(input_ids.shape)})")
-    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("k", k, 1), ("ngram", ngram, 1)):
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("k", k, 1), ("ngram", ngram, 1),
+                             ("min_ngram", min_ngram, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"tokred.generate: {name!r} must be an int >= {low}, got {value!r}")
+    if min_ngram > ngram:
+        raise ValueError(f"tokred.generate: 'min_ngram' ({min_ngram}) must be <= 'ngram' ({ngram})")
     if not (isinstance(temperature, (int, float)) and temperature > 0):
         raise ValueError(f"tokred.generate: 'temperature' must be > 0, got {temperature!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
@@ -414,7 +426,7 @@ def _num_layers(model) -> int | None:
     return getattr(config, "num_hidden_layers", None) if config is not None else None
 
 
-def _resolve_draft(model, draft, ngram: int, exit_layer: int | None) -> Drafter | None:
+def _resolve_draft(model, draft, ngram: int, min_ngram: int, exit_layer: int | None) -> Drafter | None:
     if exit_layer is not None and draft != "early_exit":
         raise ValueError(f"tokred.generate: 'exit_layer' is only used with draft='early_exit' (draft={draft!r})")
     if draft is None:
@@ -423,7 +435,7 @@ def _resolve_draft(model, draft, ngram: int, exit_layer: int | None) -> Drafter 
         return draft
     if isinstance(draft, str):
         if draft == "prompt_lookup":
-            return PromptLookupDrafter(ngram)
+            return PromptLookupDrafter(ngram, min_ngram)
         if draft == "early_exit":
             return _early_exit(model, exit_layer)
         raise ValueError(f"tokred.generate: unknown 'draft' {draft!r}; expected None, "

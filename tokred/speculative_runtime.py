@@ -101,12 +101,16 @@ def next_k(k: int, k_max: int, proposed: int, accepted: int) -> int:
 
 # ---- prompt lookup ------------------------------------------------------------------------------
 
-def prompt_lookup(context: torch.Tensor, ngram: int, k: int) -> torch.Tensor:
+def prompt_lookup(context: torch.Tensor, ngram: int, k: int, min_ngram: int = 1) -> torch.Tensor:
     """context [L] int64 -> up to k proposed tokens [m], m in [0, k]: the tokens that followed the
     most recent earlier occurrence of the context's last n tokens, for the longest n from ``ngram``
-    down to 1 that has an occurrence with a continuation."""
+    down to ``min_ngram`` that has an occurrence with a continuation (none: m = 0).
+
+    Why a floor: a match of one token predicts the next tokens poorly (on SmolLM2's input-grounded
+    answers, 1-gram drafts were mostly rejected), and where verifying extra tokens costs more than a
+    plain step (CPU: a 2-token forward costs ~1.75 single-token ones), proposing nothing is cheaper."""
     length = context.shape[0]
-    for n in range(min(ngram, length - 1), 0, -1):
+    for n in range(min(ngram, length - 1), min_ngram - 1, -1):
         suffix = context[length - n:]
         # Windows starting at 0 .. length-n-1: each has at least one token after it.
         windows = context[:length - 1].unfold(0, n, 1)

@@ -30,8 +30,21 @@ first ``min(reused[b], cached)`` entries, feeds the rest of the committed tokens
 drafts k tokens (k forwards of L blocks in all), then crops its k - 1 draft entries back off, so
 the cache again ends at the committed tokens. Sliding-window layers record their past so that the
 crop is exact. Since layers < L of the draft and the target are the same modules, these entries
-equal the target's; sharing the target's cache would save the draft's prefill (L/n of a target
-prefill) but needs the runtime to hand the cache over.
+equal the target's.
+
+Sharing the target's cache (LayerSkip-style self-speculation) is not done; what it needs:
+(1) a drafter protocol that gets the target's ``BatchedDecoder`` (its cache, right-aligned rows,
+per-row counts) instead of a ``DraftState``, and runs k + 1 single-token steps of layers < L into
+that cache (the last committed token and the k drafts: the k-th draft's entries are the "missing"
+ones), keeping h_L of each, with per-row hole bookkeeping between those steps; (2) a verification
+forward that starts at block L on those h_L: through the model's own forward (masks, rotary tables)
+with blocks < L (``Block.module`` of the analysis) temporarily replaced by a function that returns
+the saved h_L and re-appends the draft's K/V to its cache layer, because transformers reads the
+past length from layer 0 of the cache (``get_seq_length``), so layers < L must not be longer than
+the others when the forward starts: the draft's k + 1 entries are cropped off and stashed before
+it; (3) ``keep`` as today (every layer cropped by the same count). Measured on SmolLM2 / CPU, it
+would lift the early-exit ceiling (every draft accepted) only modestly: see
+bench/results/speculative_profile.md; with SmolLM2's acceptance (~0.1 at L = 16) it stays below 1x.
 
 The forward stop: a forward hook on block L-1's module, registered only for the duration of a
 draft call, raises an internal exception carrying the block's output; transformers' wrappers clean
