@@ -20,6 +20,8 @@ from tokred import triton_ops
 from tokred.triton_ops import common, sparse_kernel, sparse_rule
 from tokred.triton_ops.sparse_attention import (
     SparsePattern,
+    past_blocks_attention,
+    past_blocks_layout,
     pattern_layout,
     pattern_mask,
     resolve,
@@ -396,3 +398,28 @@ def test_onnx_block_topk_breaks_ties_like_torch(tmp_path):
     feeds = {i.name: t.numpy() for i, t in zip(session.get_inputs(), (q, k, v, padding))}
     got = torch.from_numpy(session.run(None, feeds)[0])
     torch.testing.assert_close(got, sparse_attention_reference(q, k, v, pattern), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("topk,sinks,local", [(2, 1, 1), (3, 0, 2), (0, 0, 1), (1, 2, 1)])
+def test_block_topk_prefill_takes_the_unmasked_past_blocks_path(topk, sinks, local, dtype):
+    """The CPU prefill of causal block_topk (no bias) runs past_blocks_attention: it must take
+    it (the layout has its shape) and equal the element-wise oracle, with odd N, GQA, batch 2."""
+    q, k, v = qkv(2, 4, 2, 150, 150, dtype=dtype)
+    pattern = SparsePattern("block_topk", block=16, topk=topk, sinks=sinks, local=local)
+    count, index, _ = pattern_layout(pattern, q, k, 0)
+    scale, q_offset = resolve(q, k, None, None)
+    out = past_blocks_attention(q, k, v, count, index, scale, 16)
+    assert out is not None, "the block_topk prefill layout was not recognised"
+    expected = oracle_attention(q.float(), k.float(), v.float(), oracle_mask(pattern, q, k, q_offset), scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(sparse_attention(q, k, v, pattern), out)
+
+
+def test_past_blocks_path_refuses_other_layouts():
+    """A layout whose query blocks do not end on their own block (a window) is left to the
+    generic path."""
+    q, k, v = qkv(1, 2, 2, 80, 80)
+    count, index, _ = pattern_layout(SparsePattern("sink_window", sinks=0, window=20, block=16), q, k, 0)
+    assert past_blocks_layout(count, index) is None

@@ -31,7 +31,9 @@ query block: the sorted key blocks to visit, ``kv_index[B, H, NQB, MAXK]`` and t
 rule string, then calls ``torch.ops.tokred.sparse_attention``. On CUDA that is the generated
 block-sparse flash-attention kernel (sparse_kernel.py); elsewhere ``sparse_attention_blocks``:
 for each query block (or chunk of blocks sharing a layout), gather the kept key blocks and run
-SDPA on them, so work is proportional to the blocks kept. On CPU inside a graph being compiled,
+SDPA on them, so work is proportional to the blocks kept (block_topk's causal prefill instead
+takes ``past_blocks_attention``: whole past blocks without a mask, merged with the own block by
+log-sum-exp). On CPU inside a graph being compiled,
 sink_window and mask patterns instead lower to flex_attention with the same blocks (inductor's
 CPU flex kernel measured faster; see ``use_flex_path``). ``sparse_attention_reference`` is
 dense SDPA with the pattern's mask.
@@ -151,6 +153,10 @@ def additive_bias(attn_bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | No
 # ----------------------------------------------------------------------------------------------
 
 
+# The element rule of causal attention (all that block_topk's whole kept blocks need).
+CAUSAL_RULE = "(kv_idx <= q_idx)"
+
+
 @torch._dynamo.assume_constant_result
 def element_rule(pattern: SparsePattern) -> str:
     """The rule expression (sparse_rule language) that decides single (query, key) pairs.
@@ -167,7 +173,7 @@ def element_rule(pattern: SparsePattern) -> str:
 
 def pattern_rule(pattern: SparsePattern) -> str:
     """``element_rule`` before registration (see there)."""
-    causal = "(kv_idx <= q_idx)"
+    causal = CAUSAL_RULE
     if pattern.kind == "sink_window":
         window = f"((kv_idx <= q_idx) & (q_idx - kv_idx < {pattern.window}))"
         sinks = f"(kv_idx < {pattern.sinks})"
@@ -455,6 +461,12 @@ def sparse_attention_blocks(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, k
     index = without_broadcast(kv_index, (0, 1))
     if bias is not None:
         bias = without_broadcast(bias, (0, 1, 2))
+    if (rule == CAUSAL_RULE and bias is None and q_offset == 0 and q.shape[2] == k.shape[2] and block_m == block_n
+            and q.device.type == "cpu"):
+        out = past_blocks_attention(q, k, v, count.expand(q.shape[0], q.shape[1], -1),
+                                    index.expand(q.shape[0], q.shape[1], -1, -1), scale, block_m)
+        if out is not None:
+            return out
     with single_thread():  # the mask and gather ops; SDPA itself runs on all threads
         if count.shape[0] == 1 and count.shape[1] == 1:
             return shared_layout_attention(q, k, v, count[0, 0], index[0, 0], bias, scale, q_offset, block_m,
@@ -581,6 +593,97 @@ def per_head_layout_attention(q, k, v, count, index, bias, scale, q_offset, bloc
                                        v_step.flatten(1, 2), allowed, step_bias, scale)
         out[:, :, first * block_m:last * block_m] = step_out.view(batch, heads, -1, v.shape[-1])
     return out[:, :, :num_queries]
+
+
+# Bytes of gathered K plus V per step of ``past_blocks_attention``: measured fastest around here
+# (a step's copies stay in cache-friendly sizes, and few enough ops).
+PAST_STEP_BYTES = 64 * 2**20
+
+
+def past_blocks_layout(count: Tensor, index: Tensor) -> int | None:
+    """P, the first query block of the uniform part, if the layout has the shape causal block_topk
+    gives a prefill (count [B, H, NQB], index [B, H, NQB, MAXK]), else None.
+
+    The shape: query block m keeps min(m + 1, MAXK) blocks, its own block m last. Blocks m < P =
+    MAXK - 1 then keep every visible block (a dense causal prefix), and each block m >= P keeps
+    MAXK - 1 distinct blocks strictly before m (ascending, so all < m) plus its own.
+    """
+    num_q_blocks, max_blocks = index.shape[2], index.shape[3]
+    blocks = torch.arange(num_q_blocks, device=count.device)
+    if not bool((count == torch.clamp(blocks + 1, max=max_blocks)).all()):
+        return None
+    prefix = min(num_q_blocks, max_blocks - 1)
+    if not bool((index[:, :, prefix:, max_blocks - 1] == blocks[prefix:]).all()):
+        return None
+    return prefix
+
+
+def merge_by_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
+    """Softmax attention over the union of two disjoint key sets from each set's output [.., L, Dv]
+    and log-sum-exp [.., L]: the outputs weighted by each set's share of the total mass."""
+    top = torch.maximum(lse_a, lse_b)
+    weight_a = (lse_a - top).exp().unsqueeze(-1)
+    weight_b = (lse_b - top).exp().unsqueeze(-1)
+    return (out_a.float() * weight_a + out_b.float() * weight_b) / (weight_a + weight_b)
+
+
+def past_blocks_attention(q: Tensor, k: Tensor, v: Tensor, count: Tensor, index: Tensor, scale: float,
+                          block: int) -> Tensor | None:
+    """Causal prefill over a block_topk-shaped layout without any mask: [B, H, N, Dv], or None
+    where the layout is not of that shape (see ``past_blocks_layout``).
+
+    q [B, H, N, D], k/v [B, Hkv, N, *], count [B, H, NQB], index [B, H, NQB, MAXK]. The dense
+    prefix (query blocks < P) is one causal SDPA. Each later query block's MAXK - 1 past blocks
+    are whole (no mask): gathered as contiguous block rows and attended with CPU flash attention,
+    which also returns the log-sum-exp; its own block is a causal SDPA of one block against one
+    block; the two are merged by their log-sum-exps. Work: the kept blocks and nothing else (the
+    generic path pays for a dense [rows, MAXK * block] additive mask and the padding entries).
+    """
+    prefix = past_blocks_layout(count, index)
+    if prefix is None:
+        return None
+    batch, heads, num_tokens, dim = q.shape
+    kv_heads, dim_v = k.shape[1], v.shape[-1]
+    num_blocks, max_blocks = index.shape[2], index.shape[3]
+    out = q.new_empty(batch, heads, num_blocks * block, dim_v)
+    rows = min(num_tokens, prefix * block)
+    if rows:
+        out[:, :, :rows] = F.scaled_dot_product_attention(q[:, :, :rows], k[:, :, :rows], v[:, :, :rows],
+                                                          is_causal=True, scale=scale, enable_gqa=heads != kv_heads)
+    if prefix == num_blocks:
+        return out[:, :, :num_tokens]
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    # Padding rows (a last partial block) are zeros: they only ever meet padded keys in their own
+    # block's causal part and are cut off at the end.
+    q_blocks = padded_rows(q, num_blocks * block).view(batch, heads, num_blocks, block, dim)
+    k_rows = padded_rows(k, num_blocks * block)
+    v_rows = padded_rows(v, num_blocks * block)
+    k_flat = k_rows.reshape(batch * kv_heads * num_blocks, block * dim)  # one row per key block
+    v_flat = v_rows.reshape(batch * kv_heads * num_blocks, block * dim_v)
+    kv_row = ((torch.arange(batch, device=q.device).view(batch, 1, 1) * kv_heads
+               + torch.arange(heads, device=q.device).view(1, heads, 1) // (heads // kv_heads)) * num_blocks)
+    group = heads // kv_heads
+    bytes_per_block = batch * heads * (max_blocks - 1) * block * (dim + dim_v) * q.element_size()
+    per_step = max(1, PAST_STEP_BYTES // max(1, bytes_per_block))
+    for first in range(prefix, num_blocks, per_step):
+        last = min(num_blocks, first + per_step)
+        steps = last - first
+        past = index[:, :, first:last, :max_blocks - 1].long() + kv_row[..., None]  # [B, H, G, MAXK-1]
+        q_step = q_blocks[:, :, first:last].reshape(batch, heads * steps, block, dim)
+        own_k = k_rows[:, :, first * block:last * block].view(batch, kv_heads, steps, block, dim)
+        own_v = v_rows[:, :, first * block:last * block].view(batch, kv_heads, steps, block, dim_v)
+        own_k = own_k.repeat_interleave(group, 1).reshape(batch, heads * steps, block, dim)
+        own_v = own_v.repeat_interleave(group, 1).reshape(batch, heads * steps, block, dim_v)
+        own_out, own_lse = flash(q_step, own_k, own_v, is_causal=True, scale=scale)[:2]
+        if max_blocks == 1:
+            merged = own_out
+        else:
+            past_k = k_flat.index_select(0, past.flatten()).view(batch, heads * steps, -1, dim)
+            past_v = v_flat.index_select(0, past.flatten()).view(batch, heads * steps, -1, dim_v)
+            past_out, past_lse = flash(q_step, past_k, past_v, scale=scale)[:2]
+            merged = merge_by_lse(past_out, past_lse, own_out, own_lse)
+        out[:, :, first * block:last * block] = merged.view(batch, heads, steps * block, dim_v).to(out.dtype)
+    return out[:, :, :num_tokens]
 
 
 # ----------------------------------------------------------------------------------------------
