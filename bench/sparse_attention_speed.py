@@ -203,7 +203,9 @@ def write_results(args, rows: list[dict]) -> None:
 
     def verdict(key: str, limit: float) -> str:
         misses = [f"{r['pattern']} {r['n']}" for r in rows if r.get(key, 0) > limit]
-        return "met on every row" if not misses else f"NOT met on {len(misses)} of {len(rows)} rows ({', '.join(misses)})"
+        if not misses:
+            return "met on every row"
+        return f"NOT met on {len(misses)} of {len(rows)} rows ({', '.join(misses)})"
 
     lines += ["", f"Targets: x density bound <= 1.3: {verdict('x_bound', 1.3)}; "
               f"x flex <= 1.0: {verdict('x_flex', 1.0)}"

@@ -284,7 +284,8 @@ def run_smollm2(args, command: str) -> None:
               f"captured graph (first call, capture and analysis included: {capture_s:.1f} s); it keeps its own KV "
               "cache of layers < L (sharing the target's is not implemented: tokred/passes/speculative.py says "
               "what it needs; bench/results/speculative_profile.md bounds what it could gain). SmolLM2 was not "
-              "trained for early exit (no LayerSkip), so its early layers predict the final token poorly; transformers' `assistant_early_exit` runs the same truncated "
+              "trained for early exit (no LayerSkip), so its early layers predict the final token poorly; "
+              "transformers' `assistant_early_exit` runs the same truncated "
               "model (same L)."]
     write(args.out or os.path.join(RESULTS, "speculative.md"), lines)
     for name, r in rows.items():
