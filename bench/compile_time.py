@@ -28,6 +28,8 @@ from pathlib import Path
 # Run from a source checkout without installing: the repo root holds the tokred package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import write_results  # noqa: E402
+
 BACKENDS = ("inductor", "tokred")
 TARGET_RATIO = 1.3
 RESULTS = Path(__file__).resolve().parent / "results" / "compile_time.md"
@@ -174,11 +176,7 @@ def main() -> int:
         extra = f", analysis {run['analysis_s']:.2f} s, {run['attention_sites']} sites" if "analysis_s" in run else ""
         print(f"{backend:9s} {run['compile_s']:7.2f} s wall, {run['compile_cpu_s']:7.2f} s CPU{extra}", flush=True)
     text = render(runs, args.model, args.batch, (load_before, os.getloadavg()[0]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print()
-    print(text)
-    print(f"written to {args.out}")
+    write_results(text, args.out)
     return 0
 
 

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
+from bench.common import write_results  # noqa: E402
 from tokred.demo import embed, fit_probe, load_minilm, load_wiki_topics, time_per_batch, tokenize  # noqa: E402
 
 CACHE = os.path.expanduser("~/.cache/tokred")
@@ -180,11 +181,7 @@ def main() -> None:
     dense_acc = {r[0]: r[2] for r in rows if r[1] == "dense"}
     for task, name, acc, speed, fl in rows:
         lines.append(f"| {task} | {name} | {acc:.3f} | {speed:.2f}x | {fl:.3f} | {100 * (dense_acc[task] - acc):+.1f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "merge_quality.md"), "w") as f:
-        f.write(text)
+    write_results("\n".join(lines) + "\n", os.path.join(RESULTS, "merge_quality.md"))
     plot(rows, os.path.join(RESULTS, "merge_quality.png"))
 
 

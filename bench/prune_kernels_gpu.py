@@ -32,6 +32,8 @@ from pathlib import Path
 # Run from a source checkout without installing: the repo root holds the tokred package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "prune_kernels_gpu.md"
 
 # name: (B, H, Hkv, R, N, D, C, first prunable, last prunable + 1, keep)
@@ -243,11 +245,7 @@ def main() -> int:
     rows = measure(args.dtype, use_inductor=not args.no_inductor)
     command = f"python bench/prune_kernels_gpu.py --dtype {args.dtype}" + (" --no-inductor" if args.no_inductor else "")
     text = render(rows, args.dtype, command)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print()
-    print(text)
-    print(f"written to {args.out}")
+    write_results(text, args.out)
     return 1 if any("error" in row for row in rows) else 0
 
 

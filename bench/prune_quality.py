@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
-from tokred.demo import embed, fit_probe, load_minilm, load_wiki_topics, mean_pool, tokenize  # noqa: E402
+from tokred.demo import embed, fit_probe, load_minilm, load_wiki_topics, tokenize  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCORES = ["cls", "query", "transition", "diversity", "random"]
@@ -71,17 +71,12 @@ def pruned_model(model, prune: dict):
 def kept_embeddings(model, backend, enc: dict, batch: int, desc: str) -> torch.Tensor:
     """[n, C] embeddings pooled over the tokens that went through every block: the mean of the
     last hidden states of the real tokens the pruning kept (``trace_source`` says which, per run)."""
-    from tqdm import tqdm
 
-    out = []
-    n = enc["input_ids"].shape[0]
-    with torch.no_grad():
-        for i in tqdm(range(0, n - n % batch, batch), desc=desc, leave=False):
-            part = {k: v[i:i + batch] for k, v in enc.items()}
-            hidden = model(**part).last_hidden_state
-            exits = backend.reports[-1].sources[-1].to(hidden.device)  # [B, N]: -1 = kept to the end
-            out.append(mean_pool(hidden, part["attention_mask"] * (exits == -1)))
-    return torch.cat(out).float().cpu()
+    def kept(part: dict) -> torch.Tensor:  # [b, N]: real tokens whose exit is -1 (kept to the end)
+        exits = backend.reports[-1].sources[-1].to(part["attention_mask"].device)
+        return part["attention_mask"] * (exits == -1)
+
+    return embed(model, enc, batch, desc, pooled_tokens=kept).float().cpu()
 
 
 def run(args) -> tuple:

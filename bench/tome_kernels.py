@@ -25,6 +25,8 @@ from pathlib import Path
 # Run from a source checkout without installing: the repo root holds the tokred package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import write_results  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results" / "tome_kernels_gpu.md"
 TOKENS, METRIC_DIM, WIDTH = 197, 64, 768
 
@@ -168,11 +170,7 @@ def main() -> int:
     command = (f"python bench/tome_kernels.py --batches {' '.join(map(str, args.batches))} "
                f"--r {args.r} --dtype {args.dtype}")
     text = render(rows, args.r, args.dtype, command)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print()
-    print(text)
-    print(f"written to {args.out}")
+    write_results(text, args.out)
     return 0
 
 

@@ -79,8 +79,13 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
-def embed(model, batch: dict, batch_size: int, desc: str) -> torch.Tensor:
-    """Mean-pooled embeddings of every row of ``batch``, with a progress bar."""
+def embed(model, batch: dict, batch_size: int, desc: str, pooled_tokens=None) -> torch.Tensor:
+    """Mean-pooled embeddings [n, C] of every row of ``batch``, with a progress bar.
+
+    ``pooled_tokens(part) -> [b, N]`` says which tokens of a slice ``part`` of the batch to average;
+    it is called right after the model ran on ``part`` (a pruned model's report says then which
+    tokens it kept). Default: the real (unpadded) tokens, ``part["attention_mask"]``.
+    """
     from tqdm import tqdm
 
     out = []
@@ -89,7 +94,8 @@ def embed(model, batch: dict, batch_size: int, desc: str) -> torch.Tensor:
         for i in tqdm(range(0, n - n % batch_size, batch_size), desc=desc, leave=False):
             part = {k: v[i:i + batch_size] for k, v in batch.items()}
             hidden = model(**part).last_hidden_state
-            out.append(mean_pool(hidden, part["attention_mask"]))
+            tokens = part["attention_mask"] if pooled_tokens is None else pooled_tokens(part)
+            out.append(mean_pool(hidden, tokens))
     return torch.cat(out)
 
 

@@ -1,0 +1,20 @@
+"""What every benchmark script does at its end: write its results table and show it.
+
+Benchmarks run as ``python bench/<name>.py`` from the repository root; each puts the root on
+``sys.path`` first, so they import this module as ``bench.common``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def write_results(text: str, path: str | Path) -> Path:
+    """Write the markdown ``text`` to ``path`` (creating its folder), print it and where it went."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print()
+    print(text)
+    print(f"written to {path}")
+    return path
