@@ -142,3 +142,41 @@ def test_trace_source_records_where_each_token_left(fuse, fresh_dynamo):
     assert torch.equal(left, exits == 0)
     n, protected = ids.shape[1], 1 if fuse else 0
     assert (exits == 0).sum(dim=1).tolist() == [(n - protected) - round(0.5 * (n - protected))] * ids.shape[0]
+
+
+def test_generate_on_tokred_compiled_model_does_not_recompile_per_step(fresh_dynamo):
+    """model.generate on the tokred-compiled forward: the prefill is pruned, the decode steps (one
+    query token, a KV cache that grows) pass through unchanged without pinning the cache length.
+    Dynamo compiles the prefill, the first step, and one step with a symbolic cache length (as for
+    the dense model); a guard on a symbolic size would recompile at every step."""
+    z = ZOO["hf_llama_sdpa"]()
+    model, ids, new_tokens = z.model, z.kwargs["input_ids"][:1], 24
+    n = ids.shape[1]
+    torch._dynamo.config.recompile_limit = 64  # let the old behaviour show as a count, not a fallback
+    backend = tokred.backend(inner="eager", prune={"keep": 0.5, "at": [0], "score": "query"})
+    forward = model.forward
+    model.forward = torch.compile(lambda *a, **k: forward(*a, **k), backend=backend)
+    try:
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=0, return_dict_in_generate=True)
+    finally:
+        del model.forward
+    assert [r.changed for r in backend.reports] == [True, False, False]  # prefill pruned, 2 step graphs
+    cached = [layer.keys.shape[2] for layer in out.past_key_values.layers]
+    total = n + new_tokens - 1
+    assert cached == [total, total - (n - round(0.5 * n))]  # block 1 holds the kept prompt tokens only
+
+
+def test_dynamic_token_count_is_not_specialised(fresh_dynamo):
+    """A graph compiled with a symbolic token count is left unpruned (the reason is reported) and
+    serves every length from one compile: the analysis reads no symbolic size as an int."""
+    z = ZOO["hf_llama_sdpa"]()
+    backend = tokred.backend(inner="eager", prune={"keep": 0.5, "at": [0]})
+    compiled = torch.compile(z.model, backend=backend, dynamic=True)
+    for n in (7, 9, 12):
+        ids = torch.randint(10, 90, (1, n), generator=torch.Generator().manual_seed(n))
+        with torch.no_grad():
+            assert torch.allclose(compiled(input_ids=ids).logits, z.model(input_ids=ids).logits, atol=1e-5)
+    assert len(backend.reports) == 1
+    assert all("dynamic" in s.reason for s in backend.reports[0].attention_sites)

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
+import torch
 from torch import fx
 
 from tokred.passes import merge, prune, sparse_attention
@@ -32,15 +34,30 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
     """
     facts = analysis.analyze(gm)
     report = facts.to_report()
-    report.flops_before = graph_flops(gm)
+    with unguarded(example_inputs):
+        report.flops_before = graph_flops(gm)
     for name, module in PASSES.items():
         if name in options.passes:
             module.apply(gm, facts, options.passes[name], report, options, example_inputs)
     if report.changed:
         gm.graph.lint()
         gm.recompile()
-    report.flops_after = graph_flops(gm) if report.changed else report.flops_before
+    with unguarded(example_inputs):
+        report.flops_after = graph_flops(gm) if report.changed else report.flops_before
     return gm, report
+
+
+def unguarded(example_inputs):
+    """A context in which evaluating the graph's symbolic sizes adds no guard.
+
+    For figures of the report only (FLOPs of a dynamic graph, taken at the sizes it was captured
+    with): a guard there would pin each symbolic size to its example value, and Dynamo would
+    recompile the graph for every other value (e.g. at each decode step of a growing KV cache).
+    Never wrap code whose rewrite depends on a size: that must guard.
+    """
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    shape_env = getattr(fake_mode, "shape_env", None)
+    return shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:

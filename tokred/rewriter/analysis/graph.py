@@ -45,19 +45,24 @@ def example_value(node: Any):
 
 
 def shape_of(node: Any) -> Optional[tuple]:
-    """Static shape of a tensor-valued node (None if not a tensor or unknown)."""
+    """Shape of a tensor-valued node (None if not a tensor or unknown): static sizes as ints,
+    symbolic sizes (a dynamic graph) left as SymInts."""
     ev = example_value(node)
     if isinstance(ev, torch.Tensor):
-        return tuple(int(s) if isinstance(s, int) or _is_static(s) else s for s in ev.shape)
+        return tuple(_static_size(s) for s in ev.shape)
     return None
 
 
-def _is_static(s) -> bool:
-    try:
-        int(s)
-        return not isinstance(s, torch.SymInt) or s.node.is_constant()
-    except Exception:
-        return False
+def _static_size(s):
+    """``s`` as an int when it is one or a SymInt whose value is a constant, else the SymInt.
+
+    Never ``int()`` a symbolic size: that evaluates it and guards the compiled graph on its value
+    (Dynamo then recompiles for every other value, e.g. at each decode step of a growing KV cache).
+    """
+    if isinstance(s, torch.SymInt):
+        value = s.node.maybe_as_int()
+        return s if value is None else value
+    return int(s)
 
 
 def is_state(node: fx.Node) -> bool:
