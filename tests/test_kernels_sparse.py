@@ -18,10 +18,12 @@ import torch.nn.functional as F
 
 from tokred import triton_ops
 from tokred.triton_ops import common, sparse_kernel, sparse_rule
+from tokred.triton_ops import sparse_attention as sparse_module
 from tokred.triton_ops.sparse_attention import (
     SparsePattern,
     past_blocks_attention,
     past_blocks_layout,
+    sink_window_band_attention,
     pattern_layout,
     pattern_mask,
     resolve,
@@ -423,3 +425,45 @@ def test_past_blocks_path_refuses_other_layouts():
     q, k, v = qkv(1, 2, 2, 80, 80)
     count, index, _ = pattern_layout(SparsePattern("sink_window", sinks=0, window=20, block=16), q, k, 0)
     assert past_blocks_layout(count, index) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("sinks,window,chunk,n", [(3, 9, 4, 37), (0, 20, 8, 150), (4, 30, 16, 150), (2, 200, 8, 150),
+                                                  (1, 1, 4, 23)])
+def test_sink_window_band_path_matches_oracle(sinks, window, chunk, n, dtype):
+    """The band path (overlapping key windows under one band mask, the sinks merged by
+    log-sum-exp): full chunks, a partial last chunk, no sinks, a window covering everything, a
+    window of one key; odd N, GQA, batch 2, against the element-wise oracle."""
+    q, k, v = qkv(2, 4, 2, n, n, dtype=dtype)
+    pattern = SparsePattern("sink_window", sinks=sinks, window=window, block=16)
+    scale, q_offset = resolve(q, k, None, None)
+    out = sink_window_band_attention(q, k, v, sinks, window, scale, chunk=chunk)
+    expected = oracle_attention(q.float(), k.float(), v.float(), oracle_mask(pattern, q, k, q_offset), scale)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
+
+
+def test_sink_window_prefill_takes_the_band_path_eager_and_compiled(monkeypatch, fresh_dynamo):
+    """Causal sink_window's CPU prefill runs the band path, eagerly and inside a compiled graph
+    (not flex_attention); a decode step over a cache does not (it has q_offset > 0)."""
+    calls = []
+    band = sparse_module.sink_window_band_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[2])
+        return band(*args, **kwargs)
+
+    monkeypatch.setattr(sparse_module, "sink_window_band_attention", counting)
+    pattern = PATTERNS["sink_window"]
+    q, k, v = qkv(*SHAPES["gqa_odd"])
+    expected = sparse_attention_reference(q, k, v, pattern)
+    torch.testing.assert_close(sparse_attention(q, k, v, pattern), expected, atol=1e-5, rtol=1e-5)
+    assert calls == [37]
+    assert not sparse_module.use_flex_path(pattern, q, k, v, None, 0)
+    compiled = torch.compile(lambda q, k, v: sparse_attention(q, k, v, pattern), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), expected, atol=1e-5, rtol=1e-5)
+    assert calls == [37, 37]
+    q, k, v = qkv(*SHAPES["decode"])
+    torch.testing.assert_close(sparse_attention(q, k, v, pattern), sparse_attention_reference(q, k, v, pattern),
+                               atol=1e-5, rtol=1e-5)
+    assert calls == [37, 37]

@@ -33,10 +33,11 @@ block-sparse flash-attention kernel (sparse_kernel.py); elsewhere ``sparse_atten
 for each query block (or chunk of blocks sharing a layout), gather the kept key blocks and run
 SDPA on them, so work is proportional to the blocks kept (block_topk's causal prefill instead
 takes ``past_blocks_attention``: whole past blocks without a mask, merged with the own block by
-log-sum-exp). On CPU inside a graph being compiled,
-sink_window and mask patterns instead lower to flex_attention with the same blocks (inductor's
-CPU flex kernel measured faster; see ``use_flex_path``). ``sparse_attention_reference`` is
-dense SDPA with the pattern's mask.
+log-sum-exp; causal sink_window's prefill takes ``sink_window_band_attention``: overlapping
+contiguous key windows under one band mask, no gather). On CPU inside a graph being compiled,
+the other sink_window shapes and mask patterns lower to flex_attention with the same blocks
+(inductor's CPU flex kernel measured faster than the gathered blocks; see ``use_flex_path``).
+``sparse_attention_reference`` is dense SDPA with the pattern's mask.
 
 Rows with no visible key (possible with a padding ``attn_bias``) return zeros in every path.
 """
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -442,6 +444,17 @@ def kept_from_layout(kv_count: Tensor, kv_index: Tensor, num_k_blocks: int) -> T
     return kept.bool()
 
 
+def layout_covers_sink_window(count: Tensor, index: Tensor, sinks: int, window: int, num_tokens: int,
+                              block_m: int, block_n: int) -> bool:
+    """Whether the layout (count [B', H', NQB], index [B', H', NQB, MAXK]) keeps every block that
+    holds a key causal sink_window(sinks, window) lets a query see in a prefill of ``num_tokens``:
+    then layout & rule is the rule alone, which ``sink_window_band_attention`` computes."""
+    pattern = SparsePattern("sink_window", sinks=sinks, window=window, block=block_m, causal=True)
+    needed = sink_window_blocks(pattern, num_tokens, num_tokens, block_m, block_n, 0, count.device)[0, 0]
+    kept = kept_from_layout(count, index, needed.shape[-1])
+    return bool((kept | ~needed).all())
+
+
 def sparse_attention_blocks(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, kv_index: Tensor,
                             bias: Tensor | None, scale: float, q_offset: int, block_m: int, block_n: int,
                             rule: str) -> Tensor:
@@ -456,17 +469,25 @@ def sparse_attention_blocks(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, k
       those keys, GQA inside SDPA), masked to each block's own blocks and the rule;
     * per-head layouts (block_topk): steps of as many query blocks as fit STEP_BYTES, each block
       with its own gathered key blocks, one batched SDPA per step.
+
+    Two prefill shapes (no bias, q_offset 0, CPU) take paths without masks or gathers instead:
+    block_topk's causal layout (``past_blocks_attention``) and causal sink_window's rule over a
+    layout holding its blocks (``sink_window_band_attention``, which reads the rule, not the layout).
     """
     count = without_broadcast(kv_count, (0, 1))
     index = without_broadcast(kv_index, (0, 1))
     if bias is not None:
         bias = without_broadcast(bias, (0, 1, 2))
-    if (rule == CAUSAL_RULE and bias is None and q_offset == 0 and q.shape[2] == k.shape[2] and block_m == block_n
-            and q.device.type == "cpu"):
+    prefill = bias is None and q_offset == 0 and q.shape[2] == k.shape[2] and q.device.type == "cpu"
+    if prefill and rule == CAUSAL_RULE and block_m == block_n:
         out = past_blocks_attention(q, k, v, count.expand(q.shape[0], q.shape[1], -1),
                                     index.expand(q.shape[0], q.shape[1], -1, -1), scale, block_m)
         if out is not None:
             return out
+    sink_window = sink_window_of_rule(rule) if prefill else None
+    if sink_window is not None and sink_window[1] > 0 and layout_covers_sink_window(
+            count, index, *sink_window, q.shape[2], block_m, block_n):
+        return sink_window_band_attention(q, k, v, *sink_window, scale)
     with single_thread():  # the mask and gather ops; SDPA itself runs on all threads
         if count.shape[0] == 1 and count.shape[1] == 1:
             return shared_layout_attention(q, k, v, count[0, 0], index[0, 0], bias, scale, q_offset, block_m,
@@ -595,6 +616,95 @@ def per_head_layout_attention(q, k, v, count, index, bias, scale, q_offset, bloc
     return out[:, :, :num_queries]
 
 
+# Query rows per chunk of ``sink_window_band_attention``: a chunk of c rows attends to the same
+# window + c - 1 keys, so each row pays c - 1 keys beyond its window; flash's query tile is 32
+# rows below c = 192. 64 measured fastest on this CPU at window 1024 (32..256 within noise).
+SINK_WINDOW_CHUNK = 64
+
+
+def sink_window_of_rule(rule: str) -> tuple[int, int] | None:
+    """(sinks, window) if ``rule`` is exactly causal sink_window's element rule, else None."""
+    match = re.fullmatch(r"\(\(kv_idx <= q_idx\) & \(\(kv_idx < (\d+)\) \| \(q_idx - kv_idx < (\d+)\)\)\)", rule)
+    if match is None:
+        return None
+    sinks, window = int(match.group(1)), int(match.group(2))
+    if rule != pattern_rule(SparsePattern("sink_window", sinks=sinks, window=window, causal=True)):
+        return None
+    return sinks, window
+
+
+def band_chunks(t: Tensor, start: int, rows: int, chunks: int, step: int) -> Tensor:
+    """Overlapping views of one batch row ``t [H', N, X]``: [chunks, H', rows, X], chunk i being
+    rows ``[start + i * step, start + i * step + rows)`` (no copy; flash reads the strides)."""
+    heads, _, width = t.shape
+    return t.as_strided((chunks, heads, rows, width), (step * t.stride(1), t.stride(0), t.stride(1), t.stride(2)),
+                        t.storage_offset() + start * t.stride(1))
+
+
+def band_mask(chunk: int, window: int, device) -> Tensor:
+    """Additive fp32 mask [chunk, window + chunk - 1] of a chunk's window part: row r (query at
+    position s + r) against column t (key at s - window + 1 + t) is 0 where r <= t <= r + window - 1
+    (the key is in the query's window), -inf elsewhere. The same for every chunk."""
+    rows = torch.arange(chunk, device=device)[:, None]
+    cols = torch.arange(window + chunk - 1, device=device)[None, :]
+    outside = (cols < rows) | (cols > rows + window - 1)
+    return torch.zeros(outside.shape, dtype=torch.float32, device=device).masked_fill(outside, float("-inf"))
+
+
+def sink_window_band_attention(q: Tensor, k: Tensor, v: Tensor, sinks: int, window: int, scale: float,
+                               chunk: int = SINK_WINDOW_CHUNK) -> Tensor:
+    """Causal sink_window prefill without gathers: q [B, H, N, D], k/v [B, Hkv, N, *] -> [B, H, N, Dv].
+
+    Queries at positions p < P0 = window + sinks - 1 see every key <= p (their window reaches the
+    sinks): one causal SDPA over the first P0 tokens. A later query's window (p - window, p] lies
+    after the sinks, so it is two disjoint key sets: the window part of a chunk of queries
+    [s, s + c) reads the contiguous keys [s - window + 1, s + c) with a band mask that is the same
+    for every chunk (``band_mask``), so all chunks run as one flash call over overlapping strided
+    views of K and V (GQA inside flash); the sinks are keys [0, sinks) for every such query, one
+    flash call without a mask. The two are merged by their log-sum-exps. Work: c - 1 keys per row
+    beyond the pattern's own (plus the rows of a partial last chunk, run as a smaller call).
+    """
+    batch, heads, num_tokens, _ = q.shape
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    out = q.new_empty(batch, heads, num_tokens, v.shape[-1])
+    prefix = min(num_tokens, window + sinks - 1)
+    if prefix:
+        out[:, :, :prefix] = flash(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], is_causal=True,
+                                   scale=scale)[0]
+    rows = num_tokens - prefix
+    if rows == 0:
+        return out
+    sink_out = sink_lse = None
+    if sinks:
+        sink_out, sink_lse = flash(q[:, :, prefix:], k[:, :, :sinks], v[:, :, :sinks], scale=scale)[:2]
+    mask = band_mask(chunk, window, q.device)
+    full, tail = divmod(rows, chunk)
+    # (first row after the prefix, rows per chunk, number of chunks) of the full chunks and the tail
+    parts = [(0, chunk, full), (full * chunk, tail, 1)]
+    for b in range(batch):
+        for first, size, count in parts:
+            if size == 0 or count == 0:
+                continue
+            start = prefix + first
+            keys = window + size - 1
+            window_out, window_lse = flash(band_chunks(q[b], start, size, count, chunk),
+                                           band_chunks(k[b], start - window + 1, keys, count, chunk),
+                                           band_chunks(v[b], start - window + 1, keys, count, chunk),
+                                           attn_mask=mask[:size, :keys], scale=scale)[:2]
+            # [count, H, size, *] -> [H, count * size, *]: this part's rows in order
+            window_out = window_out.transpose(0, 1).reshape(heads, count * size, -1)
+            window_lse = window_lse.transpose(0, 1).reshape(heads, count * size)
+            span = slice(start, start + count * size)
+            if sink_out is None:
+                out[b, :, span] = window_out
+            else:
+                sink_span = slice(first, first + count * size)
+                out[b, :, span] = merge_by_lse(window_out, window_lse, sink_out[b, :, sink_span],
+                                               sink_lse[b, :, sink_span]).to(out.dtype)
+    return out
+
+
 # Bytes of gathered K plus V per step of ``past_blocks_attention``: measured fastest around here
 # (a step's copies stay in cache-friendly sizes, and few enough ops).
 PAST_STEP_BYTES = 64 * 2**20
@@ -620,24 +730,37 @@ def past_blocks_layout(count: Tensor, index: Tensor) -> int | None:
 
 def merge_by_lse(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tensor:
     """Softmax attention over the union of two disjoint key sets from each set's output [.., L, Dv]
-    and log-sum-exp [.., L]: the outputs weighted by each set's share of the total mass."""
-    top = torch.maximum(lse_a, lse_b)
-    weight_a = (lse_a - top).exp().unsqueeze(-1)
-    weight_b = (lse_b - top).exp().unsqueeze(-1)
-    return (out_a.float() * weight_a + out_b.float() * weight_b) / (weight_a + weight_b)
+    and log-sum-exp [.., L]: the outputs weighted by each set's share of the total mass, in fp32.
+
+    Set b's share is exp(lse_b) / (exp(lse_a) + exp(lse_b)) = sigmoid(lse_b - lse_a), so the merge
+    is one lerp (one pass over the outputs; the max/exp/divide form took ~20x longer, measured).
+    """
+    share_b = torch.sigmoid(lse_b.float() - lse_a.float()).unsqueeze(-1)
+    return torch.lerp(out_a.float(), out_b.float(), share_b)
+
+
+def own_block_causal_mask(block: int, max_blocks: int, device) -> Tensor:
+    """Additive fp32 mask [block, max_blocks * block] of a query block against its gathered key
+    blocks, the own block last: 0 on the past blocks, the causal triangle (key row <= query row)
+    on the own block. The same for every query block and head."""
+    rows = torch.arange(block, device=device)[:, None]
+    cols = torch.arange(max_blocks * block, device=device)[None, :] - (max_blocks - 1) * block
+    return torch.zeros(block, max_blocks * block, dtype=torch.float32, device=device).masked_fill(
+        cols > rows, float("-inf"))
 
 
 def past_blocks_attention(q: Tensor, k: Tensor, v: Tensor, count: Tensor, index: Tensor, scale: float,
                           block: int) -> Tensor | None:
-    """Causal prefill over a block_topk-shaped layout without any mask: [B, H, N, Dv], or None
-    where the layout is not of that shape (see ``past_blocks_layout``).
+    """Causal prefill over a block_topk-shaped layout: [B, H, N, Dv], or None where the layout is
+    not of that shape (see ``past_blocks_layout``).
 
     q [B, H, N, D], k/v [B, Hkv, N, *], count [B, H, NQB], index [B, H, NQB, MAXK]. The dense
-    prefix (query blocks < P) is one causal SDPA. Each later query block's MAXK - 1 past blocks
-    are whole (no mask): gathered as contiguous block rows and attended with CPU flash attention,
-    which also returns the log-sum-exp; its own block is a causal SDPA of one block against one
-    block; the two are merged by their log-sum-exps. Work: the kept blocks and nothing else (the
-    generic path pays for a dense [rows, MAXK * block] additive mask and the padding entries).
+    prefix (query blocks < P) is one causal SDPA. Each later query block's MAXK blocks (MAXK - 1
+    whole past blocks, then its own) are gathered as contiguous block rows and attended with CPU
+    flash attention under one mask shared by every block and head (``own_block_causal_mask``: only
+    the own block's triangle is masked). Steps of a few query blocks gather into buffers reused
+    from step to step, small enough to stay in cache between the copy and flash reading it (the
+    gather is the cost beyond the kept blocks themselves: measured 2x faster than steps of 64 MiB).
     """
     prefix = past_blocks_layout(count, index)
     if prefix is None:
@@ -655,34 +778,28 @@ def past_blocks_attention(q: Tensor, k: Tensor, v: Tensor, count: Tensor, index:
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     # Padding rows (a last partial block) are zeros: they only ever meet padded keys in their own
     # block's causal part and are cut off at the end.
-    q_blocks = padded_rows(q, num_blocks * block).view(batch, heads, num_blocks, block, dim)
-    k_rows = padded_rows(k, num_blocks * block)
-    v_rows = padded_rows(v, num_blocks * block)
-    k_flat = k_rows.reshape(batch * kv_heads * num_blocks, block * dim)  # one row per key block
-    v_flat = v_rows.reshape(batch * kv_heads * num_blocks, block * dim_v)
+    q_blocks = padded_rows(q, num_blocks * block).reshape(batch * heads, num_blocks, block, dim)
+    k_flat = padded_rows(k, num_blocks * block).reshape(batch * kv_heads * num_blocks, block * dim)  # a row per block
+    v_flat = padded_rows(v, num_blocks * block).reshape(batch * kv_heads * num_blocks, block * dim_v)
     kv_row = ((torch.arange(batch, device=q.device).view(batch, 1, 1) * kv_heads
                + torch.arange(heads, device=q.device).view(1, heads, 1) // (heads // kv_heads)) * num_blocks)
-    group = heads // kv_heads
-    bytes_per_block = batch * heads * (max_blocks - 1) * block * (dim + dim_v) * q.element_size()
+    mask = own_block_causal_mask(block, max_blocks, q.device)
+    bytes_per_block = batch * heads * max_blocks * block * (dim + dim_v) * q.element_size()
     per_step = max(1, PAST_STEP_BYTES // max(1, bytes_per_block))
+    k_buffer = k_flat.new_empty(batch * heads * per_step * max_blocks, block * dim)
+    v_buffer = v_flat.new_empty(batch * heads * per_step * max_blocks, block * dim_v)
+    out_blocks = out.view(batch * heads, num_blocks, block, dim_v)
     for first in range(prefix, num_blocks, per_step):
         last = min(num_blocks, first + per_step)
         steps = last - first
-        past = index[:, :, first:last, :max_blocks - 1].long() + kv_row[..., None]  # [B, H, G, MAXK-1]
-        q_step = q_blocks[:, :, first:last].reshape(batch, heads * steps, block, dim)
-        own_k = k_rows[:, :, first * block:last * block].view(batch, kv_heads, steps, block, dim)
-        own_v = v_rows[:, :, first * block:last * block].view(batch, kv_heads, steps, block, dim_v)
-        own_k = own_k.repeat_interleave(group, 1).reshape(batch, heads * steps, block, dim)
-        own_v = own_v.repeat_interleave(group, 1).reshape(batch, heads * steps, block, dim_v)
-        own_out, own_lse = flash(q_step, own_k, own_v, is_causal=True, scale=scale)[:2]
-        if max_blocks == 1:
-            merged = own_out
-        else:
-            past_k = k_flat.index_select(0, past.flatten()).view(batch, heads * steps, -1, dim)
-            past_v = v_flat.index_select(0, past.flatten()).view(batch, heads * steps, -1, dim_v)
-            past_out, past_lse = flash(q_step, past_k, past_v, scale=scale)[:2]
-            merged = merge_by_lse(past_out, past_lse, own_out, own_lse)
-        out[:, :, first * block:last * block] = merged.view(batch, heads, steps * block, dim_v).to(out.dtype)
+        rows_kv = (index[:, :, first:last].long() + kv_row[..., None]).flatten()  # [B * H * G * MAXK]
+        keys = torch.index_select(k_flat, 0, rows_kv, out=k_buffer[:rows_kv.shape[0]])
+        values = torch.index_select(v_flat, 0, rows_kv, out=v_buffer[:rows_kv.shape[0]])
+        # batch = (b, h), heads = the step's query blocks: q and out are views, no copy
+        out_blocks[:, first:last] = flash(q_blocks[:, first:last],
+                                          keys.view(batch * heads, steps, max_blocks * block, dim),
+                                          values.view(batch * heads, steps, max_blocks * block, dim_v),
+                                          attn_mask=mask, scale=scale)[0]
     return out[:, :, :num_tokens]
 
 
@@ -753,13 +870,16 @@ def full_blocks(pattern: SparsePattern, num_queries: int, num_keys: int, q_offse
     return full[None, None]
 
 
-def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_bias: Tensor | None) -> bool:
+def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_bias: Tensor | None,
+                  q_offset: int = 0) -> bool:
     """True where the CPU path should be flex_attention: a graph being compiled (inductor lowers
     flex to its CPU template, measured faster than the gathered-block op on this machine, see
     bench/results/sparse_attention_speed.md), no extra bias (the op handles padding masks), and a
     pattern whose allowed set is its element rule (sink_window, mask), and no gradient to carry.
 
-    Not block_topk: flex's mask_mod defines its result (flex's non-inductor implementation, run by
+    Not causal sink_window's prefill (q_offset 0, Nq = Nk): the op's band path
+    (``sink_window_band_attention``) measured faster than flex there (1.1-1.3x the density bound,
+    flex ~2x). Not block_topk: flex's mask_mod defines its result (flex's non-inductor implementation, run by
     backends like aot_eager, evaluates mask_mod everywhere and ignores the block list), so the
     selection would have to be looked up in mask_mod, and inductor's CPU flex lowering found no
     kernel for a mask_mod reading a tensor computed in the graph (NoValidChoicesError, torch 2.14).
@@ -770,7 +890,15 @@ def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     # nor for ONNX: the BlockMask construction sorts stably, which the exporter cannot lower
     exporting = torch.onnx.is_in_onnx_export()
-    return tracing and not needs_grad and not exporting and not q.is_cuda and attn_bias is None and pattern.kind != "block_topk"
+    return (tracing and not needs_grad and not exporting and not q.is_cuda and attn_bias is None
+            and pattern.kind != "block_topk" and not band_path_applies(pattern, q, k, q_offset))
+
+
+def band_path_applies(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int) -> bool:
+    """Whether the op runs sink_window as ``sink_window_band_attention`` on CPU: a causal prefill
+    (q_offset 0, as many queries as keys) with a window of at least one key."""
+    return (pattern.kind == "sink_window" and pattern.causal and pattern.window > 0 and q_offset == 0
+            and q.shape[2] == k.shape[2] and not q.is_cuda)
 
 
 def flex_cpu_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, kept: Tensor, rule: str,
@@ -807,9 +935,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, sc
     Builds the block layout and rule, then runs, by where it is:
     * CUDA: ``torch.ops.tokred.sparse_attention`` -> the generated Triton kernel;
     * CPU inside a graph being compiled (Dynamo or the aot_autograd trace of a rewritten graph),
-      no ``attn_bias``, sink_window or mask: flex_attention with the same blocks
-      (``flex_cpu_attention``);
-    * CPU otherwise (eager, block_topk, bias): the op's gathered-block SDPA path;
+      no ``attn_bias``, mask or sink_window but its causal prefill: flex_attention with the same
+      blocks (``flex_cpu_attention``);
+    * CPU otherwise (eager, block_topk, bias, sink_window's causal prefill): the op's CPU paths
+      (``sparse_attention_blocks``);
     * with gradients to carry (a model called without ``torch.no_grad``): the dense masked
       reference, which autograd differentiates (the op has no backward).
     Traceable by torch.compile for static shapes.
@@ -824,7 +953,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, sc
     rule = element_rule(pattern)
     kept = kept_blocks(pattern, q, k, q_offset, rule)
     block_m, block_n = layout_blocks(pattern)
-    if use_flex_path(pattern, q, k, v, attn_bias):
+    if use_flex_path(pattern, q, k, v, attn_bias, q_offset):
         return flex_cpu_attention(q, k, v, pattern, kept, rule, scale, q_offset)
     kv_count, kv_index = block_layout(kept, max_kept_blocks(pattern, q.shape[2], k.shape[2]))
     batch, heads = q.shape[0], q.shape[1]
