@@ -15,6 +15,7 @@ rotates), so a loaded machine slows them alike. Methods (SmolLM2):
     tokred prompt_lookup  tokred.generate(draft="prompt_lookup", k=--lookup-k, ngram=--ngram, min_ngram=--min-ngram)
     hf prompt_lookup      model.generate(prompt_lookup_num_tokens=--hf-lookup-tokens)
     tokred early_exit     tokred.generate(draft="early_exit", exit_layer=L)   (L from a quick sweep)
+    tokred early_exit, own cache   the same with EarlyExitDraft(share_cache=False)
     hf early_exit         model.generate(assistant_early_exit=L)
 
 ``--qwen``: tokred.generate(draft=<0.5B model>) against model.generate(assistant_model=<0.5B>), and
@@ -36,6 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tokred.generate import generate  # noqa: E402
+from tokred.passes.speculative import EarlyExitDraft  # noqa: E402
 from tokred.speculative_runtime import crop_tail, new_cache, next_k, prompt_lookup  # noqa: E402
 from tokred.offline import load_causal_lm, wiki_texts  # noqa: E402
 
@@ -243,6 +245,8 @@ def run_smollm2(args, command: str) -> None:
                                                min_ngram=args.min_ngram),
         "hf prompt_lookup": hf_method(model, prompt_lookup_num_tokens=args.hf_lookup_tokens),
         "tokred early_exit": tokred_method(model, draft="early_exit", exit_layer=exit_layer, k=args.k),
+        "tokred early_exit, own cache": tokred_method(
+            model, draft=EarlyExitDraft(model, exit_layer, share_cache=False), k=args.k),
         "hf early_exit": hf_method(model, assistant_early_exit=exit_layer),
     }
     records = run_methods(methods, prompts, args.new_tokens, eos, "methods x prompts", args.device)
@@ -281,9 +285,10 @@ def run_smollm2(args, command: str) -> None:
     else:
         lines.append(f"L = {exit_layer} of {model.config.num_hidden_layers} (given with --exit-layer).")
     lines += ["", f"The early-exit draft is SmolLM2's own first L layers + final norm + LM head, sliced from the "
-              f"captured graph (first call, capture and analysis included: {capture_s:.1f} s); it keeps its own KV "
-              "cache of layers < L (sharing the target's is not implemented: tokred/passes/speculative.py says "
-              "what it needs; bench/results/speculative_profile.md bounds what it could gain). SmolLM2 was not "
+              f"captured graph (first call, capture and analysis included: {capture_s:.1f} s); it writes its K/V of "
+              "layers < L into the target's cache and the verification runs layers >= L only (each token runs "
+              "layers < L once); `own cache` is the same draft with its own KV cache of layers < L "
+              "(`share_cache=False`: the verification recomputes them). SmolLM2 was not "
               "trained for early exit (no LayerSkip), so its early layers predict the final token poorly; "
               "transformers' `assistant_early_exit` runs the same truncated "
               "model (same L)."]

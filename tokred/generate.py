@@ -264,6 +264,8 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, drafter, k_max, 
     target = BatchedDecoder(model, batch, device, name="model")
     logits = target.step(prompt, prompt_lengths, last_only=True)[:, 0]
     target.keep(prompt_lengths)
+    if drafter is not None:
+        drafter.bind(target)  # the early-exit draft writes its layers' K/V into this cache
     vocab = logits.shape[-1]
     first = sample(warp_probs(logits, temperature, top_p), generator) if do_sample else logits.argmax(dim=-1)
     _synchronize(device)
@@ -309,7 +311,8 @@ def _generate(model, input_ids, attention_mask, max_new_tokens, drafter, k_max, 
         drafts = drafts[:, :drafts_width]
         feed = torch.cat([last_token.unsqueeze(1), drafts], dim=1)
         feed_counts = torch.where(active, counts + 1, torch.zeros_like(counts))
-        logits_all = target.step(feed, feed_counts)
+        logits_all = drafter.verify(target, feed, feed_counts) if drafter is not None else \
+            target.step(feed, feed_counts)
         if do_sample:
             target_probs = warp_probs(logits_all, temperature, top_p)
             q = draft_probs[:, :drafts_width] if draft_probs is not None else None

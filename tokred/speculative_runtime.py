@@ -209,6 +209,29 @@ class BatchedDecoder:
         self._pending: int | None = None  # width of the last step, until keep
         self._logits_to_keep = _accepts_logits_to_keep(model)
 
+    def model_inputs(self, tokens: torch.Tensor, counts: torch.Tensor, n_real: torch.Tensor | None = None,
+                     slots: int | None = None) -> dict:
+        """The model's keyword arguments for a forward on tokens [B, n] appended to the cache (row b's
+        new tokens are tokens[b, :counts[b]], the rest holes), when the cache holds ``slots`` slots of
+        which the last ``n_real[b]`` [B] are row b's real tokens (default: the decoder's own counts).
+        Returns input_ids, attention_mask [B, slots + n] (1 = attend), position_ids [B, n] (row b's
+        new tokens continue at n_real[b]), past_key_values (this decoder's cache), use_cache.
+
+        A drafter that runs part of the target on its cache (the early-exit draft's first L blocks)
+        passes its own ``n_real``/``slots``: its earlier draft tokens count as real tokens there."""
+        n_real = self.n_real if n_real is None else n_real
+        slots = self.slots if slots is None else slots
+        device = tokens.device
+        offsets = torch.arange(tokens.shape[1], device=device)
+        new_valid = offsets < counts.unsqueeze(1)  # [B, n]
+        past_valid = torch.arange(slots, device=device) >= (slots - n_real).unsqueeze(1)
+        attention_mask = torch.cat([past_valid, new_valid], dim=1).long()
+        # Holes get the position of the row's last new token: in range, and never seen by a real token.
+        last = (counts - 1).clamp(min=0).unsqueeze(1)
+        position_ids = n_real.unsqueeze(1) + torch.minimum(offsets.unsqueeze(0), last)
+        return {"input_ids": tokens, "attention_mask": attention_mask, "position_ids": position_ids,
+                "past_key_values": self.cache, "use_cache": True}
+
     def step(self, tokens: torch.Tensor, counts: torch.Tensor,
              last_only: bool = False) -> torch.Tensor:
         """tokens [B, n] int64 (row b's new tokens are tokens[b, :counts[b]], the rest filler),
@@ -217,19 +240,11 @@ class BatchedDecoder:
         if self._pending is not None:
             raise RuntimeError("BatchedDecoder.step called twice without keep")
         batch, width = tokens.shape
-        device = tokens.device
         if self.forwards:
             # The cache's own length (layer 0's, which the model's mask is built for).
             self.slots = self.cache.get_seq_length()
-        offsets = torch.arange(width, device=device)
-        new_valid = offsets < counts.unsqueeze(1)  # [B, n]
-        past_valid = torch.arange(self.slots, device=device) >= (self.slots - self.n_real).unsqueeze(1)
-        attention_mask = torch.cat([past_valid, new_valid], dim=1).long()
-        # Holes get the position of the row's last new token: in range, and never seen by a real token.
+        kwargs = self.model_inputs(tokens, counts)
         last = (counts - 1).clamp(min=0).unsqueeze(1)
-        position_ids = self.n_real.unsqueeze(1) + torch.minimum(offsets.unsqueeze(0), last)
-        kwargs = {"input_ids": tokens, "attention_mask": attention_mask, "position_ids": position_ids,
-                  "past_key_values": self.cache, "use_cache": True}
         if last_only and self._logits_to_keep:
             kwargs["logits_to_keep"] = last.view(batch, 1)
         try:
