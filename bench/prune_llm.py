@@ -225,24 +225,9 @@ def dense_entry(model):
 
 
 def pruned_entry(model):
-    """As :func:`dense_entry`, a second function for the pruned model's prefill."""
+    """As :func:`dense_entry`, a second function for the pruned model (its prefill and decode steps)."""
     forward = model.forward
     return lambda *args, **kwargs: forward(*args, **kwargs)
-
-
-def prefill_then_decode(prefill_fn, decode_fn):
-    """The pruned model's forward in ``generate``: the prefill (an empty cache) by ``prefill_fn``
-    (tokred, pruning), each decode step by ``decode_fn`` (the dense model's compiled forward) on
-    the pruned cache. A decode step has one query token, so tokred has nothing to prune in it (it
-    reports the step graph unchanged); calling tokred's compile for the steps made dynamo recompile
-    at every step (the cache length was specialised: recompile_limit hit after 16 tokens)."""
-
-    def forward(*args, **kwargs):
-        cache = kwargs.get("past_key_values")
-        first = cache is None or cache.get_seq_length() == 0
-        return (prefill_fn if first else decode_fn)(*args, **kwargs)
-
-    return forward
 
 
 def generation_timing(model, ids: torch.Tensor, prune: dict, args) -> dict:
@@ -251,11 +236,9 @@ def generation_timing(model, ids: torch.Tensor, prune: dict, args) -> dict:
     the decode graphs). -> {"dense"|"pruned": {"ttft", "decode", "total": medians, "tokens",
     "cached"}, "report": the pruned prefill's tokred report, "compile_s": warm-up s per model}."""
     torch._dynamo.reset()
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     backend = tokred.backend(inner=args.time_inner, prune=prune)
-    dense = torch.compile(dense_entry(model), backend=args.time_inner)
-    forwards = {"dense": dense,
-                "pruned": prefill_then_decode(torch.compile(pruned_entry(model), backend=backend), dense)}
+    forwards = {"dense": torch.compile(dense_entry(model), backend=args.time_inner),
+                "pruned": torch.compile(pruned_entry(model), backend=backend)}
     runs = {name: [] for name in forwards}
     compile_s = {}
     for name, forward in forwards.items():  # warm-up: prefill + decode graphs compiled
@@ -266,6 +249,9 @@ def generation_timing(model, ids: torch.Tensor, prune: dict, args) -> dict:
         for name, forward in forwards.items():
             runs[name].append(timed_generate(model, forward, ids, args.new_tokens))
     prefill_report = backend.reports[0]  # the first graph tokred compiled: the prefill
+    if len(backend.reports) > 4:  # the prefill, the first step, one step with a symbolic cache length
+        raise SystemExit(f"tokred compiled {len(backend.reports)} graphs for {args.repeats + 1} generate calls: "
+                         "the decode steps recompiled")
     if not prefill_report.changed:
         raise SystemExit("the pruned prefill inside generate was not rewritten: " + "; ".join(
             s.reason or s.status for s in prefill_report.attention_sites[:3]))
@@ -279,7 +265,7 @@ def generation_timing(model, ids: torch.Tensor, prune: dict, args) -> dict:
     median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
     out = {name: {key: median([r[key] for r in rs]) for key in ("ttft", "decode", "total")}
            | {"tokens": rs[0]["tokens"], "cached": rs[0]["cached"]} for name, rs in runs.items()}
-    return out | {"report": prefill_report, "compile_s": compile_s}
+    return out | {"report": prefill_report, "compile_s": compile_s, "graphs": len(backend.reports)}
 
 
 # ----------------------------------------------------------------------------- the bench
@@ -386,9 +372,10 @@ def timing_lines(timing: dict, args, prune: dict) -> list:
     compiler = ("inductor" if args.time_inner == "inductor" else args.time_inner)
     lines = ["", f"Generation on prompt 0 ({args.length} tokens, batch 1): transformers `model.generate` (greedy, "
              f"{args.new_tokens} new tokens) with the model's forward compiled by torch.compile: dense with backend "
-             f"{compiler}; pruned: the prefill by tokred (prune={prune}, inner compiler {args.time_inner}), the "
-             "decode steps on the pruned cache by the dense model's compiled forward (a one-token step has nothing "
-             f"to prune; through tokred's compile dynamo recompiled at every step). The two called alternately, median of {args.repeats} after one warm-up "
+             f"{compiler}; pruned: by tokred (prune={prune}, inner compiler {args.time_inner}): the prefill "
+             "pruned, the decode steps (one query token, nothing to prune) on the pruned cache passed through "
+             f"({timing['graphs']} graphs compiled by tokred in all: the prefill, the first step, one step with a "
+             f"symbolic cache length). The two called alternately, median of {args.repeats} after one warm-up "
              f"call each (warm-up incl. compile: dense {timing['compile_s']['dense']:.0f} s, pruned "
              f"{timing['compile_s']['pruned']:.0f} s). TTFT: from the call to the first token; decode: tokens 2.."
              f"{args.new_tokens} per second; end-to-end: {args.new_tokens} tokens / whole call.", "",
