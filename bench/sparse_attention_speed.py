@@ -8,11 +8,11 @@ For each length N and pattern (sink_window: sinks 4, window 1024; block_topk: bl
 
 * dense: F.scaled_dot_product_attention(is_causal=True, enable_gqa=True), the baseline;
 * tokred: ``torch.compile(lambda q, k, v: sparse_attention(q, k, v, pattern))``, end to end
-  (layout, block_topk's Quest selection, then on CPU: flex_attention on tokred's blocks for
-  sink_window, the custom op for block_topk, whose prefill gathers whole past blocks and merges
-  them with the own causal block by log-sum-exp): the path a rewritten graph takes;
-* tokred op: the same call in eager mode, i.e. the gathered-block SDPA path of the custom op
-  ``tokred::sparse_attention`` (what runs outside compile, e.g. decode or with a padding bias);
+  (layout, block_topk's Quest selection, then on CPU the custom op: sink_window's prefill as
+  overlapping key windows under one band mask, the sinks merged by log-sum-exp; block_topk's
+  prefill as each query block's gathered blocks in one masked flash call): the path a rewritten
+  graph takes;
+* tokred op: the same call in eager mode, i.e. the custom op ``tokred::sparse_attention`` alone;
 * flex: ``torch.compile(flex_attention)`` given the same blocks as a BlockMask built beforehand
   (outside the timing; full and partial blocks split as create_block_mask would).
 
@@ -184,10 +184,10 @@ def write_results(args, rows: list[dict]) -> None:
         f"fp32, batch 1, {args.heads} heads / {args.kv_heads} kv heads, head_dim {args.dim}; median of "
         f"{args.repeats} alternating rounds; sink_window: sinks 4, window {args.window}; block_topk: block 64, "
         f"topk {args.topk}, 1 sink + 1 local block. tokred = torch.compile of sparse_attention, timed end to end "
-        "(layout and selection included); on CPU it runs flex_attention on tokred's blocks for sink_window and "
-        "the custom op for block_topk (prefill: gathered whole past blocks, no mask, merged with the own causal "
-        "block by log-sum-exp). tokred op = the same custom op called eagerly (sink_window: its gathered-block "
-        "path). flex = "
+        "(layout and selection included); on CPU it runs the custom op: sink_window's prefill as overlapping "
+        "key windows under one band mask with the sinks merged by log-sum-exp, block_topk's prefill as each "
+        "query block's gathered key blocks in one masked flash call. tokred op = the same custom op called "
+        "eagerly. flex = "
         "compiled flex_attention given the same blocks as a prebuilt BlockMask (outside the timing).)",
         "",
         "| N | pattern | density | dense SDPA s | tokred s | speedup | x density bound (<= 1.3) | flex s "
