@@ -467,3 +467,25 @@ def test_sink_window_prefill_takes_the_band_path_eager_and_compiled(monkeypatch,
     torch.testing.assert_close(sparse_attention(q, k, v, pattern), sparse_attention_reference(q, k, v, pattern),
                                atol=1e-5, rtol=1e-5)
     assert calls == [37, 37]
+
+
+def test_padded_rows_returns_the_input_when_nothing_is_padded():
+    t = torch.randn(2, 48, 3, 16).transpose(1, 2)  # [B, H, N, D], not contiguous
+    assert sparse_module.padded_rows(t, 48) is t
+    padded = sparse_module.padded_rows(t, 64)
+    assert padded.shape == (2, 3, 64, 16) and torch.equal(padded[:, :, :48], t) and not padded[:, :, 48:].any()
+
+
+@pytest.mark.parametrize("name", ["block_topk", "mask", "sink_window"])
+def test_non_contiguous_whole_block_inputs_match_reference(name):
+    """q/k/v as views of [B, N, H, D] (transposed, as attention modules make them) with N a multiple
+    of the block: padded_rows hands them on uncopied, and every CPU path (with and without a
+    padding bias) must still read them right."""
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 64, h, 16, generator=generator).transpose(1, 2) for h in (4, 2, 2))
+    pattern = PATTERNS[name]
+    padding = torch.ones(2, 1, 1, 64, dtype=torch.bool)
+    padding[1, ..., 50:] = False
+    for bias in (None, padding):
+        torch.testing.assert_close(sparse_attention(q, k, v, pattern, attn_bias=bias),
+                                   sparse_attention_reference(q, k, v, pattern, attn_bias=bias), atol=1e-5, rtol=1e-5)

@@ -498,8 +498,9 @@ def sparse_attention_blocks(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, k
 
 
 def padded_rows(t: Tensor, rows: int) -> Tensor:
-    """``t [.., N, X]`` zero-padded along dim -2 to ``rows`` rows."""
-    return F.pad(t, (0, 0, 0, rows - t.shape[-2]))
+    """``t [.., N, X]`` zero-padded along dim -2 to ``rows`` rows; ``t`` itself (no copy, possibly
+    not contiguous: callers reshape, not view) when it has them already."""
+    return t if t.shape[-2] == rows else F.pad(t, (0, 0, 0, rows - t.shape[-2]))
 
 
 def padded_bias_rows(bias: Tensor, rows: int) -> Tensor:
@@ -546,7 +547,7 @@ def shared_layout_attention(q, k, v, count, index, bias, scale, q_offset, block_
         bias_rows = padded_bias_rows(bias, chunks * chunk_rows)
         row_index = rows if bias_rows.shape[2] > 1 else torch.zeros_like(rows[:, :1])
         step_bias = chunks_first(bias_rows[:, :, row_index, keys[:, None, :]].transpose(1, 2))
-    q_chunks = padded_rows(q, chunks * chunk_rows).view(batch, heads, chunks, chunk_rows, dim)
+    q_chunks = padded_rows(q, chunks * chunk_rows).reshape(batch, heads, chunks, chunk_rows, dim)
     q_chunks = q_chunks.transpose(1, 2).flatten(0, 1)  # [B * NC, H, C, D]
 
     def gathered(t: Tensor) -> Tensor:  # [B, Hkv, Nk, X] -> [B * NC, Hkv, S, X]
@@ -577,7 +578,7 @@ def per_head_layout_attention(q, k, v, count, index, bias, scale, q_offset, bloc
     pad_keys = num_k_blocks * block_n - num_keys
     k_blocks = F.pad(k, (0, 0, 0, pad_keys)).view(batch, kv_heads, num_k_blocks, block_n, dim)
     v_blocks = F.pad(v, (0, 0, 0, pad_keys)).view(batch, kv_heads, num_k_blocks, block_n, v.shape[-1])
-    q_blocks = padded_rows(q, num_q_blocks * block_m).view(batch, heads, num_q_blocks, block_m, dim)
+    q_blocks = padded_rows(q, num_q_blocks * block_m).reshape(batch, heads, num_q_blocks, block_m, dim)
     bias_rows = None if bias is None else padded_bias_rows(bias, num_q_blocks * block_m)
     batch_index = torch.arange(batch, device=device).view(batch, 1, 1, 1)
     head_index = (torch.arange(heads, device=device) // (heads // kv_heads)).view(1, heads, 1, 1)
