@@ -139,12 +139,16 @@ def oracle(arch: str, rows: list[int] | None = None) -> OracleDrafter:
     return OracleDrafter([prompts()[i] + list(references(arch)[i]) for i in picked])
 
 
-DRAFTS = ["none", "prompt_lookup", "model", "random", "oracle"]
+DRAFTS = ["none", "prompt_lookup", "model", "random", "oracle", "early_exit", "early_exit_own_cache"]
 
 
 def make_draft(kind: str, arch: str):
+    from tokred.passes.speculative import EarlyExitDraft
+
     return {"none": lambda: None, "prompt_lookup": lambda: "prompt_lookup", "model": draft_model,
-            "random": RandomDrafter, "oracle": lambda: oracle(arch)}[kind]()
+            "random": RandomDrafter, "oracle": lambda: oracle(arch),
+            "early_exit": lambda: EarlyExitDraft(target(arch), 1),  # shares the target's KV cache
+            "early_exit_own_cache": lambda: EarlyExitDraft(target(arch), 1, share_cache=False)}[kind]()
 
 
 # ---- greedy identity ----------------------------------------------------------------------------
@@ -209,7 +213,7 @@ def test_compiled_model(fresh_dynamo, dynamic):
 # ---- eos ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["none", "prompt_lookup", "oracle", "random"])
+@pytest.mark.parametrize("kind", ["none", "prompt_lookup", "oracle", "random", "early_exit"])
 def test_eos_stops_rows_at_different_times(kind):
     """eos = a token row 0 emits mid-way: rows stop at their own first eos (or run to MAX_NEW), are
     padded after it, and nothing is emitted past it."""

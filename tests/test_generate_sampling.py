@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tokred.generate import generate, warp_probs
+from tokred.passes.speculative import EarlyExitDraft
 from tokred.speculative_runtime import (
     accepted_prefix,
     pick_rows,
@@ -104,6 +105,8 @@ CASES = {
     "draft_model_k1_warped": (bad_draft, 1, 0.7, 0.8, PROMPT),
     "prompt_lookup_onehot_q": (lambda: "prompt_lookup", 2, 1.3, 1.0, [2, 6, 2, 6, 2, 6, 2]),
     "no_draft": (lambda: None, 2, 1.0, 0.9, PROMPT),
+    # the target's first layer, writing its K/V into the target's cache (batched over the samples)
+    "early_exit_shared_cache_warped": (lambda: EarlyExitDraft(target(), 1), 2, 0.8, 0.9, PROMPT),
 }
 
 
