@@ -759,9 +759,10 @@ def past_blocks_attention(q: Tensor, k: Tensor, v: Tensor, count: Tensor, index:
     prefix (query blocks < P) is one causal SDPA. Each later query block's MAXK blocks (MAXK - 1
     whole past blocks, then its own) are gathered as contiguous block rows and attended with CPU
     flash attention under one mask shared by every block and head (``own_block_causal_mask``: only
-    the own block's triangle is masked). Steps of a few query blocks gather into buffers reused
-    from step to step, small enough to stay in cache between the copy and flash reading it (the
-    gather is the cost beyond the kept blocks themselves: measured 2x faster than steps of 64 MiB).
+    the own block's triangle is masked). Steps of as many query blocks as fit ``PAST_STEP_BYTES``
+    of gathered K and V gather into buffers reused from step to step (the gather is the cost beyond
+    the kept blocks themselves; smaller steps looked faster on 1 thread but were ~4x slower on 2
+    loaded threads, measured).
     """
     prefix = past_blocks_layout(count, index)
     if prefix is None:
