@@ -34,6 +34,7 @@ from tokred.demo import embed, fit_probe, load_minilm, load_wiki_topics, tokeniz
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCORES = ["cls", "query", "transition", "diversity", "random"]
+FREQUENT_TYPES = 30  # "function words": the most frequent token types of the test text
 
 
 def embeddings(model, enc: dict, batch: int, desc: str) -> torch.Tensor:
@@ -68,19 +69,53 @@ def pruned_model(model, prune: dict):
     return torch.compile(model, backend=backend), backend
 
 
-def kept_embeddings(model, backend, enc: dict, batch: int, desc: str) -> torch.Tensor:
+def kept_embeddings(model, backend, enc: dict, batch: int, desc: str, kept_masks: list = None) -> torch.Tensor:
     """[n, C] embeddings pooled over the tokens that went through every block: the mean of the
-    last hidden states of the real tokens the pruning kept (``trace_source`` says which, per run)."""
+    last hidden states of the real tokens the pruning kept (``trace_source`` says which, per run).
+    ``kept_masks``, when given, receives each batch's kept mask [b, N] (0/1)."""
 
     def kept(part: dict) -> torch.Tensor:  # [b, N]: real tokens whose exit is -1 (kept to the end)
         exits = backend.reports[-1].sources[-1].to(part["attention_mask"].device)
-        return part["attention_mask"] * (exits == -1)
+        mask = part["attention_mask"] * (exits == -1)
+        if kept_masks is not None:
+            kept_masks.append(mask.cpu())
+        return mask
 
     return embed(model, enc, batch, desc, pooled_tokens=kept).float().cpu()
 
 
+def text_tokens(tokenizer, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[n, N] bool: real tokens that are not special ([CLS], [SEP]: the pass keeps them whatever the score)."""
+    special = torch.tensor(tokenizer.all_special_ids, dtype=input_ids.dtype)
+    return attention_mask.bool() & ~torch.isin(input_ids, special)
+
+
+def frequent_share(real: torch.Tensor, input_ids: torch.Tensor, kept: torch.Tensor, types: int) -> tuple:
+    """What a scorer keeps: the share of kept tokens that are among the ``types`` most frequent token
+    types of the text (function words and punctuation), next to their share of all text tokens.
+    real ([n, N] bool, :func:`text_tokens`), input_ids, kept [n, N] (kept 0/1) -> (kept share, all share)."""
+    ids = input_ids[real]
+    counts = torch.bincount(ids)
+    frequent = torch.zeros_like(counts, dtype=torch.bool)
+    frequent[counts.topk(min(types, int((counts > 0).sum()))).indices] = True
+    kept_ids = input_ids[real & kept.bool()]
+    return frequent[kept_ids].float().mean().item(), frequent[ids].float().mean().item()
+
+
+def top_kept(tokenizer, real: torch.Tensor, input_ids: torch.Tensor, kept: torch.Tensor, count: int) -> list:
+    """The ``count`` token types a scorer keeps most often relative to how often they occur
+    (kept share / occurrence share, among types seen at least 20 times) -> [(token, ratio)]."""
+    seen = torch.bincount(input_ids[real], minlength=tokenizer.vocab_size).float()
+    kept_n = torch.bincount(input_ids[real & kept.bool()], minlength=tokenizer.vocab_size).float()
+    ratio = torch.where(seen >= 20, (kept_n / kept_n.sum()) / (seen / seen.sum()), torch.zeros_like(seen))
+    top = ratio.topk(count)
+    return [(tokenizer.convert_ids_to_tokens(int(i)), v.item()) for v, i in zip(top.values, top.indices)]
+
+
 def run(args) -> tuple:
-    """(rows, dense accuracy, number of classes): rows are (score, at, keep, accuracy, FLOPs ratio)."""
+    """(rows, dense accuracy, number of classes, kept rows): rows are (score, at, keep, accuracy,
+    FLOPs ratio); kept rows (score, kept frequent share, all frequent share, top kept tokens) at the
+    middle cut and keep (``--pool kept`` only)."""
     from tqdm import tqdm
 
     model, tokenizer = load_minilm()
@@ -90,15 +125,23 @@ def run(args) -> tuple:
     train, y_train, test, y_test = split(enc, data.labels, args.train, args.test, args.batch)
     probe = fit_probe(embeddings(model, train, args.batch, "MiniLM dense, train"), y_train)
     dense_acc = probe.score(embeddings(model, test, args.batch, "MiniLM dense, test").numpy(), y_test)
-    rows = []
+    rows, kept_rows = [], []
+    mid = (args.at[len(args.at) // 2], args.keep[len(args.keep) // 2])
     grid = variants(args)
     for score, at, keep in tqdm(grid, desc="pruned variants"):
         torch._dynamo.reset()
         kept_pool = args.pool == "kept"
         fn, backend = pruned_model(model, {"keep": keep, "at": at, "score": score, "trace_source": kept_pool})
-        pool = (lambda e, d: kept_embeddings(fn, backend, e, args.batch, d)) if kept_pool else \
-            (lambda e, d: embeddings(fn, e, args.batch, d))
-        emb = pool(test, f"{score} at={at} keep={keep}")
+        masks = []
+        pool = (lambda e, d, m=None: kept_embeddings(fn, backend, e, args.batch, d, m)) if kept_pool else \
+            (lambda e, d, m=None: embeddings(fn, e, args.batch, d))
+        emb = pool(test, f"{score} at={at} keep={keep}", masks)
+        if masks and (at, keep) == mid:
+            kept = torch.cat(masks)
+            ids = test["input_ids"].cpu()
+            real = text_tokens(tokenizer, ids, test["attention_mask"].cpu())
+            kept_rows.append((score, *frequent_share(real, ids, kept, FREQUENT_TYPES),
+                              top_kept(tokenizer, real, ids, kept, 6)))
         scorer = probe
         if args.refit:  # a probe fitted on this variant's own training embeddings
             scorer = fit_probe(pool(train, f"{score} at={at} keep={keep}, train"), y_train)
@@ -107,7 +150,7 @@ def run(args) -> tuple:
             raise SystemExit(f"prune {score} at={at} keep={keep} rewrote nothing: "
                              + "; ".join(s.reason or s.status for s in report.attention_sites))
         rows.append((score, at, keep, scorer.score(emb.numpy(), y_test), report.flops_after / report.flops_before))
-    return rows, dense_acc, len(data.classes)
+    return rows, dense_acc, len(data.classes), kept_rows
 
 
 def table(rows: list, dense_acc: float, args) -> list:
@@ -126,6 +169,22 @@ def table(rows: list, dense_acc: float, args) -> list:
                 v, f = acc[(score, at, keep)]
                 cells.append(f"{100 * v:.1f} ({100 * (v - dense_acc):+.1f}; FLOPs {f:.2f})")
             lines.append(f"| {score} | {at} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def kept_table(kept_rows: list, args) -> list:
+    """Markdown lines: what each scorer keeps at the middle cut and keep."""
+    at, keep = args.at[len(args.at) // 2], args.keep[len(args.keep) // 2]
+    lines = [f"## What each scorer keeps (at={at}, keep={keep})", "",
+             f"Share of the kept tokens that are among the {FREQUENT_TYPES} most frequent token types of the "
+             "test text (function words and punctuation; [CLS] and [SEP] excluded: they are kept whatever the score), next to their share "
+             "of all real tokens; and the token types each scorer keeps most often relative to how often they "
+             "occur (x: kept share / occurrence share, types seen at least 20 times). A scorer that keeps "
+             "mostly frequent types drops the content words a mean-pooled topic embedding needs.", "",
+             "| score | frequent types among kept | among all tokens | most over-kept types |", "|---|---|---|---|"]
+    for score, kept_share, all_share, top in kept_rows:
+        lines.append(f"| {score} | {100 * kept_share:.0f}% | {100 * all_share:.0f}% | "
+                     + ", ".join(f"`{t}` {r:.1f}x" for t, r in top) + " |")
     return lines
 
 
@@ -175,7 +234,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.time()
-    rows, dense_acc, classes = run(args)
+    rows, dense_acc, classes, kept_rows = run(args)
     minutes = (time.time() - start) / 60
     cmd = "python bench/prune_quality.py " + " ".join(sys.argv[1:])
     lines = ["# Token pruning quality: MiniLM topic accuracy against keep and cut layer", "",
@@ -200,6 +259,8 @@ def main() -> None:
                   "state, so the probe reads the shifted embedding as another class. Run with --refit "
                   "(a probe fitted per variant) to measure what the pruned embedding still holds.", ""]
     lines += table(rows, dense_acc, args)
+    if kept_rows:
+        lines += [""] + kept_table(kept_rows, args)
     text = "\n".join(lines) + "\n"
     print(text)
     os.makedirs(RESULTS, exist_ok=True)

@@ -51,7 +51,7 @@ class PruneOptions:
     fuse: bool = False
     range: Optional[tuple] = None
     protect_last: int = 0
-    query: Optional[tuple] = None
+    query: Optional[object] = None  # None (last token), int M (last M tokens) or a (start, end) pair
     seed: int = 0
 
 
@@ -285,7 +285,12 @@ def scores_from(opts: PruneOptions, q: Optional[Tensor], k: Optional[Tensor], sc
     if opts.score == "cls":
         return attention_probs(q, k, scale, bias, [0])
     if opts.score == "query":
-        rows = [n - 1] if opts.query is None else list(range(n)[slice(*opts.query)])
+        if opts.query is None:
+            rows = [n - 1]
+        elif isinstance(opts.query, int):  # the last M tokens
+            rows = list(range(n - opts.query, n))
+        else:
+            rows = list(range(n)[slice(*opts.query)])
         return attention_probs(q, k, scale, bias, rows)
     if opts.score == "transition":
         return transition_scores(x_in, x_out)

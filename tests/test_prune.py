@@ -358,9 +358,10 @@ REFERENCE_CASES = [
     ("hf_llama_sdpa", 3, {"keep": 0.7, "at": [0, 1], "score": "query", "protect_last": 1}),
     ("hf_qwen2_sdpa", 2, {"keep": 0.5, "at": 0, "score": "query"}),
     ("hf_qwen2_sdpa", 2, {"keep": 0.6, "at": 0, "score": "transition"}),
+    ("hf_qwen2_sdpa", 2, {"keep": 0.5, "at": 0, "score": "query", "query": 3, "protect_last": 3}),
 ]
 
-REFERENCE_QUICK = [0, 3, 4, 5, 6, 8, 9, 10, 14, 15, 16, 18, 20, 21]  # every scorer and option at least once
+REFERENCE_QUICK = [0, 3, 4, 5, 6, 8, 9, 10, 14, 15, 16, 18, 20, 21, 23]  # every scorer and option at least once
 
 
 def case_id(case) -> str:
@@ -538,7 +539,9 @@ def test_random_differs_from_cls():
     ({"fuse": "yes"}, "prune.fuse"),
     ({"range": [1, 2, 3]}, "prune.range"),
     ({"protect_last": -1}, "prune.protect_last"),
-    ({"query": 3}, "prune.query"),
+    ({"query": 0}, "prune.query"),
+    ({"query": "last"}, "prune.query"),
+    ({"query": [1, 2, 3]}, "prune.query"),
     ({"seed": "a"}, "prune.seed"),
     ({"ratio": 0.5}, "prune.ratio"),
 ])

@@ -10,7 +10,8 @@ the value they had when pruned (exit early), so the outputs keep their shapes.
 
 Scores (computed at the block of the cut; see /work/shared or the README for the exact formulas):
   cls         attention of the class token (row 0) to every token (FasterVLM, EViT)
-  query       attention from the last token, or from a query range (FastV, PromptDistill)
+  query       attention from the last token, the last M tokens (``query=M``) or a query range
+              ``query=(start, end)`` (FastV, PromptDistill)
   transition  how much a token changed across the block, in direction and magnitude (TransPrune)
   diversity   greedy k-center on cosine distance: keep a spread-out set (DivPrune, ToDRE)
   random      a seeded random ranking: the baseline every scorer must beat
@@ -75,6 +76,21 @@ def _check_pair(key: str, value) -> Optional[tuple]:
     return tuple(value)
 
 
+def _check_query(value) -> Optional[tuple]:
+    """The query rows of score 'query': None (the last token), an int M (the last M tokens) or a
+    (start, end) pair, negative values counting from the end and end None meaning the last token."""
+    if value is None:
+        return None
+    if _is_int(value):
+        if value < 1:
+            raise _error("query", f"must be a count of last tokens >= 1 or a (start, end) pair, got {value!r}")
+        return (-value, None)
+    if not (isinstance(value, (list, tuple)) and len(value) == 2 and _is_int(value[0])
+            and (value[1] is None or _is_int(value[1]))):
+        raise _error("query", f"must be a count of last tokens or a (start, end) pair of ints, got {value!r}")
+    return tuple(value)
+
+
 def validate(value: Any) -> dict:
     """``{"keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "seed",
     "trace_source"}``; a float is keep."""
@@ -116,7 +132,7 @@ def validate(value: Any) -> dict:
         if not (isinstance(ids, (list, tuple)) and ids and all(_is_int(i) and i >= 0 for i in ids)):
             raise _error("prunable_ids", f"must be a token id or a non-empty list of them, got {value['prunable_ids']!r}")
         ids = tuple(ids)
-    query = _check_pair("query", value.get("query"))
+    query = _check_query(value.get("query"))
     if query is not None and score not in (None, "query"):
         raise _error("query", "applies to score 'query' only")
     return {"keep": [keeps[i] for i in order], "at": [at[i] for i in order], "score": score,
@@ -451,7 +467,7 @@ def _query_rows(score: str, opts: dict, n: int) -> tuple:
     if score == "cls":
         return (0,)
     lo, hi = opts["query"] or (-1, n)
-    lo, hi = (v + n if v < 0 else v for v in (lo, hi))
+    lo, hi = (n if v is None else v + n if v < 0 else v for v in (lo, hi))
     if not 0 <= lo < hi <= n:
         raise RewriteError(f"option 'prune.query' {opts['query']} is outside the {n} tokens")
     return tuple(range(lo, hi))
