@@ -53,16 +53,17 @@ class PruneOptions:
     protect_last: int = 0
     query: Optional[object] = None  # None (last token), int M (last M tokens) or a (start, end) pair
     seed: int = 0
+    accumulate: int = 1  # blocks whose scores are combined, ending at the cut block
 
 
 def prune_options(keep=0.5, at=1, score="cls", fuse=False, range=None, protect_last=0, query=None,
-                  seed=0) -> PruneOptions:
+                  seed=0, accumulate=1) -> PruneOptions:
     """Normalise the user-level options (scalars or lists) to one value per cut."""
     at_list = [at] if isinstance(at, int) else list(at)
     keep_list = list(keep) if isinstance(keep, (list, tuple)) else [keep] * len(at_list)
     assert len(keep_list) == len(at_list), (keep_list, at_list)
     assert score in SCORERS, score
-    return PruneOptions(keep_list, at_list, score, fuse, range, protect_last, query, seed)
+    return PruneOptions(keep_list, at_list, score, fuse, range, protect_last, query, seed, accumulate)
 
 
 def kept_count(keep, prunable: int) -> int:
@@ -308,19 +309,28 @@ def padding_keys(bias: Optional[Tensor], batch: int, n: int) -> Tensor:
     return blocked.all(dim=2).all(dim=1)
 
 
-def plan_cut(opts: PruneOptions, cut_number: int, protected: int, q, k, scale, bias, x_in, x_out) -> Cut:
-    """Scores and selection of the cut ``cut_number`` made after the block whose input is x_in and
-    output x_out [B, N, C].
+def plan_cut(opts: PruneOptions, cut_number: int, protected: int, layers: list) -> Cut:
+    """Scores and selection of the cut ``cut_number`` made after the last block of ``layers``: one
+    (q, k, scale, bias, x_in, x_out) per block since the previous cut (x_in/x_out [B, N, C]: the
+    block's input and output). ``opts.accumulate`` > 1 combines the scores of that many blocks:
+    attention scores are averaged, transitions summed (TransPrune's accumulated TTV).
 
     Padding is pruned first by the scorers that do not read the attention (transition, random):
     their padding scores are -inf (the pass's rule, beyond /tmp/prune_spec.md: a padding token's
     state moves a lot across a block, and a random ranking would keep some). The attention
     scorers give padding keys zero attention anyway; diversity selects as it is.
     """
+    assert len(layers) >= opts.accumulate, (len(layers), opts.accumulate)
+    _, _, _, bias, x_in, x_out = layers[-1]
     n = x_in.shape[1]
     prunable = prunable_positions(n, protected, opts.range, opts.protect_last)
     count = kept_count(opts.keep[cut_number], len(prunable))
-    scores = scores_from(opts, q, k, scale, bias, x_in, x_out)
+    per_block = [scores_from(opts, *layer) for layer in layers[len(layers) - opts.accumulate:]]
+    scores = per_block[0]
+    for more in per_block[1:]:
+        scores = scores + more
+    if scores is not None and opts.score in ("cls", "query"):
+        scores = scores / len(per_block)
     if opts.score in ("transition", "random"):
         scores = scores.masked_fill(padding_keys(bias, x_in.shape[0], n), -math.inf)
     return select(scores, x_out, prunable, count, opts)
@@ -355,19 +365,21 @@ def timm_vit_features(model, images: Tensor, opts: Optional[PruneOptions], log: 
     x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
     exits = Exits(x.shape[0], x.shape[1])
     cuts = {} if opts is None else {at: i for i, at in enumerate(opts.at)}
+    layers = []  # (q, k, scale, bias, x_in, x_out) of the blocks since the last cut
     for index, block in enumerate(model.blocks):
         x_in = x
         x = block(x)
+        attn = block.attn
+        qkv = attn.qkv(block.norm1(x_in)).reshape(x.shape[0], x.shape[1], 3, attn.num_heads, -1)
+        q, k = qkv.permute(2, 0, 3, 1, 4)[:2]
+        layers.append((attn.q_norm(q), attn.k_norm(k), attn.scale, None, x_in, x))
         if index in cuts:
-            attn = block.attn
-            qkv = attn.qkv(block.norm1(x_in)).reshape(x.shape[0], x.shape[1], 3, attn.num_heads, -1)
-            q, k = qkv.permute(2, 0, 3, 1, 4)[:2]
-            q, k = attn.q_norm(q), attn.k_norm(k)
-            cut = plan_cut(opts, cuts[index], model.num_prefix_tokens, q, k, attn.scale, None, x_in, x)
+            cut = plan_cut(opts, cuts[index], model.num_prefix_tokens, layers)
             if log is not None:
                 log.append(cut)
             exits.cut(x, cut)
             x = apply_cut(x, cut)
+            layers = []
     return model.norm(exits.restore(x))
 
 
@@ -396,20 +408,22 @@ def hf_bert_forward(model, input_ids: Tensor, attention_mask: Optional[Tensor], 
     key_bias = torch.where(attention_mask.bool(), 0.0, negative(x.dtype)).to(x.dtype)  # [B, N]
     exits = Exits(batch, n)
     cuts = {} if opts is None else {at: i for i, at in enumerate(opts.at)}
+    layers = []  # (q, k, scale, bias, x_in, x_out) of the blocks since the last cut
     for index, layer in enumerate(model.encoder.layer):
         x_in = x
         bias = key_bias[:, None, None, :]
         x = layer(x, attention_mask=bias)
+        sa = layer.attention.self
+        layers.append((split_heads(sa.query(x_in), sa.attention_head_size),
+                       split_heads(sa.key(x_in), sa.attention_head_size), sa.scaling, bias, x_in, x))
         if index in cuts:
-            sa = layer.attention.self
-            q = split_heads(sa.query(x_in), sa.attention_head_size)
-            k = split_heads(sa.key(x_in), sa.attention_head_size)
-            cut = plan_cut(opts, cuts[index], 1, q, k, sa.scaling, bias, x_in, x)
+            cut = plan_cut(opts, cuts[index], 1, layers)
             if log is not None:
                 log.append(cut)
             exits.cut(x, cut)
             x = apply_cut(x, cut)
             key_bias = key_bias.gather(1, cut.kept)
+            layers = []
     sequence = exits.restore(x)
     pooled = None
     if model.pooler is not None:
@@ -467,6 +481,7 @@ def hf_decoder_forward(model, input_ids: Tensor, opts: Optional[PruneOptions], u
     exits = Exits(batch, n)
     cuts = {} if opts is None else {at: i for i, at in enumerate(opts.at)}
     seen = []
+    layers = []  # (q, k, scale, bias, x_in, x_out) of the blocks since the last cut
     for index, layer in enumerate(inner.layers):
         x_in = x
         cos, sin = inner.rotary_emb(x, position_ids=position)
@@ -474,15 +489,16 @@ def hf_decoder_forward(model, input_ids: Tensor, opts: Optional[PruneOptions], u
         seen.append(position)
         x = layer(x, attention_mask=bias, position_ids=position, past_key_values=cache, use_cache=use_cache,
                   position_embeddings=(cos, sin))
+        layers.append((*decoder_qk(layer, x_in, cos, sin), layer.self_attn.scaling, bias, x_in, x))
         if index in cuts:
-            q, k = decoder_qk(layer, x_in, cos, sin)
-            cut = plan_cut(opts, cuts[index], 0, q, k, layer.self_attn.scaling, bias, x_in, x)
+            cut = plan_cut(opts, cuts[index], 0, layers)
             if log is not None:
                 log.append(cut)
             assert not cut.fused, "fuse is not defined for causal models"
             exits.cut(x, cut)
             x = apply_cut(x, cut)
             position = position.gather(1, cut.kept)
+            layers = []
     logits = model.lm_head(inner.norm(exits.restore(x)))
     return DecoderResult(logits, cache, n, seen)
 

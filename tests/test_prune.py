@@ -7,7 +7,7 @@ own eager attention returns, its pruned cache decodes like the model's own forwa
 Then every pass test compiles a tiny zoo model with ``tokred.backend(inner="aot_eager",
 prune={...})`` and compares it with the reference on the same weights (DESIGN.md invariants 2
 and 3): keep=1.0 is the identity for every scorer; each scorer equals the reference at several
-cut points (one and two cuts), with ``range``/``protect_last``/``query``/int and per-cut keep,
+cut points (one and two cuts), with ``range``/``protect_last``/``query``/``accumulate``/int and per-cut keep,
 EViT's fused token on encoders, and on decoders with a KV cache the pruned prefill (logits and
 cache) and three greedy decode steps on the pruned cache. The report names the rewritten sites,
 what is not pruned says why, bad options are refused by name, and a pruned ViT exports to ONNX.
@@ -359,9 +359,12 @@ REFERENCE_CASES = [
     ("hf_qwen2_sdpa", 2, {"keep": 0.5, "at": 0, "score": "query"}),
     ("hf_qwen2_sdpa", 2, {"keep": 0.6, "at": 0, "score": "transition"}),
     ("hf_qwen2_sdpa", 2, {"keep": 0.5, "at": 0, "score": "query", "query": 3, "protect_last": 3}),
+    ("hf_llama_sdpa", 3, {"keep": 0.5, "at": 1, "score": "query", "query": 2, "accumulate": 2}),
+    ("hf_bert_sdpa", 3, {"keep": 0.5, "at": 1, "score": "cls", "accumulate": 2}),
+    ("timm_vit_tiny_sdpa", 5, {"keep": [0.7, 0.5], "at": [1, 3], "score": "transition", "accumulate": 2}),
 ]
 
-REFERENCE_QUICK = [0, 3, 4, 5, 6, 8, 9, 10, 14, 15, 16, 18, 20, 21, 23]  # every scorer and option at least once
+REFERENCE_QUICK = [0, 3, 4, 5, 6, 8, 9, 10, 14, 15, 16, 18, 20, 21, 23, 24, 25, 26]  # every scorer and option at least once
 
 
 def case_id(case) -> str:
@@ -542,6 +545,10 @@ def test_random_differs_from_cls():
     ({"query": 0}, "prune.query"),
     ({"query": "last"}, "prune.query"),
     ({"query": [1, 2, 3]}, "prune.query"),
+    ({"accumulate": 0}, "prune.accumulate"),
+    ({"score": "random", "accumulate": 2}, "prune.accumulate"),
+    ({"at": 1, "accumulate": 3}, "prune.accumulate"),
+    ({"at": [1, 2], "accumulate": 2}, "prune.accumulate"),
     ({"seed": "a"}, "prune.seed"),
     ({"ratio": 0.5}, "prune.ratio"),
 ])

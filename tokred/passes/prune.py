@@ -16,7 +16,8 @@ Scores (computed at the block of the cut; see /work/shared or the README for the
   diversity   greedy k-center on cosine distance: keep a spread-out set (DivPrune, ToDRE)
   random      a seeded random ranking: the baseline every scorer must beat
 The attention scores read only the needed rows (q_row . K^T with the model's scale and mask), so
-the model keeps SDPA. ``fuse`` adds one token holding the weighted average of the pruned ones (EViT).
+the model keeps SDPA. ``accumulate=A`` combines the scores of the A blocks ending at the cut
+(attention averaged, transitions summed: H2O, TransPrune). ``fuse`` adds one token holding the weighted average of the pruned ones (EViT).
 
 Decoders with a KV cache: the prefill is pruned; the cache of the layers after the cut holds the
 kept tokens (their keys rotated at their original positions) and decode steps attend to it.
@@ -44,7 +45,9 @@ from tokred.rewriter.surgery import KVOutputs, Reduction, RewriteError, cut_toke
 NAME = "prune"
 SCORES = ("cls", "query", "transition", "diversity", "random")
 ATTENTION_SCORES = ("cls", "query")
-KNOWN = ("keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "seed", "trace_source")
+KNOWN = ("keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "accumulate", "seed",
+         "trace_source")
+ACCUMULATED_SCORES = ("cls", "query", "transition")
 
 
 # ----------------------------------------------------------------------------- options
@@ -92,8 +95,8 @@ def _check_query(value) -> Optional[tuple]:
 
 
 def validate(value: Any) -> dict:
-    """``{"keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "seed",
-    "trace_source"}``; a float is keep."""
+    """``{"keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "accumulate",
+    "seed", "trace_source"}``; a float is keep."""
     if isinstance(value, float):
         value = {"keep": value}
     if not isinstance(value, dict):
@@ -135,10 +138,21 @@ def validate(value: Any) -> dict:
     query = _check_query(value.get("query"))
     if query is not None and score not in (None, "query"):
         raise _error("query", "applies to score 'query' only")
+    accumulate = value.get("accumulate", 1)
+    if not _is_int(accumulate) or accumulate < 1:
+        raise _error("accumulate", f"must be a count of blocks >= 1, got {accumulate!r}")
+    if accumulate > 1 and score not in (None,) + ACCUMULATED_SCORES:
+        raise _error("accumulate", f"applies to the scores {ACCUMULATED_SCORES} only, not {score!r}")
+    cuts = sorted(at)
+    for previous, cut in zip([-1] + cuts, cuts):
+        if cut - accumulate < previous:  # the blocks scored must all see the same token set
+            where = "before the first block" if previous < 0 else f"at or before the earlier cut after block {previous}"
+            raise _error("accumulate", f"{accumulate} blocks ending at block {cut} start at block "
+                         f"{cut - accumulate + 1}, {where}")
     return {"keep": [keeps[i] for i in order], "at": [at[i] for i in order], "score": score,
             "fuse": value.get("fuse", False), "range": _check_pair("range", value.get("range")),
             "prunable_ids": ids, "trace_source": value.get("trace_source", False),
-            "protect_last": protect_last, "query": query, "seed": seed}
+            "protect_last": protect_last, "query": query, "accumulate": accumulate, "seed": seed}
 
 
 def kept_count(keep, prunable: int) -> int:
@@ -202,6 +216,30 @@ def prune_by_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mask: 
     scores = attention_row_scores_reference(q_rows, k, scale, bias)
     index = select_kept(scores, candidates, num_candidates, keep)
     return tokens.gather_stream(x, index), index, scores
+
+
+def accumulated_attention_scores(qs: tuple, ks: tuple, masks: tuple, rows: tuple, scales: tuple,
+                                 causal: tuple) -> torch.Tensor:
+    """The attention the query ``rows`` pay each token, averaged over several blocks (H2O and
+    TransPrune accumulate importance over layers): qs[i] [B, H, N, D], ks[i] [B, Hkv, N, D], the
+    attention mask, scale and causal flag of block i -> scores [B, N] float32."""
+    total = None
+    for q, k, mask, scale, is_causal in zip(qs, ks, masks, scales, causal):
+        bias = row_bias(mask, rows, k.shape[2], is_causal)
+        scores = attention_row_scores_reference(q[:, :, list(rows)], k, scale,
+                                                None if bias is None else bias.to(q.device))
+        total = scores if total is None else total + scores
+    return total / len(qs)
+
+
+def accumulated_transition_scores(x_ins: tuple, x_outs: tuple) -> torch.Tensor:
+    """:func:`transition_scores` summed over several blocks (TransPrune accumulates TTV over
+    layers): x_ins[i], x_outs[i] [B, N, C], the stream entering and leaving block i -> [B, N]."""
+    total = None
+    for x_in, x_out in zip(x_ins, x_outs):
+        scores = transition_scores(x_in, x_out)
+        total = scores if total is None else total + scores
+    return total
 
 
 def transition_scores(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
@@ -374,7 +412,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         m = n - p + k + (1 if opts["fuse"] else 0)
         lo, hi = start, end
         cut = {"k": k, "n": n, "count": p, "trace": trace,
-               "block_input": reduced.get(block.input, block.input),
+               "sources": [(reduced.get(b.input, b.input), b) for b in blocks[at - opts["accumulate"] + 1:at + 1]],
                "candidates": candidates if candidates is not None else
                (lambda g, stream: g.call_function(interval_candidates, (stream, lo, hi)))}
         try:
@@ -473,24 +511,38 @@ def _query_rows(score: str, opts: dict, n: int) -> tuple:
     return tuple(range(lo, hi))
 
 
+def _scale(site) -> float:
+    """The softmax scale of an attention site (SDPA's default 1/sqrt(head_dim) when not given)."""
+    return site.scale if site.scale is not None else site.head_dim ** -0.5
+
+
 def _select(gm: fx.GraphModule, graph: fx.Graph, block, score: str, opts: dict, stream: fx.Node,
             cut: dict) -> tuple:
     """Insert the selection at the cut after ``block``: (kept [B, M, C], index [B, M], scores [B, N]
     or None). ``cut``: the candidates node, their count per row, the kept count k, the tokens N."""
     site = block.attention
     cands, p, k, n = cut["candidates"], cut["count"], cut["k"], cut["n"]
+    sources = cut["sources"]  # (input, block) of every block whose scores are accumulated, the cut's last
+    if len(sources) > 1 and score in ATTENTION_SCORES:
+        sites = [b.attention for _, b in sources]
+        scores = graph.call_function(accumulated_attention_scores, (
+            tuple(s.q for s in sites), tuple(s.k for s in sites), tuple(site_mask(s) for s in sites),
+            _query_rows(score, opts, n), tuple(_scale(s) for s in sites), tuple(s.causal for s in sites)))
+        index = graph.call_function(select_kept, (scores, cands, p, k))
+        return graph.call_function(tokens.gather_stream, (stream, index)), index, scores
     if score in ATTENTION_SCORES:
-        scale = site.scale if site.scale is not None else site.head_dim ** -0.5
         pruned = graph.call_function(prune_by_attention, (stream, site.q, site.k, site_mask(site),
-                                                          _query_rows(score, opts, n), scale, site.causal,
+                                                          _query_rows(score, opts, n), _scale(site), site.causal,
                                                           cands, p, k))
         return tuple(graph.call_function(getitem, (pruned, i)) for i in range(3))
     if score == "diversity":
         scores = None
         index = graph.call_function(k_center, (stream, cands, p, k))
     else:
-        if score == "transition":  # the block's input as it reads it now (an earlier cut reduced it)
-            scores = graph.call_function(transition_scores, (cut["block_input"], stream))
+        if score == "transition":  # each block's input as it reads it now (an earlier cut reduced it)
+            outputs = tuple(b.output for _, b in sources[:-1]) + (stream,)
+            scores = graph.call_function(transition_scores, (sources[0][0], stream)) if len(sources) == 1 else \
+                graph.call_function(accumulated_transition_scores, (tuple(i for i, _ in sources), outputs))
         else:  # random: a seeded table per cut, a constant of the graph
             table = torch.rand(n, generator=torch.Generator().manual_seed(opts["seed"]))
             scores = graph.call_function(constant_scores, (stream, tuple(table.tolist())))
