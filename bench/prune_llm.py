@@ -4,10 +4,11 @@
                               [--scores query transition random] [--inner eager|aot_eager|inductor]
                               [--time-inner inductor] [--new-tokens 32] [--repeats 3]
                               [--perturb 0.02] [--perturb-seeds 2] [--stability-prompts 4] [--threads 2]
+                              [--query-rows 64] [--accumulate 1] [--protect-last 16]
 
 SmolLM2-135M (LlamaForCausalLM, 30 layers, real weights, fp32) reads Wikipedia prompts of
 ``--length`` tokens (extracts joined, ``tokred.offline.wiki_token_ids``); the prompt prefill is
-pruned by tokred (prune={"keep", "at", "score", "protect_last"}) and the pruned KV cache (N tokens
+pruned by tokred (prune={"keep", "at", "score", "protect_last", "query", "accumulate"}) and the pruned KV cache (N tokens
 up to the cut, M after it) is then used for:
 
 - next-token agreement (the issue's metric): the greedy token after the prompt, pruned vs dense;
@@ -327,7 +328,12 @@ def run(model, args, ids, cont, dense: dict) -> tuple:
 
 def prune_options(args, score: str, keep: float, at: int) -> dict:
     """The tokred prune options of one variant."""
-    return {"keep": keep, "at": at, "score": score, "protect_last": args.protect_last}
+    opts = {"keep": keep, "at": at, "score": score, "protect_last": args.protect_last}
+    if score == "query" and args.query_rows > 1:
+        opts["query"] = args.query_rows
+    if score in ("query", "transition") and args.accumulate > 1 and at + 1 >= args.accumulate:
+        opts["accumulate"] = args.accumulate
+    return opts
 
 
 def plot(rows: list, args, path: str) -> None:
@@ -403,6 +409,10 @@ def main() -> None:
     parser.add_argument("--at", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--scores", nargs="+", default=["query", "transition", "random"], choices=SCORES)
     parser.add_argument("--protect-last", type=int, default=16)
+    parser.add_argument("--query-rows", type=int, default=64,
+                        help="score 'query': the attention of the last this many prompt tokens (1: the last token, FastV)")
+    parser.add_argument("--accumulate", type=int, default=1,
+                        help="scores 'query' and 'transition': combine the scores of this many blocks ending at the cut")
     parser.add_argument("--perturb", type=float, default=0.02, help="fraction of prompt tokens replaced")
     parser.add_argument("--perturb-seeds", type=int, default=2)
     parser.add_argument("--stability-prompts", type=int, default=4, help="prompts in the ranking-stability test")
@@ -456,7 +466,10 @@ def main() -> None:
     if rows:
         n_tf = args.prompts * args.agree
         lines += [f"{args.prompts} Wikipedia prompts of {args.length} tokens (extracts joined; batches of {args.chunk}), "
-                  f"protect_last={args.protect_last}. Dense perplexity of the next {args.continuation} true tokens: "
+                  f"protect_last={args.protect_last}; score `query` reads the attention of the last "
+                  f"{args.query_rows} prompt token{'s' if args.query_rows > 1 else ''}"
+                  + (f"; `query` and `transition` combine the scores of the {args.accumulate} blocks ending at the cut"
+                     if args.accumulate > 1 else "") + f". Dense perplexity of the next {args.continuation} true tokens: "
                   f"**{dense_ppl:.2f}**. `next`: the greedy next token after the prompt equal to the dense model's "
                   f"(the issue's next-token agreement; {args.prompts} prompts, one prompt is "
                   f"{100 / args.prompts:.1f} points); `tf-agree` (stricter): top-1 equal to dense over {args.agree} "
