@@ -561,16 +561,19 @@ def test_bad_options_are_refused(prune, key):
 # ----------------------------------------------------------------------------- ONNX
 
 @needs_pass
-def test_pruned_vit_onnx_round_trip(tmp_path):
+@pytest.mark.parametrize("depth, prune", [
+    (2, {"keep": 0.5, "at": 0, "score": "cls"}),
+    (3, {"keep": 0.7, "at": 1, "score": "transition", "accumulate": 2}),
+], ids=["cls", "transition-accumulate2"])
+def test_pruned_vit_onnx_round_trip(tmp_path, depth, prune):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    zm = build("timm_vit_tiny_sdpa")
-    prune = {"keep": 0.5, "at": 0, "score": "cls"}
+    zm = build("timm_vit_tiny_sdpa", depth)
     result = tokred.export_onnx(zm.model, zm.args, tmp_path / "vit_pruned.onnx", prune=prune)
     assert result.report.changed
     session = ort.InferenceSession(str(tmp_path / "vit_pruned.onnx"), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: zm.args[0].numpy()})[0])
-    want = reference("timm_vit_tiny_sdpa", prune)
+    want = reference("timm_vit_tiny_sdpa", prune, depth)
     assert max_abs_diff(got, want) <= TOL
 
 
