@@ -27,14 +27,17 @@ position) on top:
 
 How it runs: the entry point turns the pattern into a block layout (per batch, query head and
 query block: the sorted key blocks to visit, ``kv_index[B, H, NQB, MAXK]`` and their number
-``kv_count[B, H, NQB]``; computed with torch ops so compile and ONNX trace it) and an element
-rule string, then calls ``torch.ops.tokred.sparse_attention``. On CUDA that is the generated
+``kv_count[B, H, NQB]``; block_topk's computed from q and k on every call with torch ops that
+compile and ONNX trace, sink_window's and mask's built once per shape by ``static_layout`` and
+constants of a traced graph) and an element rule string, then calls
+``torch.ops.tokred.sparse_attention``. On CUDA that is the generated
 block-sparse flash-attention kernel (sparse_kernel.py); elsewhere ``sparse_attention_blocks``:
 for each query block (or chunk of blocks sharing a layout), gather the kept key blocks and run
 SDPA on them, so work is proportional to the blocks kept (block_topk's causal prefill instead
 takes ``past_blocks_attention``: whole past blocks without a mask, merged with the own block by
 log-sum-exp; causal sink_window's prefill takes ``sink_window_band_attention``: overlapping
-contiguous key windows under one band mask, no gather). On CPU inside a graph being compiled,
+contiguous key windows under one band mask, no gather; the entry point decides that, once, in
+``band_path_applies``, and tells the op). On CPU inside a graph being compiled,
 the other sink_window shapes and mask patterns lower to flex_attention with the same blocks
 (inductor's CPU flex kernel measured faster than the gathered blocks; see ``use_flex_path``).
 ``sparse_attention_reference`` is dense SDPA with the pattern's mask.
@@ -44,15 +47,17 @@ Rows with no visible key (possible with a padding ``attn_bias``) return zeros in
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import math
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from tokred.triton_ops import common, sparse_rule
 from tokred.triton_ops.common import HAS_TRITON
@@ -134,6 +139,12 @@ def resolve(q: Tensor, k: Tensor, scale: float | None, q_offset: int | None) -> 
     return scale, q_offset
 
 
+def additive_mask(allowed: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Boolean ``allowed`` (True = may attend) -> an additive attention mask of the same shape in
+    ``dtype``: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, float("-inf"))
+
+
 def additive_bias(attn_bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | None:
     """``attn_bias`` as a float tensor viewed as [B, H, Nq, Nk] (broadcast dims stay stride 0).
 
@@ -143,8 +154,7 @@ def additive_bias(attn_bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | No
         return None
     shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if attn_bias.dtype == torch.bool:
-        attn_bias = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(~attn_bias, float("-inf")) \
-            if attn_bias.dim() == 0 else torch.where(attn_bias, 0.0, float("-inf")).to(q.dtype)
+        attn_bias = additive_mask(attn_bias, q.dtype)
     while attn_bias.dim() < 4:
         attn_bias = attn_bias.unsqueeze(0)
     return attn_bias.expand(shape)
@@ -173,8 +183,10 @@ def element_rule(pattern: SparsePattern) -> str:
     return rule
 
 
+@functools.lru_cache(maxsize=256)
 def pattern_rule(pattern: SparsePattern) -> str:
-    """``element_rule`` before registration (see there)."""
+    """``element_rule`` before registration (see there). Cached per pattern: tracing a mask_fn
+    with torch.fx took milliseconds on every eager call."""
     causal = CAUSAL_RULE
     if pattern.kind == "sink_window":
         window = f"((kv_idx <= q_idx) & (q_idx - kv_idx < {pattern.window}))"
@@ -290,28 +302,18 @@ def blocks_of_mask(mask: Tensor, block_m: int, block_n: int) -> Tensor:
 
 def kept_blocks(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int, rule: str) -> Tensor:
     """Kept key blocks per query block: bool [B or 1, H or 1, NQB, NKB] at ``layout_blocks``."""
-    block_m, block_n = layout_blocks(pattern)
-    if pattern.kind == "sink_window":
-        return sink_window_blocks(pattern, q.shape[2], k.shape[2], block_m, block_n, q_offset, q.device)
     if pattern.kind == "block_topk":
         return block_topk_blocks(pattern, q, k, q_offset)
-    mask = dense_rule_mask(rule, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q_offset, q.device)
-    return blocks_of_mask(mask, block_m, block_n)
+    return static_kept_blocks(static_layout_spec(pattern, rule), q.shape[0], q.shape[1], q.shape[2], k.shape[2],
+                              q_offset, q.device)
 
 
 def max_kept_blocks(pattern: SparsePattern, num_queries: int, num_keys: int) -> int:
     """A static bound on kept key blocks per query block (the layout's MAXK)."""
-    block_m, block_n = layout_blocks(pattern)
-    num_k_blocks = common.cdiv(num_keys, block_n)
-    if pattern.kind == "sink_window":
-        # Blocks meeting the span [first - window + 1, last] of window + block_m - 1 positions, plus sinks.
-        window = (pattern.window + min(block_m, num_queries) - 2) // block_n + 2 if pattern.window > 0 else 0
-        bound = common.cdiv(pattern.sinks, block_n) + window
-    elif pattern.kind == "block_topk":
-        bound = pattern.sinks + pattern.local + pattern.topk
-    else:
-        bound = num_k_blocks
-    return max(1, min(bound, num_k_blocks))
+    if pattern.kind != "block_topk":
+        return static_max_kept_blocks(static_layout_spec(pattern, ""), num_queries, num_keys)
+    num_k_blocks = common.cdiv(num_keys, pattern.block)
+    return max(1, min(pattern.sinks + pattern.local + pattern.topk, num_k_blocks))
 
 
 def block_layout(kept: Tensor, max_blocks: int) -> tuple[Tensor, Tensor]:
@@ -333,12 +335,121 @@ def block_layout(kept: Tensor, max_blocks: int) -> tuple[Tensor, Tensor]:
 
 
 def pattern_layout(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int) -> tuple[Tensor, Tensor, str]:
-    """(kv_count [B, H, NQB], kv_index [B, H, NQB, MAXK] (expanded views), rule) for the op."""
+    """(kv_count [B, H, NQB], kv_index [B, H, NQB, MAXK] (expanded views), rule) for the op.
+
+    block_topk's layout is computed from q and k on every call; the static patterns' layouts come
+    from ``static_layout`` (built once per shape).
+    """
     rule = element_rule(pattern)
-    kept = kept_blocks(pattern, q, k, q_offset, rule)
-    count, index = block_layout(kept, max_kept_blocks(pattern, q.shape[2], k.shape[2]))
+    if pattern.kind == "block_topk":
+        tracing = torch.compiler.is_compiling() or torch._guards.detect_fake_mode((q, k)) is not None
+        # eagerly on one thread: small ops, each slowed by OpenMP scheduling on a loaded machine
+        # (N=4096, 2 threads, load ~3: 197 ms vs 11-17 ms on one, measured)
+        with contextlib.nullcontext() if tracing else single_thread():
+            kept = block_topk_blocks(pattern, q, k, q_offset)
+            count, index = block_layout(kept, max_kept_blocks(pattern, q.shape[2], k.shape[2]))
+    else:
+        count, index = static_layout(q, k, q_offset, static_layout_spec(pattern, rule), False)
     batch, heads = q.shape[0], q.shape[1]
     return count.expand(batch, heads, -1), index.expand(batch, heads, -1, -1), rule
+
+
+# ----------------------------------------------------------------------------------------------
+# Static layouts (sink_window, mask): built once per shape
+# ----------------------------------------------------------------------------------------------
+
+
+@torch._dynamo.assume_constant_result
+def static_layout_spec(pattern: SparsePattern, rule: str) -> tuple:
+    """What a sink_window or mask layout depends on besides lengths, q_offset and device:
+    ``(kind, sinks, window, block, causal, rule)``, all plain values so that the tuple can be an
+    argument of ``static_layout`` in an FX graph (a pattern holding a mask function cannot). A
+    constant for Dynamo: with dynamic=True it would otherwise make the pattern's ints symbolic."""
+    return (pattern.kind, pattern.sinks, pattern.window, pattern.block, pattern.causal, rule)
+
+
+def static_kept_blocks(spec: tuple, batch: int, heads: int, num_queries: int, num_keys: int, q_offset: int,
+                       device) -> Tensor:
+    """Kept key blocks of a sink_window or mask pattern (``spec`` from ``static_layout_spec``):
+    bool [B or 1, H or 1, NQB, NKB], B and H only where a mask rule reads b or h."""
+    kind, sinks, window, block, causal, rule = spec
+    if kind == "sink_window":
+        pattern = SparsePattern(kind, sinks=sinks, window=window, block=block, causal=causal)
+        return sink_window_blocks(pattern, num_queries, num_keys, block, block, q_offset, device)
+    return blocks_of_mask(dense_rule_mask(rule, batch, heads, num_queries, num_keys, q_offset, device), block, block)
+
+
+def static_max_kept_blocks(spec: tuple, num_queries: int, num_keys: int) -> int:
+    """A bound on kept key blocks per query block of a sink_window or mask layout, from the
+    lengths alone (the layout's MAXK where the layout is traced with symbolic lengths)."""
+    kind, sinks, window, block, _, _ = spec
+    num_k_blocks = common.cdiv(num_keys, block)
+    if kind != "sink_window":
+        return max(1, num_k_blocks)
+    # Blocks meeting the span [first - window + 1, last] of window + block - 1 positions, plus sinks.
+    window_blocks = (window + min(block, num_queries) - 2) // block + 2 if window > 0 else 0
+    return max(1, min(common.cdiv(sinks, block) + window_blocks, num_k_blocks))
+
+
+def build_static_layout(spec: tuple, batch: int, heads: int, num_queries: int, num_keys: int, q_offset: int,
+                        device, for_flex: bool, concrete: bool) -> tuple[Tensor, ...]:
+    """A sink_window or mask layout built from scratch (what ``static_layout`` returns).
+
+    ``concrete``: the lengths are ints and the tensors real, so a mask rule's MAXK can be its
+    layout's own largest count rather than ``static_max_kept_blocks``, every key block (the
+    per-head CPU path gathers MAXK blocks per query block).
+    """
+    kept = static_kept_blocks(spec, batch, heads, num_queries, num_keys, q_offset, device)
+    if for_flex:
+        return flex_block_tensors(spec, kept, num_queries, num_keys, q_offset)
+    max_blocks = max(1, int(kept.sum(-1).max())) if concrete and spec[0] == "mask" else \
+        static_max_kept_blocks(spec, num_queries, num_keys)
+    return block_layout(kept, max_blocks)
+
+
+# Layouts kept by ``static_layout``, least recently used dropped first. An entry is small (NQB x
+# MAXK int32, or flex's block tensors), the bound only stops a run over ever new lengths (decode
+# steps with a growing cache) from growing memory without limit.
+STATIC_LAYOUT_CACHE_SIZE = 64
+_STATIC_LAYOUTS: collections.OrderedDict[tuple, tuple[Tensor, ...]] = collections.OrderedDict()
+
+
+@torch._dynamo.allow_in_graph
+def static_layout(q: Tensor, k: Tensor, q_offset: int, spec: tuple, for_flex: bool) -> tuple[Tensor, ...]:
+    """The block layout of a sink_window or mask pattern (``spec`` from ``static_layout_spec``),
+    built once per (spec, lengths, q_offset, device; B and H where a mask rule reads b or h).
+
+    Returns (kv_count [B', H', NQB] int32, kv_index [B', H', NQB, MAXK] int32), B' = B or 1 and
+    H' = H or 1; with ``for_flex`` BlockMask's eight block tensors (``flex_block_tensors``). q and
+    k only give lengths and device.
+
+    Where it runs:
+    * eagerly: a lookup in a bounded cache (``STATIC_LAYOUT_CACHE_SIZE`` entries);
+    * traced with fake tensors and int lengths (aot_autograd under torch.compile, ONNX export):
+      the cached tensors become constants of the traced graph (``lift_fresh_copy`` of a real
+      tensor), so the compiled graph never rebuilds them (it copies the few KB per call);
+    * traced with symbolic lengths (dynamic shapes): built in the traced graph, as it must be.
+    Dynamo does not trace into it (``allow_in_graph``): it stays one call in Dynamo's graph, run
+    by the backend's own trace as above (or eagerly by the "eager" backend).
+    """
+    kind, rule = spec[0], spec[5]
+    names = sparse_rule.rule_names(rule) if kind == "mask" else frozenset()
+    batch = q.shape[0] if "b" in names else 1
+    heads = q.shape[1] if "h" in names else 1
+    sizes = (batch, heads, q.shape[2], k.shape[2], q_offset)
+    if any(isinstance(size, torch.SymInt) for size in sizes):
+        return build_static_layout(spec, *sizes, q.device, for_flex, concrete=False)
+    key = (spec, *sizes, q.device, for_flex)
+    layout = _STATIC_LAYOUTS.pop(key, None)
+    if layout is None:
+        with _disable_current_modes():  # real tensors, not recorded, even inside a fake-tensor trace
+            layout = build_static_layout(spec, *sizes, q.device, for_flex, concrete=True)
+    _STATIC_LAYOUTS[key] = layout  # (re)inserted last: most recently used
+    while len(_STATIC_LAYOUTS) > STATIC_LAYOUT_CACHE_SIZE:
+        _STATIC_LAYOUTS.popitem(last=False)
+    if torch._guards.detect_fake_mode((q, k)) is not None:
+        return tuple(torch.ops.aten.lift_fresh_copy(t) for t in layout)
+    return layout
 
 
 def pattern_mask(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int | None = None) -> Tensor:
@@ -400,7 +511,7 @@ def attention_with_mask(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, bias: Ten
         if group > 1 and q.dim() != 4:  # SDPA's enable_gqa wants [B, H, L, D]
             k = k.repeat_interleave(group, dim=-3)
             v = v.repeat_interleave(group, dim=-3)
-        additive = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        additive = additive_mask(mask, q.dtype)
         if bias is not None:
             additive = additive + bias
         row_open = (additive > float("-inf")).any(-1, keepdim=True)
@@ -444,20 +555,9 @@ def kept_from_layout(kv_count: Tensor, kv_index: Tensor, num_k_blocks: int) -> T
     return kept.bool()
 
 
-def layout_covers_sink_window(count: Tensor, index: Tensor, sinks: int, window: int, num_tokens: int,
-                              block_m: int, block_n: int) -> bool:
-    """Whether the layout (count [B', H', NQB], index [B', H', NQB, MAXK]) keeps every block that
-    holds a key causal sink_window(sinks, window) lets a query see in a prefill of ``num_tokens``:
-    then layout & rule is the rule alone, which ``sink_window_band_attention`` computes."""
-    pattern = SparsePattern("sink_window", sinks=sinks, window=window, block=block_m, causal=True)
-    needed = sink_window_blocks(pattern, num_tokens, num_tokens, block_m, block_n, 0, count.device)[0, 0]
-    kept = kept_from_layout(count, index, needed.shape[-1])
-    return bool((kept | ~needed).all())
-
-
 def sparse_attention_blocks(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, kv_index: Tensor,
                             bias: Tensor | None, scale: float, q_offset: int, block_m: int, block_n: int,
-                            rule: str) -> Tensor:
+                            rule: str, band_sinks: int = 0, band_window: int = 0) -> Tensor:
     """CPU path of the op (runs eagerly inside the opaque custom op): [B, H, Nq, Dv].
 
     Query block m of head h attends to key blocks ``kv_index[b, h, m, :kv_count[b, h, m]]``
@@ -471,9 +571,12 @@ def sparse_attention_blocks(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, k
       with its own gathered key blocks, one batched SDPA per step.
 
     Two prefill shapes (no bias, q_offset 0, CPU) take paths without masks or gathers instead:
-    block_topk's causal layout (``past_blocks_attention``) and causal sink_window's rule over a
-    layout holding its blocks (``sink_window_band_attention``, which reads the rule, not the layout).
+    block_topk's causal layout (``past_blocks_attention``) and, where the caller says so
+    (``band_window`` > 0), causal sink_window (``sink_window_band_attention``, which reads neither
+    the layout nor the rule).
     """
+    if band_window > 0 and q.device.type == "cpu":
+        return sink_window_band_attention(q, k, v, band_sinks, band_window, scale)
     count = without_broadcast(kv_count, (0, 1))
     index = without_broadcast(kv_index, (0, 1))
     if bias is not None:
@@ -484,10 +587,6 @@ def sparse_attention_blocks(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, k
                                     index.expand(q.shape[0], q.shape[1], -1, -1), scale, block_m)
         if out is not None:
             return out
-    sink_window = sink_window_of_rule(rule) if prefill else None
-    if sink_window is not None and sink_window[1] > 0 and layout_covers_sink_window(
-            count, index, *sink_window, q.shape[2], block_m, block_n):
-        return sink_window_band_attention(q, k, v, *sink_window, scale)
     with single_thread():  # the mask and gather ops; SDPA itself runs on all threads
         if count.shape[0] == 1 and count.shape[1] == 1:
             return shared_layout_attention(q, k, v, count[0, 0], index[0, 0], bias, scale, q_offset, block_m,
@@ -623,17 +722,6 @@ def per_head_layout_attention(q, k, v, count, index, bias, scale, q_offset, bloc
 SINK_WINDOW_CHUNK = 64
 
 
-def sink_window_of_rule(rule: str) -> tuple[int, int] | None:
-    """(sinks, window) if ``rule`` is exactly causal sink_window's element rule, else None."""
-    match = re.fullmatch(r"\(\(kv_idx <= q_idx\) & \(\(kv_idx < (\d+)\) \| \(q_idx - kv_idx < (\d+)\)\)\)", rule)
-    if match is None:
-        return None
-    sinks, window = int(match.group(1)), int(match.group(2))
-    if rule != pattern_rule(SparsePattern("sink_window", sinks=sinks, window=window, causal=True)):
-        return None
-    return sinks, window
-
-
 def band_chunks(t: Tensor, start: int, rows: int, chunks: int, step: int) -> Tensor:
     """Overlapping views of one batch row ``t [H', N, X]``: [chunks, H', rows, X], chunk i being
     rows ``[start + i * step, start + i * step + rows)`` (no copy; flash reads the strides)."""
@@ -648,8 +736,7 @@ def band_mask(chunk: int, window: int, device) -> Tensor:
     (the key is in the query's window), -inf elsewhere. The same for every chunk."""
     rows = torch.arange(chunk, device=device)[:, None]
     cols = torch.arange(window + chunk - 1, device=device)[None, :]
-    outside = (cols < rows) | (cols > rows + window - 1)
-    return torch.zeros(outside.shape, dtype=torch.float32, device=device).masked_fill(outside, float("-inf"))
+    return additive_mask((cols >= rows) & (cols <= rows + window - 1))
 
 
 def sink_window_band_attention(q: Tensor, k: Tensor, v: Tensor, sinks: int, window: int, scale: float,
@@ -746,8 +833,7 @@ def own_block_causal_mask(block: int, max_blocks: int, device) -> Tensor:
     on the own block. The same for every query block and head."""
     rows = torch.arange(block, device=device)[:, None]
     cols = torch.arange(max_blocks * block, device=device)[None, :] - (max_blocks - 1) * block
-    return torch.zeros(block, max_blocks * block, dtype=torch.float32, device=device).masked_fill(
-        cols > rows, float("-inf"))
+    return additive_mask(cols <= rows)
 
 
 def past_blocks_attention(q: Tensor, k: Tensor, v: Tensor, count: Tensor, index: Tensor, scale: float,
@@ -824,18 +910,36 @@ def check_layout(q: Tensor, kv_count: Tensor, kv_index: Tensor, block_m: int) ->
                  lambda: f"sparse_attention: {kv_count.shape[2]} query blocks for Nq={q.shape[2]}, block {block_m}")
 
 
+def check_band(q: Tensor, k: Tensor, bias: Tensor | None, q_offset: int, band_window: int) -> None:
+    """Raise unless a band request (``band_window`` > 0) comes with a causal prefill's shapes: no bias,
+    q_offset 0, as many queries as keys (what ``band_path_applies`` decided it from)."""
+    if band_window > 0:
+        torch._check(bias is None and q_offset == 0 and q.shape[2] == k.shape[2],
+                     lambda: "sparse_attention: band_window > 0 (the sink_window band path) needs a prefill "
+                             f"without bias: q_offset 0 and Nq == Nk, got q_offset {q_offset}, Nq {q.shape[2]}, "
+                             f"Nk {k.shape[2]}, bias {'given' if bias is not None else 'None'}")
+
+
 @torch.library.custom_op("tokred::sparse_attention", mutates_args=())
 def sparse_attention_op(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, kv_index: Tensor,
                         bias: Tensor | None, scale: float, q_offset: int, block_m: int, block_n: int,
-                        rule: str) -> Tensor:
-    """Block-sparse attention over a block layout: q [B, H, Nq, D] -> [B, H, Nq, Dv] (see module doc)."""
+                        rule: str, band_sinks: int = 0, band_window: int = 0) -> Tensor:
+    """Block-sparse attention over a block layout: q [B, H, Nq, D] -> [B, H, Nq, Dv] (see module doc).
+
+    ``band_window`` > 0 says that layout & rule is causal sink_window(band_sinks, band_window) in a
+    prefill (the caller's decision, ``band_path_applies``): the CPU path then runs
+    ``sink_window_band_attention``, which reads neither the layout nor the rule. The CUDA kernel
+    and the ONNX lowering read the layout and the rule either way (the same result).
+    """
     check_qkv(q, k, v)
     check_layout(q, kv_count, kv_index, block_m)
+    check_band(q, k, bias, q_offset, band_window)
     return sparse_attention_blocks(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_n,
-                                   rule).contiguous()
+                                   rule, band_sinks, band_window).contiguous()
 
 
-def _sparse_attention_cuda(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_n, rule):
+def _sparse_attention_cuda(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_n, rule,
+                           band_sinks=0, band_window=0):
     from tokred.triton_ops.sparse_kernel import sparse_attention_triton
 
     return sparse_attention_triton(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_n, rule)
@@ -846,45 +950,69 @@ if HAS_TRITON:
 
 
 @sparse_attention_op.register_fake
-def _sparse_attention_fake(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_n, rule):
+def _sparse_attention_fake(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_n, rule,
+                           band_sinks=0, band_window=0):
     check_qkv(q, k, v)
     check_layout(q, kv_count, kv_index, block_m)
+    check_band(q, k, bias, q_offset, band_window)
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
 
-def full_blocks(pattern: SparsePattern, num_queries: int, num_keys: int, q_offset: int, device) -> Tensor | None:
-    """Blocks where the element rule holds for every (query, key): [1, 1, NQB, NKB] bool, or None
-    where unknown (kind "mask": every kept block is treated as partial)."""
-    if pattern.kind == "mask":
+def full_blocks(spec: tuple, num_queries: int, num_keys: int, q_offset: int, device) -> Tensor | None:
+    """Blocks where the element rule of a sink_window or mask pattern (``spec`` from
+    ``static_layout_spec``) holds for every (query, key): [1, 1, NQB, NKB] bool, or None where
+    unknown (kind "mask": every kept block is treated as partial)."""
+    kind, sinks, window, block, causal, _ = spec
+    if kind == "mask":
         return None
-    block_m, block_n = layout_blocks(pattern)
-    first, last = query_block_bounds(num_queries, block_m, q_offset, device)
-    key_first = torch.arange(0, num_keys, block_n, device=device)
-    key_last = key_first + block_n - 1  # a partial last key block is never full (keys >= Nk)
+    first, last = query_block_bounds(num_queries, block, q_offset, device)
+    key_first = torch.arange(0, num_keys, block, device=device)
+    key_last = key_first + block - 1  # a partial last key block is never full (keys >= Nk)
     full = (key_last[None, :] < num_keys) & torch.ones(first.shape[0], 1, dtype=torch.bool, device=device)
-    if pattern.causal:
+    if causal:
         full = full & (key_last[None, :] <= first[:, None])
-    if pattern.kind == "sink_window":
-        in_window = last[:, None] - key_first[None, :] < pattern.window
-        if not pattern.causal:
-            in_window = in_window & (key_last[None, :] <= first[:, None])
-        full = full & (in_window | (key_last[None, :] < pattern.sinks))
+    in_window = last[:, None] - key_first[None, :] < window
+    if not causal:
+        in_window = in_window & (key_last[None, :] <= first[:, None])
+    full = full & (in_window | (key_last[None, :] < sinks))
     return full[None, None]
 
 
+def flex_block_tensors(spec: tuple, kept: Tensor, num_queries: int, num_keys: int,
+                       q_offset: int) -> tuple[Tensor, ...]:
+    """flex_attention's BlockMask tensors for ``kept`` [B', H', NQB, NKB] blocks of a sink_window or
+    mask pattern, full and partial blocks split as create_block_mask splits them: (kv_num_blocks,
+    kv_indices, full_kv_num_blocks, full_kv_indices, q_num_blocks, q_indices, full_q_num_blocks,
+    full_q_indices), the order of ``BlockMask``'s constructor arguments."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    block = spec[3]
+    num_k_blocks = kept.shape[-1]
+    full = full_blocks(spec, num_queries, num_keys, q_offset, kept.device)
+    full = kept & full if full is not None else torch.zeros_like(kept)
+    partial_count, partial_index = block_layout(kept & ~full, num_k_blocks)
+    full_count, full_index = block_layout(full, num_k_blocks)
+    # compute_q_blocks stays on: without the q-block index inductor's CPU flex lowering found no
+    # kernel choice (NoValidChoicesError, torch 2.14).
+    mask = BlockMask.from_kv_blocks(partial_count, partial_index, full_count, full_index, BLOCK_SIZE=(block, block),
+                                    seq_lengths=(num_queries, num_keys))
+    return (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices, mask.q_num_blocks,
+            mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
+
+
 def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_bias: Tensor | None,
-                  q_offset: int = 0) -> bool:
+                  band: bool) -> bool:
     """True where the CPU path should be flex_attention: a graph being compiled (inductor lowers
     flex to its CPU template, measured faster than the gathered-block op on this machine, see
     bench/results/sparse_attention_speed.md), no extra bias (the op handles padding masks), and a
     pattern whose allowed set is its element rule (sink_window, mask), and no gradient to carry.
 
-    Not causal sink_window's prefill (q_offset 0, Nq = Nk): the op's band path
-    (``sink_window_band_attention``) measured faster than flex there (1.1-1.3x the density bound,
-    flex ~2x). Not block_topk: flex's mask_mod defines its result (flex's non-inductor implementation, run by
-    backends like aot_eager, evaluates mask_mod everywhere and ignores the block list), so the
-    selection would have to be looked up in mask_mod, and inductor's CPU flex lowering found no
-    kernel for a mask_mod reading a tensor computed in the graph (NoValidChoicesError, torch 2.14).
+    Not where the op takes the band path (``band``, from ``band_path_applies``): it measured faster
+    than flex there (1.1-1.3x the density bound, flex ~2x). Not block_topk: flex's mask_mod defines
+    its result (flex's non-inductor implementation, run by backends like aot_eager, evaluates
+    mask_mod everywhere and ignores the block list), so the selection would have to be looked up
+    in mask_mod, and inductor's CPU flex lowering found no kernel for a mask_mod reading a tensor
+    computed in the graph (NoValidChoicesError, torch 2.14).
     """
     tracing = torch.compiler.is_compiling() or torch._guards.detect_fake_mode((q,)) is not None
     # flex has no backward on CPU: a graph traced with gradients (a model called without no_grad)
@@ -893,40 +1021,31 @@ def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_
     # nor for ONNX: the BlockMask construction sorts stably, which the exporter cannot lower
     exporting = torch.onnx.is_in_onnx_export()
     return (tracing and not needs_grad and not exporting and not q.is_cuda and attn_bias is None
-            and pattern.kind != "block_topk" and not band_path_applies(pattern, q, k, q_offset))
+            and pattern.kind != "block_topk" and not band)
 
 
-def band_path_applies(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int) -> bool:
+def band_path_applies(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int,
+                      attn_bias: Tensor | None) -> bool:
     """Whether the op runs sink_window as ``sink_window_band_attention`` on CPU: a causal prefill
-    (q_offset 0, as many queries as keys) with a window of at least one key."""
+    (q_offset 0, as many queries as keys, no bias) with a window of at least one key. Decided here
+    once, from the pattern and shapes; the op is told (its band_sinks/band_window arguments)."""
     return (pattern.kind == "sink_window" and pattern.causal and pattern.window > 0 and q_offset == 0
-            and q.shape[2] == k.shape[2] and not q.is_cuda)
+            and q.shape[2] == k.shape[2] and attn_bias is None and not q.is_cuda)
 
 
-def flex_cpu_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, kept: Tensor, rule: str,
-                       scale: float, q_offset: int) -> Tensor:
-    """torch's flex_attention with tokred's kept blocks as a BlockMask (partial/full split)."""
+def flex_cpu_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, rule: str, scale: float,
+                       q_offset: int) -> Tensor:
+    """torch's flex_attention over the pattern's kept blocks (a sink_window or mask pattern; the
+    BlockMask tensors from ``static_layout``)."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-    num_queries, num_keys = q.shape[2], k.shape[2]
-    block_m, block_n = layout_blocks(pattern)
-    num_k_blocks = kept.shape[-1]
-    full = full_blocks(pattern, num_queries, num_keys, q_offset, q.device)
-    if full is None:
-        full = torch.zeros_like(kept)
-    full = kept & full
-    partial_count, partial_index = block_layout(kept & ~full, num_k_blocks)
-    full_count, full_index = block_layout(full, num_k_blocks)
+    blocks = static_layout(q, k, q_offset, static_layout_spec(pattern, rule), True)
     rule_fn = sparse_rule.rule_fn(rule)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return kv_idx >= 0 if rule_fn is None else rule_fn(b, h, q_idx + q_offset, kv_idx)
 
-    # compute_q_blocks stays on: without the q-block index inductor's CPU flex lowering found no
-    # kernel choice (NoValidChoicesError, torch 2.14).
-    mask = BlockMask.from_kv_blocks(partial_count, partial_index, full_count, full_index,
-                                    BLOCK_SIZE=(block_m, block_n), mask_mod=mask_mod,
-                                    seq_lengths=(num_queries, num_keys))
+    mask = BlockMask((q.shape[2], k.shape[2]), *blocks, BLOCK_SIZE=layout_blocks(pattern), mask_mod=mask_mod)
     return flex_attention(q, k, v, block_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -934,16 +1053,17 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, sc
                      q_offset: int | None = None, attn_bias: Tensor | None = None) -> Tensor:
     """Sparse attention with ``pattern``: q [B, H, Nq, D], k/v [B, Hkv, Nk, D/Dv] -> [B, H, Nq, Dv].
 
-    Builds the block layout and rule, then runs, by where it is:
+    Takes the block layout (sink_window, mask: ``static_layout``, once per shape; block_topk: its
+    selection from q and k) and rule, then runs, by where it is:
     * CUDA: ``torch.ops.tokred.sparse_attention`` -> the generated Triton kernel;
     * CPU inside a graph being compiled (Dynamo or the aot_autograd trace of a rewritten graph),
       no ``attn_bias``, mask or sink_window but its causal prefill: flex_attention with the same
       blocks (``flex_cpu_attention``);
     * CPU otherwise (eager, block_topk, bias, sink_window's causal prefill): the op's CPU paths
-      (``sparse_attention_blocks``);
+      (``sparse_attention_blocks``), told here whether sink_window takes the band path;
     * with gradients to carry (a model called without ``torch.no_grad``): the dense masked
       reference, which autograd differentiates (the op has no backward).
-    Traceable by torch.compile for static shapes.
+    Traceable by torch.compile (static and dynamic shapes) and by the ONNX exporter.
     """
     if not isinstance(pattern, SparsePattern):
         raise ValueError(f"tokred option '{OPTION}' must be a SparsePattern, got {type(pattern).__name__}")
@@ -952,15 +1072,14 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, sc
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return sparse_attention_reference(q, k, v, pattern, scale, q_offset, attn_bias)
     scale, q_offset = resolve(q, k, scale, q_offset)
-    rule = element_rule(pattern)
-    kept = kept_blocks(pattern, q, k, q_offset, rule)
+    band = band_path_applies(pattern, q, k, q_offset, attn_bias)
+    if use_flex_path(pattern, q, k, v, attn_bias, band):
+        return flex_cpu_attention(q, k, v, pattern, element_rule(pattern), scale, q_offset)
+    kv_count, kv_index, rule = pattern_layout(pattern, q, k, q_offset)
     block_m, block_n = layout_blocks(pattern)
-    if use_flex_path(pattern, q, k, v, attn_bias, q_offset):
-        return flex_cpu_attention(q, k, v, pattern, kept, rule, scale, q_offset)
-    kv_count, kv_index = block_layout(kept, max_kept_blocks(pattern, q.shape[2], k.shape[2]))
-    batch, heads = q.shape[0], q.shape[1]
-    return sparse_attention_op(q, k, v, kv_count.expand(batch, heads, -1), kv_index.expand(batch, heads, -1, -1),
-                               additive_bias(attn_bias, q, k), scale, q_offset, block_m, block_n, rule)
+    band_sinks, band_window = (pattern.sinks, pattern.window) if band else (0, 0)
+    return sparse_attention_op(q, k, v, kv_count, kv_index, additive_bias(attn_bias, q, k), scale, q_offset,
+                               block_m, block_n, rule, band_sinks, band_window)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -987,7 +1106,8 @@ def onnx_lowering():
         return op.Range(op.Constant(value_int=0), n, op.Constant(value_int=1))
 
     def tokred_sparse_attention(q, k, v, kv_count, kv_index, bias, scale: float, q_offset: int, block_m: int,
-                                block_n: int, rule: str):
+                                block_n: int, rule: str, band_sinks: int = 0, band_window: int = 0):
+        # band_sinks/band_window only pick a CPU strategy: layout & rule give the same allowed set
         float_type = onnx.TensorProto.FLOAT
         qf, kf, vf = (op.Cast(t, to=float_type) for t in (q, k, v))
         heads, kv_heads = size(q, 1), size(k, 1)

@@ -130,6 +130,15 @@ def check_rule(rule: str) -> ast.Expression:
 
 
 @functools.lru_cache(maxsize=256)
+def rule_names(rule: str) -> frozenset[str]:
+    """Which of b, h, q_idx, kv_idx ``rule`` reads (empty for the empty rule)."""
+    if not rule:
+        return frozenset()
+    return frozenset(node.id for node in ast.walk(check_rule(rule))
+                     if isinstance(node, ast.Name) and node.id in RULE_NAMES)
+
+
+@functools.lru_cache(maxsize=256)
 def _parse(rule: str) -> ast.Expression:
     return ast.parse(rule, mode="eval")
 
