@@ -18,6 +18,13 @@ rotates), so a loaded machine slows them alike. Methods (SmolLM2):
     tokred early_exit, own cache   the same with EarlyExitDraft(share_cache=False)
     hf early_exit         model.generate(assistant_early_exit=L)
 
+On CPU, tokred's target is the model compiled by tokred with ``cpu_linear="onednn"`` (inner
+compiler "eager": Dynamo's graph, the projections of multi-token forwards as oneDNN linears on
+weights packed once; one-token steps keep their kernels), for tokred plain and tokred prompt_lookup
+alike, so the ratio between them compares the same forwards; ``--cpu-linear off`` runs them on the
+model as loaded. The transformers rows and tokred's early-exit rows (whose draft hooks the
+model's own modules) always use the model as loaded.
+
 ``--qwen``: tokred.generate(draft=<0.5B model>) against model.generate(assistant_model=<0.5B>), and
 both plain. Tokens/s is new tokens over wall time, summed over the prompts. Every method's output
 is compared with tokred's plain greedy output (and transformers' plain with it); mismatches are
@@ -36,9 +43,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import tokred  # noqa: E402
 from tokred.generate import generate  # noqa: E402
 from tokred.passes.speculative import EarlyExitDraft  # noqa: E402
-from tokred.speculative_runtime import crop_tail, new_cache, next_k, prompt_lookup  # noqa: E402
+from tokred.speculative_runtime import crop_tail, model_config, new_cache, next_k, prompt_lookup  # noqa: E402
 from tokred.offline import load_causal_lm, wiki_texts  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -84,6 +92,36 @@ def hf_method(model, **kwargs):
                                  do_sample=False, eos_token_id=eos, pad_token_id=eos, **kwargs)
         return out, None
     return run
+
+
+def tokred_target(model, args, prompts: list, eos: int):
+    """The model tokred's plain and prompt-lookup rows run: ``model`` itself, or (``--cpu-linear
+    onednn`` on CPU) ``model`` compiled by tokred with the cpu_linear pass, warmed up so that the
+    timed runs compile nothing. Returns (model, backend or None, warm-up seconds, a sentence for
+    the results)."""
+    if args.cpu_linear == "off" or args.device != "cpu":
+        why = "--cpu-linear off" if args.cpu_linear == "off" else f"device {args.device}"
+        return model, None, 0.0, f"tokred plain and prompt_lookup run the model as loaded ({why})."
+    backend = tokred.backend(inner="eager", cpu_linear=args.cpu_linear)
+    # Past Dynamo's recompile limit (8 graphs per frame) the model would run uncompiled, unnoticed;
+    # generate needs ~7 graphs, the profile's bare forwards (logits_to_keep 0 and 1) a few more.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    compiled = torch.compile(model, backend=backend, dynamic=None)
+    start = time.perf_counter()
+    # Graphs: the prefill (static, then a dynamic length from a second prompt), one-token steps,
+    # multi-token verification steps, caches of every layout the rollbacks leave (Dynamo guards
+    # strides); each run below adds the ones it needs.
+    for _, ids in prompts[:2]:
+        generate(compiled, ids, 6, eos_token_id=eos, progress=False)
+        for new_tokens in (12, 24):
+            generate(compiled, ids, new_tokens, draft="prompt_lookup", k=args.lookup_k, ngram=args.ngram,
+                     min_ngram=args.min_ngram, eos_token_id=eos, progress=False)
+    warm_s = time.perf_counter() - start
+    notes = sorted({n for r in backend.reports for n in r.notes if n.startswith("cpu_linear")})
+    sentence = (f"tokred plain and prompt_lookup run the model compiled by tokred with "
+                f"`cpu_linear=\"{args.cpu_linear}\"` (inner compiler eager; {len(backend.reports)} graphs captured "
+                f"in a {warm_s:.0f} s warm-up; per graph: " + "; ".join(notes) + ").")
+    return compiled, backend, warm_s, sentence
 
 
 def new_tokens_of(sequences: torch.Tensor, prompt_len: int, eos: int) -> list:
@@ -231,6 +269,9 @@ def run_smollm2(args, command: str) -> None:
     capture_s = time.perf_counter() - start
     hf_method(model)(prompts[0][1], 2, eos)
 
+    fast, fast_backend, _, fast_note = tokred_target(model, args, prompts, eos)
+    graphs_before = len(fast_backend.reports) if fast_backend is not None else 0
+
     if args.exit_layer is None:
         sweep = sweep_exit_layer(model, prompts[:args.sweep_prompts], args.sweep_layers, args.sweep_tokens, eos,
                                  args.k)
@@ -239,9 +280,9 @@ def run_smollm2(args, command: str) -> None:
         sweep, exit_layer = {}, args.exit_layer
 
     methods = {
-        "tokred plain": tokred_method(model),
+        "tokred plain": tokred_method(fast),
         "hf plain": hf_method(model),
-        "tokred prompt_lookup": tokred_method(model, draft="prompt_lookup", k=args.lookup_k, ngram=args.ngram,
+        "tokred prompt_lookup": tokred_method(fast, draft="prompt_lookup", k=args.lookup_k, ngram=args.ngram,
                                                min_ngram=args.min_ngram),
         "hf prompt_lookup": hf_method(model, prompt_lookup_num_tokens=args.hf_lookup_tokens),
         "tokred early_exit": tokred_method(model, draft="early_exit", exit_layer=exit_layer, k=args.k),
@@ -250,6 +291,10 @@ def run_smollm2(args, command: str) -> None:
         "hf early_exit": hf_method(model, assistant_early_exit=exit_layer),
     }
     records = run_methods(methods, prompts, args.new_tokens, eos, "methods x prompts", args.device)
+    if fast_backend is not None:
+        late = len(fast_backend.reports) - graphs_before
+        fast_note += (f" The timed runs compiled {late} more graph{'s' if late != 1 else ''}"
+                      f"{' (their compile time is inside the tokred rows)' if late else ''}.")
     rows = summarise(records, "tokred plain")
     pairs = [("prompt_lookup", "tokred prompt_lookup", "hf prompt_lookup"),
              ("early_exit", "tokred early_exit", "hf early_exit")]
@@ -267,6 +312,7 @@ def run_smollm2(args, command: str) -> None:
              f"`prompt_lookup_num_tokens={args.hf_lookup_tokens}`, assisted early exit with its default "
              "draft-length schedule.",
              "",
+             fast_note + " transformers' rows and tokred's early-exit rows run the model as loaded.", "",
              load_note(args), ""]
     lines += table(rows, {"tokred": "tokred plain", "hf": "hf plain"})
     lines += ["", "Ratios of each method's tokens/s over plain greedy of tokred and of transformers. "
@@ -325,23 +371,29 @@ def run_qwen(args, command: str) -> None:
 
 # ----------------------------------------------------------------------------- profile and bounds
 
-def forward_cost(model, prompt: torch.Tensor, widths: list, reps: int) -> dict:
-    """Median seconds of one target forward over w new tokens after a cached prompt, per width w
-    (all positions' logits, as verification needs), plus "w last" with ``logits_to_keep=1``.
-    Widths alternate within each repetition; the cache is cropped back after each forward."""
-    cache = new_cache()
-    times: dict = {}
+def forward_cost(models: dict, prompt: torch.Tensor, widths: list, reps: int) -> dict:
+    """Median seconds of one target forward over w new tokens after a cached prompt, per model (name ->
+    model) and width w (all positions' logits, as verification needs), plus "w last" with
+    ``logits_to_keep=1``: {name: {w: s, "w last": s}}. Models and widths alternate within each
+    repetition, after one untimed pass (a compiled model compiles its graphs there); each cache is
+    cropped back after each forward."""
+    caches = {name: new_cache() for name in models}
+    vocab = model_config(next(iter(models.values()))).vocab_size
+    times: dict = {name: {} for name in models}
     with torch.no_grad():
-        model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for _ in range(reps):
+        for name, model in models.items():
+            model(input_ids=prompt, past_key_values=caches[name], use_cache=True, logits_to_keep=1)
+        for rep in range(reps + 1):
             for w in widths:
                 for keep, key in ((0, w), (1, f"{w} last")):
-                    new = torch.randint(0, model.config.vocab_size, (1, w))
-                    start = time.perf_counter()
-                    model(input_ids=new, past_key_values=cache, use_cache=True, logits_to_keep=keep)
-                    times.setdefault(key, []).append(time.perf_counter() - start)
-                    crop_tail(cache, w)
-    return {key: sorted(ts)[len(ts) // 2] for key, ts in times.items()}
+                    new = torch.randint(0, vocab, (1, w))
+                    for name, model in models.items():
+                        start = time.perf_counter()
+                        model(input_ids=new, past_key_values=caches[name], use_cache=True, logits_to_keep=keep)
+                        if rep:
+                            times[name].setdefault(key, []).append(time.perf_counter() - start)
+                        crop_tail(caches[name], w)
+    return {name: {key: sorted(ts)[len(ts) // 2] for key, ts in t.items()} for name, t in times.items()}
 
 
 def cost_of(costs: dict, width: int) -> float:
@@ -405,12 +457,16 @@ def run_profile(args, command: str) -> None:
     eos = tokenizer.eos_token_id
     prompts = build_prompts(tokenizer, args.prompts, args.max_chars)
     widths = [1, 2, 3, 4, 6, 8, 11]
-    seconds = forward_cost(model, prompts[0][1], widths, args.profile_reps)
+    fast, _, _, fast_note = tokred_target(model, args, prompts, eos)
+    models = {"as loaded": model} if fast is model else {"as loaded": model, f"cpu_linear={args.cpu_linear}": fast}
+    by_model = forward_cost(models, prompts[0][1], widths, args.profile_reps)
+    used = list(models)[-1]  # the model tokred's rows run; the replay below uses its costs
+    seconds = by_model[used]
     costs = {w: seconds[w] / seconds[1] for w in widths}
 
     runs, prefill_s, decode_s, outside_s, tokens = [], 0.0, 0.0, 0.0, 0
     forward_s = [0.0]
-    original = model.forward
+    original = fast.forward  # an OptimizedModule's forward is its own attribute: patched the same way
 
     def timed_forward(*a, **kw):  # time inside the model, to tell the runtime's own overhead apart
         start = time.perf_counter()
@@ -418,11 +474,11 @@ def run_profile(args, command: str) -> None:
         forward_s[0] += time.perf_counter() - start
         return out
 
-    model.forward = timed_forward
+    fast.forward = timed_forward
     try:
         for _, ids in prompts:
             forward_s[0] = 0.0
-            result = generate(model, ids, args.new_tokens, eos_token_id=eos, progress=False)
+            result = generate(fast, ids, args.new_tokens, eos_token_id=eos, progress=False)
             stats = result.stats
             prefill_s += stats.time_to_first_token_s
             decode_s += stats.total_s - stats.time_to_first_token_s
@@ -430,7 +486,7 @@ def run_profile(args, command: str) -> None:
             tokens += stats.new_tokens
             runs.append((ids[0].tolist(), new_tokens_of(result.sequences, ids.shape[1], eos)))
     finally:
-        model.forward = original
+        fast.forward = original
     step_s = decode_s / max(tokens - len(prompts), 1)
     prefill = prefill_s / len(prompts) / step_s  # in single-token steps
 
@@ -451,13 +507,21 @@ def run_profile(args, command: str) -> None:
     }
     k = args.lookup_k
     lines = ["# Speculative decoding on CPU: where the time goes, what bounds prompt lookup", "", f"`{command}`", "",
-             f"{environment(args)}. {load_note(args)}", "",
+             f"{environment(args)}. {load_note(args)}", "", fast_note, "",
              "## One target forward over w new tokens (KV cache of a "
              f"{prompts[0][1].shape[1]}-token prompt), median of {args.profile_reps}", "",
-             "| w | all logits ms | x (w=1) | last logit only ms |", "|---:|---:|---:|---:|"]
-    lines += [f"| {w} | {seconds[w] * 1e3:.1f} | {costs[w]:.2f} | {seconds[f'{w} last'] * 1e3:.1f} |"
-              for w in widths]
-    lines += ["", f"Plain greedy over {len(prompts)} prompts x <= {args.new_tokens} tokens: prefill "
+             "Models alternate within each repetition. all = all positions' logits (as verification needs), "
+             "x = over the same model's w = 1 forward, last = `logits_to_keep=1`.", "",
+             "| w | " + " | ".join(f"{name}: all ms | x (w=1) | last ms" for name in models) + " |",
+             "|---:|" + "---:|---:|---:|" * len(models)]
+    for w in widths:
+        cells = [f"{t[w] * 1e3:.1f} | {t[w] / t[1]:.2f} | {t[f'{w} last'] * 1e3:.1f}" for t in by_model.values()]
+        lines.append(f"| {w} | " + " | ".join(cells) + " |")
+    if len(models) > 1:
+        lines += ["", f"{used} over as loaded, same w: " + ", ".join(
+            f"w={w} {by_model[used][w] / by_model['as loaded'][w]:.2f}x" for w in widths) + "."]
+    lines += ["", f"The rest of this page uses the costs of **{used}** (the model tokred's rows run).", "",
+              f"Plain greedy over {len(prompts)} prompts x <= {args.new_tokens} tokens: prefill "
               f"{prefill_s / len(prompts):.2f} s per prompt (= {prefill:.1f} decode steps), a decode step "
               f"{step_s * 1e3:.1f} ms; time outside the model's forward (the runtime: masks, cache crops, "
               f"acceptance, stats) {outside_s:.2f} s of {prefill_s + decode_s:.2f} s "
@@ -532,6 +596,10 @@ def main() -> None:
                         help="torch threads (default 1: on a shared, loaded machine 2 threads made single-token "
                              "SDPA up to 100x slower, spinning on a descheduled thread; 0 = torch's default)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way)")
+    parser.add_argument("--cpu-linear", choices=["onednn", "off"], default="onednn",
+                        help="CPU: tokred plain and prompt_lookup run the model compiled by tokred with this "
+                             "cpu_linear kernel (oneDNN packed linears for multi-token forwards); off: the model "
+                             "as loaded (default onednn; ignored on cuda)")
     parser.add_argument("--qwen", action="store_true", help="Qwen2.5-Coder 1.5B target with the 0.5B as draft")
     parser.add_argument("--profile", action="store_true",
                         help="forward cost by width, runtime overhead, and prompt lookup policies replayed on the "

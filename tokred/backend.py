@@ -12,17 +12,19 @@ from typing import Any, Callable
 import torch
 from torch import fx
 
-from tokred.passes import merge, prune, sparse_attention
+from tokred.passes import cpu_linear, merge, prune, sparse_attention
 from tokred.rewriter import analysis
 from tokred.rewriter.flops import graph_flops
 from tokred.rewriter.options import Options, parse_options, register_pass_options
 from tokred.rewriter.report import Report
 
 # The pass table (option name -> pass module, in the order they run: the token-reducing passes,
-# then sparse attention on the attention left). rewriter/ never imports it.
+# then sparse attention on the attention left, then the CPU linear kernels on the projections
+# that are left: it runs last because it replaces projection nodes the others read). rewriter/ never imports it.
 # A pass module has ``validate(value) -> dict`` (its options) and
 # ``apply(gm, facts, opts, report, options, example_inputs)``.
-PASSES: dict[str, Any] = {prune.NAME: prune, merge.NAME: merge, sparse_attention.NAME: sparse_attention}
+PASSES: dict[str, Any] = {prune.NAME: prune, merge.NAME: merge, sparse_attention.NAME: sparse_attention,
+                          cpu_linear.NAME: cpu_linear}
 for _name, _module in PASSES.items():
     register_pass_options(_name, _module.validate)
 
