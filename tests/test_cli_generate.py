@@ -37,6 +37,16 @@ def test_generate_prints_the_tokens_and_stats(capsys, draft):
     assert draft in out
 
 
+def test_generate_cpu_linear_prints_plain_greedy_tokens(capsys):
+    torch._dynamo.reset()
+    assert main(["generate", "--model", SPEC, "--prompt", PROMPT, "--max-new-tokens", "6", "--draft",
+                 "prompt_lookup", "--cpu-linear"]) == 0
+    model = load_spec(SPEC + "&task=causal-lm").model
+    ids = torch.tensor([[b % 101 for b in PROMPT.encode()]])
+    assert _printed_ids(capsys.readouterr().out) == generate(model, ids, 6).sequences[0, ids.shape[1]:].tolist()
+    torch._dynamo.reset()
+
+
 def test_generate_sampling_is_seeded(capsys):
     argv = ["generate", "--model", SPEC, "--prompt", PROMPT, "--max-new-tokens", "5", "--draft", "prompt_lookup",
             "--sample", "--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]

@@ -5,7 +5,7 @@
     tokred demo [DEMO ARGS ...]      (tokred.demo; ``tokred demo --help`` lists its arguments)
     tokred generate --model smollm2|hf:MODEL_TYPE --prompt TEXT [--max-new-tokens N]
                     [--draft none|prompt_lookup|early_exit] [--k 4] [--exit-layer L]
-                    [--sample --temperature T --top-p P --seed S]      (tokred.generate)
+                    [--sample --temperature T --top-p P --seed S] [--cpu-linear]  (tokred.generate)
 
 SPEC names a model and its example input (see :mod:`tokred.models`): ``minilm``, ``timm:NAME``,
 ``hf:MODEL_TYPE``, ``FILE.py:FACTORY``. Options are tokred options; each value is JSON
@@ -92,6 +92,9 @@ def _add_generate_parser(commands) -> None:
                      help="shortest n-gram match prompt lookup drafts from (default min(2, --ngram): "
                           "1-token matches draft nothing)")
     gen.add_argument("--exit-layer", type=int, metavar="L", help="early exit: blocks the draft runs")
+    gen.add_argument("--cpu-linear", action="store_true",
+                     help="compile the model with tokred's cpu_linear pass (oneDNN linears on packed weights: "
+                          "cheaper multi-token verification forwards on CPU, fp32)")
     gen.add_argument("--sample", action="store_true", help="sample (default: greedy)")
     gen.add_argument("--temperature", type=float, default=1.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -130,6 +133,10 @@ def run_generate(args: argparse.Namespace) -> None:
         ids = torch.tensor([[b % vocab for b in args.prompt.encode("utf-8")]])
         eos = None
     draft = None if args.draft == "none" else args.draft
+    if args.cpu_linear:
+        from tokred.backend import backend
+
+        model = torch.compile(model, backend=backend(inner="eager", cpu_linear="onednn"))
     result = generate(model, ids, args.max_new_tokens, draft=draft, k=args.k, adaptive_k=not args.fixed_k,
                       do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                       eos_token_id=eos, ngram=args.ngram, min_ngram=args.min_ngram,
