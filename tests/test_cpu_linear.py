@@ -256,3 +256,18 @@ def test_inductor_inner_left_alone_with_reason(fresh_dynamo):
         torch.testing.assert_close(fast(input_ids=ids, use_cache=False).logits,
                                    model(input_ids=ids, use_cache=False).logits, rtol=1e-5, atol=1e-4)
     assert any("inner compiler is inductor" in n and "15 projections left as they are" in n for n in notes(backend))
+
+
+def test_graphs_of_one_model_share_the_packed_weights():
+    """Each graph compiled from the same weights reuses one packed copy (generate compiles several
+    graphs of a model); an in-place change of the weight packs again."""
+    weight = torch.nn.Parameter(torch.randn(8, 4), requires_grad=False)
+    first = cpu_linear.shared_pack(weight, False)
+    assert cpu_linear.shared_pack(weight, False) is first
+    assert cpu_linear.shared_pack(weight, True) is not first  # the other orientation: its own pack
+    with torch.no_grad():
+        weight.mul_(2)
+    again = cpu_linear.shared_pack(weight, False)
+    assert again is not first
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(cpu_linear.packed_linear(x, again, None), x @ weight.t())

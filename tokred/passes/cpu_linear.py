@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections import Counter
 from typing import Any, Optional
 
@@ -100,6 +101,29 @@ def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
 
 
+# Packed copies shared by every graph compiled from the same weight: generate compiles several
+# graphs of one model (prefill, one-token and multi-token steps), each would otherwise pack its own
+# copy of every weight. Keyed by the weight tensor's identity (the module's own parameter; an
+# entry leaves with its weight), per orientation and per value version (an in-place update packs
+# again). Not a WeakKeyDictionary: it compares keys with ==, which a tensor answers elementwise.
+_PACKED: dict[int, tuple[weakref.ref, dict]] = {}
+
+
+def shared_pack(weight: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """:func:`pack_weight` of ``weight`` ([out, in]; [in, out] with ``transpose``), packed once per
+    weight, orientation and value version and shared by the graphs that read it."""
+    entry = _PACKED.get(id(weight))
+    if entry is None or entry[0]() is not weight:
+        entry = (weakref.ref(weight, lambda _, key=id(weight): _PACKED.pop(key, None)), {})
+        _PACKED[id(weight)] = entry
+    packs = entry[1]  # transpose -> (value version, packed)
+    version, packed = packs.get(transpose, (None, None))
+    if version != weight._version:
+        packed = pack_weight(weight.t() if transpose else weight)
+        packs[transpose] = (weight._version, packed)
+    return packed
+
+
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., in] fp32 CPU, packed from :func:`pack_weight`, bias [out] or None -> [..., out] =
     F.linear(x, weight, bias) up to fp32 rounding (oneDNN sums in another order than MKL)."""
@@ -139,8 +163,8 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         if isinstance(plan, str):
             skipped.setdefault(plan, Counter())[site.role] += 1
             continue
-        x, weight, bias = plan
-        _rewrite(gm, site.node, x, pack_weight(weight), bias, options.verify)
+        x, weight, transpose, bias = plan
+        _rewrite(gm, site.node, x, shared_pack(weight, transpose), bias, options.verify)
         packed[site.role] += 1
     if packed:
         gm.graph.lint()
@@ -167,8 +191,9 @@ def static_rows(site) -> Optional[int]:
 
 
 def plan_site(site, values: dict):
-    """(x node, weight [out, in] tensor, bias node or None) for a packable projection site, or the
-    reason (str) it cannot be packed. ``values``: state node -> its real tensor."""
+    """(x node, weight tensor, transpose, bias node or None) for a packable projection site (the
+    weight is [out, in], or [in, out] with ``transpose``), or the reason (str) it cannot be packed.
+    ``values``: state node -> its real tensor."""
     node = site.node
     if node.target in LINEAR_TARGETS:
         x, w_node = node.args[0], node.args[1]
@@ -202,7 +227,7 @@ def plan_site(site, values: dict):
         return f"unexpected shapes: weight {tuple(weight.shape)}, input {tuple(x_value.shape)}"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors.values()):
         return "compiled with grad enabled for trainable weights (the packed linear is inference-only)"
-    return x, (weight.t() if transpose else weight), bias
+    return x, weight, transpose, bias
 
 
 def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, packed: torch.Tensor, bias, verify: bool) -> None:

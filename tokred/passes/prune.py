@@ -17,7 +17,8 @@ Scores (computed at the block of the cut; see /work/shared or the README for the
   random      a seeded random ranking: the baseline every scorer must beat
 The attention scores read only the needed rows (q_row . K^T with the model's scale and mask), so
 the model keeps SDPA. ``accumulate=A`` combines the scores of the A blocks ending at the cut
-(attention averaged, transitions summed: H2O, TransPrune). ``fuse`` adds one token holding the weighted average of the pruned ones (EViT).
+(attention averaged, transitions summed: H2O, TransPrune). ``fuse`` adds one token holding the
+weighted average of the pruned ones (EViT).
 
 Decoders with a KV cache: the prefill is pruned; the cache of the layers after the cut holds the
 kept tokens (their keys rotated at their original positions) and decode steps attend to it.
@@ -146,7 +147,8 @@ def validate(value: Any) -> dict:
     cuts = sorted(at)
     for previous, cut in zip([-1] + cuts, cuts):
         if cut - accumulate < previous:  # the blocks scored must all see the same token set
-            where = "before the first block" if previous < 0 else f"at or before the earlier cut after block {previous}"
+            where = "before the first block" if previous < 0 else \
+                f"at or before the earlier cut after block {previous}"
             raise _error("accumulate", f"{accumulate} blocks ending at block {cut} start at block "
                          f"{cut - accumulate + 1}, {where}")
     return {"keep": [keeps[i] for i in order], "at": [at[i] for i in order], "score": score,
