@@ -199,6 +199,13 @@ def row_bias(mask: Optional[torch.Tensor], rows: tuple, n: int, causal: bool, dt
     return bias
 
 
+def score_rows(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], rows: tuple, causal: bool):
+    """What the attention scores read: the query ``rows`` of q [B, H, N, D] -> [B, H, R, D], and
+    their additive mask bias [B|1, H|1, R, N] on q's device (None: no mask)."""
+    bias = row_bias(mask, rows, k.shape[2], causal)
+    return q[:, :, list(rows)], None if bias is None else bias.to(q.device)
+
+
 def prune_by_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor],
                        rows: tuple, scale: float, causal: bool, candidates: torch.Tensor,
                        num_candidates: int, keep: int):
@@ -209,10 +216,7 @@ def prune_by_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mask: 
     Only the R query rows are computed (never the [N, N] map): the model keeps its SDPA. The fused
     Triton op (score, select and gather in one) is called where ``graph_calls_kernel`` says so.
     """
-    q_rows = q[:, :, list(rows)]
-    bias = row_bias(mask, rows, k.shape[2], causal)
-    if bias is not None:
-        bias = bias.to(q.device)
+    q_rows, bias = score_rows(q, k, mask, rows, causal)
     if candidates.dim() == 1 and graph_calls_kernel(x, "prune_tokens"):
         return torch.ops.tokred.prune_tokens(x, q_rows, k, scale, bias, candidates, keep, num_candidates)
     scores = attention_row_scores_reference(q_rows, k, scale, bias)
@@ -227,9 +231,8 @@ def accumulated_attention_scores(qs: tuple, ks: tuple, masks: tuple, rows: tuple
     attention mask, scale and causal flag of block i -> scores [B, N] float32."""
     total = None
     for q, k, mask, scale, is_causal in zip(qs, ks, masks, scales, causal):
-        bias = row_bias(mask, rows, k.shape[2], is_causal)
-        scores = attention_row_scores_reference(q[:, :, list(rows)], k, scale,
-                                                None if bias is None else bias.to(q.device))
+        q_rows, bias = score_rows(q, k, mask, rows, is_causal)
+        scores = attention_row_scores_reference(q_rows, k, scale, bias)
         total = scores if total is None else total + scores
     return total / len(qs)
 
