@@ -54,16 +54,17 @@ class PruneOptions:
     query: Optional[object] = None  # None (last token), int M (last M tokens) or a (start, end) pair
     seed: int = 0
     accumulate: int = 1  # blocks whose scores are combined, ending at the cut block
+    pool: int = 1  # odd window of positions each score is averaged over (SnapKV); 1: none
 
 
 def prune_options(keep=0.5, at=1, score="cls", fuse=False, range=None, protect_last=0, query=None,
-                  seed=0, accumulate=1) -> PruneOptions:
+                  seed=0, accumulate=1, pool=1) -> PruneOptions:
     """Normalise the user-level options (scalars or lists) to one value per cut."""
     at_list = [at] if isinstance(at, int) else list(at)
     keep_list = list(keep) if isinstance(keep, (list, tuple)) else [keep] * len(at_list)
     assert len(keep_list) == len(at_list), (keep_list, at_list)
     assert score in SCORERS, score
-    return PruneOptions(keep_list, at_list, score, fuse, range, protect_last, query, seed, accumulate)
+    return PruneOptions(keep_list, at_list, score, fuse, range, protect_last, query, seed, accumulate, pool)
 
 
 def kept_count(keep, prunable: int) -> int:
@@ -300,6 +301,13 @@ def scores_from(opts: PruneOptions, q: Optional[Tensor], k: Optional[Tensor], sc
     return None
 
 
+def window_means(scores: Tensor, size: int) -> Tensor:
+    """scores [B, N] -> [B, N]: entry i is the mean of the entries i - size // 2 .. i + size // 2
+    that exist (a plain loop over the positions)."""
+    half, n = size // 2, scores.shape[1]
+    return torch.stack([scores[:, max(0, i - half):min(n, i + half + 1)].mean(dim=1) for i in range(n)], dim=1)
+
+
 def padding_keys(bias: Optional[Tensor], batch: int, n: int) -> Tensor:
     """[B, N] bool: keys that no query may attend under the additive mask ``bias`` (padding; a
     causal mask has none)."""
@@ -318,7 +326,8 @@ def plan_cut(opts: PruneOptions, cut_number: int, protected: int, layers: list) 
     Padding is pruned first by the scorers that do not read the attention (transition, random):
     their padding scores are -inf (the pass's rule, beyond /tmp/prune_spec.md: a padding token's
     state moves a lot across a block, and a random ranking would keep some). The attention
-    scorers give padding keys zero attention anyway; diversity selects as it is.
+    scorers give padding keys zero attention anyway, unless ``opts.pool`` > 1 averages a padding
+    key with its real neighbours: pooled scores put padding at -inf too. Diversity selects as it is.
     """
     assert len(layers) >= opts.accumulate, (len(layers), opts.accumulate)
     _, _, _, bias, x_in, x_out = layers[-1]
@@ -331,7 +340,9 @@ def plan_cut(opts: PruneOptions, cut_number: int, protected: int, layers: list) 
         scores = scores + more
     if scores is not None and opts.score in ("cls", "query"):
         scores = scores / len(per_block)
-    if opts.score in ("transition", "random"):
+    if opts.pool > 1:
+        scores = window_means(scores.float(), opts.pool)
+    if opts.score in ("transition", "random") or opts.pool > 1:
         scores = scores.masked_fill(padding_keys(bias, x_in.shape[0], n), -math.inf)
     return select(scores, x_out, prunable, count, opts)
 

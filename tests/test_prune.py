@@ -362,9 +362,13 @@ REFERENCE_CASES = [
     ("hf_llama_sdpa", 3, {"keep": 0.5, "at": 1, "score": "query", "query": 2, "accumulate": 2}),
     ("hf_bert_sdpa", 3, {"keep": 0.5, "at": 1, "score": "cls", "accumulate": 2}),
     ("timm_vit_tiny_sdpa", 5, {"keep": [0.7, 0.5], "at": [1, 3], "score": "transition", "accumulate": 2}),
+    ("hf_llama_sdpa", 2, {"keep": 0.5, "at": 0, "score": "query", "query": 3, "pool": 3}),
+    ("hf_bert_sdpa", 2, {"keep": 0.5, "at": 0, "score": "cls", "pool": 5}),
+    ("timm_vit_tiny_sdpa", 3, {"keep": 0.5, "at": 1, "score": "transition", "pool": 3, "accumulate": 2}),
 ]
 
-REFERENCE_QUICK = [0, 3, 4, 5, 6, 8, 9, 10, 14, 15, 16, 18, 20, 21, 23, 24, 25, 26]  # every scorer and option at least once
+REFERENCE_QUICK = [0, 3, 4, 5, 6, 8, 9, 10, 14, 15, 16, 18, 20, 21, 23, 24, 25, 26, 27, 28]  # every scorer and option
+POOL_CASES = [27, 28, 29]  # the pooled cases: each must keep another set than without pooling
 
 
 def case_id(case) -> str:
@@ -382,6 +386,20 @@ def test_equals_reference(case):
     out, report = compiled(name, prune, depth)
     assert report.changed
     assert max_abs_diff(model_output(name, out), want) <= TOL
+
+
+@needs_pass
+@pytest.mark.parametrize("case", params([REFERENCE_CASES[i] for i in POOL_CASES],
+                                        [REFERENCE_CASES[i] for i in POOL_CASES[:1]],
+                                        [case_id(REFERENCE_CASES[i]) for i in POOL_CASES]))
+def test_pool_changes_what_is_kept(case):
+    """Pooling the scores (SnapKV) changes the kept set on these inputs, so the reference cases
+    above test the pooling itself, and the report names it."""
+    name, depth, prune = case
+    plain = {key: value for key, value in prune.items() if key != "pool"}
+    assert_changed(reference(name, prune, depth), reference(name, plain, depth))
+    _, report = compiled(name, prune, depth)
+    assert any(f"pool={prune['pool']}" in (site.reason or "") for site in report.attention_sites)
 
 
 FUSE_CASES = [
@@ -419,6 +437,7 @@ def _cache_case(name: str, depth: int, prune: dict):
 CACHE_CASES = [
     ("hf_llama_cache_sdpa", 2, {"keep": 0.5, "at": 0, "score": "query", "protect_last": 2}),
     ("hf_llama_cache_sdpa", 3, {"keep": [0.7, 0.6], "at": [0, 1], "score": "transition"}),
+    ("hf_llama_cache_sdpa", 2, {"keep": 0.5, "at": 0, "score": "query", "query": 3, "pool": 3, "protect_last": 2}),
 ]
 
 
@@ -549,6 +568,10 @@ def test_random_differs_from_cls():
     ({"score": "random", "accumulate": 2}, "prune.accumulate"),
     ({"at": 1, "accumulate": 3}, "prune.accumulate"),
     ({"at": [1, 2], "accumulate": 2}, "prune.accumulate"),
+    ({"pool": 0}, "prune.pool"),
+    ({"pool": 4}, "prune.pool"),
+    ({"pool": True}, "prune.pool"),
+    ({"score": "diversity", "pool": 3}, "prune.pool"),
     ({"seed": "a"}, "prune.seed"),
     ({"ratio": 0.5}, "prune.ratio"),
 ])
@@ -564,7 +587,8 @@ def test_bad_options_are_refused(prune, key):
 @pytest.mark.parametrize("depth, prune", [
     (2, {"keep": 0.5, "at": 0, "score": "cls"}),
     (3, {"keep": 0.7, "at": 1, "score": "transition", "accumulate": 2}),
-], ids=["cls", "transition-accumulate2"])
+    (2, {"keep": 0.5, "at": 0, "score": "cls", "pool": 3}),
+], ids=["cls", "transition-accumulate2", "cls-pool3"])
 def test_pruned_vit_onnx_round_trip(tmp_path, depth, prune):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -17,8 +17,10 @@ Scores (computed at the block of the cut; see /work/shared or the README for the
   random      a seeded random ranking: the baseline every scorer must beat
 The attention scores read only the needed rows (q_row . K^T with the model's scale and mask), so
 the model keeps SDPA. ``accumulate=A`` combines the scores of the A blocks ending at the cut
-(attention averaged, transitions summed: H2O, TransPrune). ``fuse`` adds one token holding the
-weighted average of the pruned ones (EViT).
+(attention averaged, transitions summed: H2O, TransPrune). ``pool=P`` averages each token's score
+with its neighbours' (a window of P positions, SnapKV's clustering), so kept tokens come in runs
+that keep their local context. ``fuse`` adds one token holding the weighted average of the pruned
+ones (EViT).
 
 Decoders with a KV cache: the prefill is pruned; the cache of the layers after the cut holds the
 kept tokens (their keys rotated at their original positions) and decode steps attend to it.
@@ -46,9 +48,10 @@ from tokred.rewriter.surgery import KVOutputs, Reduction, RewriteError, cut_toke
 NAME = "prune"
 SCORES = ("cls", "query", "transition", "diversity", "random")
 ATTENTION_SCORES = ("cls", "query")
-KNOWN = ("keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "accumulate", "seed",
-         "trace_source")
+KNOWN = ("keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "accumulate", "pool",
+         "seed", "trace_source")
 ACCUMULATED_SCORES = ("cls", "query", "transition")
+POOLED_SCORES = ACCUMULATED_SCORES  # scores that rank tokens by a per-token value a window can average
 
 
 # ----------------------------------------------------------------------------- options
@@ -97,7 +100,7 @@ def _check_query(value) -> Optional[tuple]:
 
 def validate(value: Any) -> dict:
     """``{"keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "accumulate",
-    "seed", "trace_source"}``; a float is keep."""
+    "pool", "seed", "trace_source"}``; a float is keep."""
     if isinstance(value, float):
         value = {"keep": value}
     if not isinstance(value, dict):
@@ -144,6 +147,11 @@ def validate(value: Any) -> dict:
         raise _error("accumulate", f"must be a count of blocks >= 1, got {accumulate!r}")
     if accumulate > 1 and score not in (None,) + ACCUMULATED_SCORES:
         raise _error("accumulate", f"applies to the scores {ACCUMULATED_SCORES} only, not {score!r}")
+    pool = value.get("pool", 1)
+    if not _is_int(pool) or pool < 1 or pool % 2 == 0:
+        raise _error("pool", f"must be an odd window of positions >= 1 (1: no pooling), got {pool!r}")
+    if pool > 1 and score not in (None,) + POOLED_SCORES:
+        raise _error("pool", f"applies to the scores {POOLED_SCORES} only, not {score!r}")
     cuts = sorted(at)
     for previous, cut in zip([-1] + cuts, cuts):
         if cut - accumulate < previous:  # the blocks scored must all see the same token set
@@ -154,7 +162,7 @@ def validate(value: Any) -> dict:
     return {"keep": [keeps[i] for i in order], "at": [at[i] for i in order], "score": score,
             "fuse": value.get("fuse", False), "range": _check_pair("range", value.get("range")),
             "prunable_ids": ids, "trace_source": value.get("trace_source", False),
-            "protect_last": protect_last, "query": query, "accumulate": accumulate, "seed": seed}
+            "protect_last": protect_last, "query": query, "accumulate": accumulate, "pool": pool, "seed": seed}
 
 
 def kept_count(keep, prunable: int) -> int:
@@ -245,6 +253,15 @@ def accumulated_transition_scores(x_ins: tuple, x_outs: tuple) -> torch.Tensor:
         scores = transition_scores(x_in, x_out)
         total = scores if total is None else total + scores
     return total
+
+
+def pooled_scores(scores: torch.Tensor, size: int) -> torch.Tensor:
+    """SnapKV's clustering: each of scores [B, N] averaged over the ``size`` positions centred on
+    it (fewer at the ends: the mean of those that exist) -> [B, N] float32. A token beside highly
+    scored ones rises, so the kept tokens come in runs that keep their local context instead of
+    isolated words."""
+    return torch.nn.functional.avg_pool1d(scores.float().unsqueeze(1), size, stride=1, padding=size // 2,
+                                          count_include_pad=False).squeeze(1)
 
 
 def transition_scores(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
@@ -429,7 +446,8 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
             _fail(options, record)
             continue
         where = f"prunable {start}..{end - 1}" if candidates is None else f"{p} prunable_ids tokens per row"
-        record.mark(REWRITTEN, f"prune score={score} keep={keep}: {n} -> {m} tokens after block {at} "
+        how = "".join(f" {key}={opts[key]}" for key in ("accumulate", "pool") if opts[key] > 1)
+        record.mark(REWRITTEN, f"prune score={score}{how} keep={keep}: {n} -> {m} tokens after block {at} "
                     f"({where})", NAME)
         done += 1
         reduced[token_cut.stream] = token_cut.gathered
@@ -528,11 +546,18 @@ def _select(gm: fx.GraphModule, graph: fx.Graph, block, score: str, opts: dict, 
     site = block.attention
     cands, p, k, n = cut["candidates"], cut["count"], cut["k"], cut["n"]
     sources = cut["sources"]  # (input, block) of every block whose scores are accumulated, the cut's last
-    if len(sources) > 1 and score in ATTENTION_SCORES:
+    pool = opts["pool"]
+    if score in ATTENTION_SCORES and (len(sources) > 1 or pool > 1):
+        # scores, pooling, then selection (the fused score + select + gather op scores one block
+        # and selects at once)
         sites = [b.attention for _, b in sources]
         scores = graph.call_function(accumulated_attention_scores, (
             tuple(s.q for s in sites), tuple(s.k for s in sites), tuple(site_mask(s) for s in sites),
             _query_rows(score, opts, n), tuple(_scale(s) for s in sites), tuple(s.causal for s in sites)))
+        if pool > 1:
+            scores = graph.call_function(pooled_scores, (scores, pool))
+            if site_mask(site) is not None:  # a pooled padding key beside real tokens is no longer 0
+                scores = graph.call_function(demote_padding, (scores, site_mask(site)))
         index = graph.call_function(select_kept, (scores, cands, p, k))
         return graph.call_function(tokens.gather_stream, (stream, index)), index, scores
     if score in ATTENTION_SCORES:
@@ -548,6 +573,8 @@ def _select(gm: fx.GraphModule, graph: fx.Graph, block, score: str, opts: dict, 
             outputs = tuple(b.output for _, b in sources[:-1]) + (stream,)
             scores = graph.call_function(transition_scores, (sources[0][0], stream)) if len(sources) == 1 else \
                 graph.call_function(accumulated_transition_scores, (tuple(i for i, _ in sources), outputs))
+            if pool > 1:
+                scores = graph.call_function(pooled_scores, (scores, pool))
         else:  # random: a seeded table per cut, a constant of the graph
             table = torch.rand(n, generator=torch.Generator().manual_seed(opts["seed"]))
             scores = graph.call_function(constant_scores, (stream, tuple(table.tolist())))

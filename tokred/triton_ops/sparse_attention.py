@@ -1000,6 +1000,10 @@ def flex_block_tensors(spec: tuple, kept: Tensor, num_queries: int, num_keys: in
             mask.q_indices, mask.full_q_num_blocks, mask.full_q_indices)
 
 
+# Blocks the CPU flex path takes: multiples of this (see ``use_flex_path``).
+FLEX_CPU_BLOCK_MULTIPLE = 16
+
+
 def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_bias: Tensor | None,
                   band: bool) -> bool:
     """True where the CPU path should be flex_attention: a graph being compiled (inductor lowers
@@ -1007,11 +1011,12 @@ def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_
     bench/results/sparse_attention_speed.md), no extra bias (the op handles padding masks), and a
     pattern whose allowed set is its element rule (sink_window, mask), and no gradient to carry.
 
-    Not where the op takes the band path (``band``, from ``band_path_applies``): it measured faster
-    than flex there (1.1-1.3x the density bound, flex ~2x). Not block_topk: flex's mask_mod defines
-    its result (flex's non-inductor implementation, run by backends like aot_eager, evaluates
-    mask_mod everywhere and ignores the block list), so the selection would have to be looked up
-    in mask_mod, and inductor's CPU flex lowering found no kernel for a mask_mod reading a tensor
+    Not for blocks that are not a multiple of ``FLEX_CPU_BLOCK_MULTIPLE``. Not where the op takes
+    the band path (``band``, from ``band_path_applies``): it measured faster than flex there
+    (1.1-1.3x the density bound, flex ~2x). Not block_topk: flex's mask_mod defines its result
+    (flex's non-inductor implementation, run by backends like aot_eager, evaluates mask_mod
+    everywhere and ignores the block list), so the selection would have to be looked up in
+    mask_mod, and inductor's CPU flex lowering found no kernel for a mask_mod reading a tensor
     computed in the graph (NoValidChoicesError, torch 2.14).
     """
     tracing = torch.compiler.is_compiling() or torch._guards.detect_fake_mode((q,)) is not None
@@ -1020,8 +1025,11 @@ def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     # nor for ONNX: the BlockMask construction sorts stably, which the exporter cannot lower
     exporting = torch.onnx.is_in_onnx_export()
-    return (tracing and not needs_grad and not exporting and not q.is_cuda and attn_bias is None
-            and pattern.kind != "block_topk" and not band)
+    # nor for blocks that are not a multiple of 16: torch 2.14's CPU flex kernel returned wrong
+    # values (NaN, or errors of O(1)) for blocks of 8 and 24 (16, 32, 48, 64, 128 measured right)
+    flex_block = pattern.block % FLEX_CPU_BLOCK_MULTIPLE == 0
+    return (tracing and not needs_grad and not exporting and flex_block and not q.is_cuda
+            and attn_bias is None and pattern.kind != "block_topk" and not band)
 
 
 def band_path_applies(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int,
