@@ -4,11 +4,12 @@
                               [--scores query transition random] [--inner eager|aot_eager|inductor]
                               [--time-inner inductor] [--new-tokens 32] [--repeats 3]
                               [--perturb 0.02] [--perturb-seeds 2] [--stability-prompts 4] [--threads 2]
-                              [--query-rows 64] [--accumulate 1] [--protect-last 16]
+                              [--query-rows 64] [--accumulate 1] [--pool 11] [--protect-last 16]
 
 SmolLM2-135M (LlamaForCausalLM, 30 layers, real weights, fp32) reads Wikipedia prompts of
 ``--length`` tokens (extracts joined, ``tokred.offline.wiki_token_ids``); the prompt prefill is
-pruned by tokred (prune={"keep", "at", "score", "protect_last", "query", "accumulate"}) and the pruned KV cache (N tokens
+pruned by tokred (prune={"keep", "at", "score", "protect_last", "query", "accumulate", "pool"}) and the pruned KV
+cache (N tokens
 up to the cut, M after it) is then used for:
 
 - next-token agreement (the issue's metric): the greedy token after the prompt, pruned vs dense;
@@ -277,6 +278,8 @@ def grid(args) -> list:
     if args.full_grid:
         return [(s, a, k) for s in args.scores for a in args.at for k in args.keep]
     out = [(s, TARGET["at"], TARGET["keep"]) for s in args.scores]
+    if args.pool > 1:  # what the pooling brings: the same scorer without it
+        out += [(f"{s}, pool 1", TARGET["at"], TARGET["keep"]) for s in args.sweep_scores]
     for s in args.sweep_scores:
         out += [(s, TARGET["at"], k) for k in args.keep if k != TARGET["keep"]]
         out += [(s, a, TARGET["keep"]) for a in args.at if a != TARGET["at"]]
@@ -327,8 +330,13 @@ def run(model, args, ids, cont, dense: dict) -> tuple:
 
 
 def prune_options(args, score: str, keep: float, at: int) -> dict:
-    """The tokred prune options of one variant."""
+    """The tokred prune options of one variant; ``score`` is a scorer, or "<scorer>, pool P" for
+    another pooling window than ``--pool``."""
+    score, _, pool = score.partition(", pool ")
+    pool = int(pool) if pool else args.pool
     opts = {"keep": keep, "at": at, "score": score, "protect_last": args.protect_last}
+    if score in ("query", "transition") and pool > 1:
+        opts["pool"] = pool
     if score == "query" and args.query_rows > 1:
         opts["query"] = args.query_rows
     if score in ("query", "transition") and args.accumulate > 1 and at + 1 >= args.accumulate:
@@ -413,6 +421,9 @@ def main() -> None:
                         help="score 'query': the attention of the last this many prompt tokens (1: the last token, FastV)")
     parser.add_argument("--accumulate", type=int, default=1,
                         help="scores 'query' and 'transition': combine the scores of this many blocks ending at the cut")
+    parser.add_argument("--pool", type=int, default=11,
+                        help="scores 'query' and 'transition': average each score over this many neighbouring "
+                             "positions (SnapKV's clustering; 1: none); the target also runs without it")
     parser.add_argument("--perturb", type=float, default=0.02, help="fraction of prompt tokens replaced")
     parser.add_argument("--perturb-seeds", type=int, default=2)
     parser.add_argument("--stability-prompts", type=int, default=4, help="prompts in the ranking-stability test")
@@ -469,7 +480,10 @@ def main() -> None:
                   f"protect_last={args.protect_last}; score `query` reads the attention of the last "
                   f"{args.query_rows} prompt token{'s' if args.query_rows > 1 else ''}"
                   + (f"; `query` and `transition` combine the scores of the {args.accumulate} blocks ending at the cut"
-                     if args.accumulate > 1 else "") + f". Dense perplexity of the next {args.continuation} true tokens: "
+                     if args.accumulate > 1 else "")
+                  + (f"; `query` and `transition` average each token's score over the {args.pool} positions "
+                     f"centred on it (`pool={args.pool}`, SnapKV's clustering; rows `, pool 1`: without it)"
+                     if args.pool > 1 else "") + f". Dense perplexity of the next {args.continuation} true tokens: "
                   f"**{dense_ppl:.2f}**. `next`: the greedy next token after the prompt equal to the dense model's "
                   f"(the issue's next-token agreement; {args.prompts} prompts, one prompt is "
                   f"{100 / args.prompts:.1f} points); `tf-agree` (stricter): top-1 equal to dense over {args.agree} "
@@ -483,8 +497,8 @@ def main() -> None:
         target = [r for r in rows if r[1] == TARGET["at"] and r[2] == TARGET["keep"]]
         if target:
             lines += ["", f"Target (keep={TARGET['keep']}, at={TARGET['at']}: >= 95% next-token agreement): " + ", ".join(
-                f"{r[0]} next {100 * r[3]:.1f}% ({'met' if r[3] >= 0.95 else 'NOT met'}), tf-agree {100 * r[4]:.1f}%"
-                for r in target)]
+                f"{r[0]} next {100 * r[3]:.1f}% ({'met' if r[3] >= 0.95 else 'NOT met'}), tf-agree {100 * r[4]:.1f}% "
+                f"({'met' if r[4] >= 0.95 else 'NOT met'})" for r in target)]
     if timing:
         lines += timing_lines(timing, args, time_prune)
     if stable:
