@@ -8,9 +8,8 @@
 
 SmolLM2-135M (LlamaForCausalLM, 30 layers, real weights, fp32) reads Wikipedia prompts of
 ``--length`` tokens (extracts joined, ``tokred.offline.wiki_token_ids``); the prompt prefill is
-pruned by tokred (prune={"keep", "at", "score", "protect_last", "query", "accumulate", "pool"}) and the pruned KV
-cache (N tokens
-up to the cut, M after it) is then used for:
+pruned by tokred (prune={"keep", "at", "score", "protect_last", "query", "accumulate", "pool"}) and
+the pruned KV cache (N tokens up to the cut, M after it) is then used for:
 
 - next-token agreement (the issue's metric): the greedy token after the prompt, pruned vs dense;
 - teacher-forced agreement over the next ``--agree`` positions (stricter): the true continuation
