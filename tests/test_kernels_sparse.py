@@ -123,6 +123,7 @@ PATTERNS = {
     "sink_window": SparsePattern("sink_window", sinks=3, window=9, block=16),
     "sink_window_noncausal": SparsePattern("sink_window", sinks=5, window=12, block=16, causal=False),
     "window_only": SparsePattern("sink_window", window=20, block=16),
+    "sinks_only_noncausal": SparsePattern("sink_window", sinks=5, window=0, block=16, causal=False),
     "block_topk": SparsePattern("block_topk", block=16, topk=1, sinks=1, local=1),
     "block_topk_noncausal": SparsePattern("block_topk", block=16, topk=2, sinks=0, local=1, causal=False),
     "mask": SparsePattern("mask", block=16, mask_fn=diagonal_bands),
@@ -178,9 +179,17 @@ def test_reference_matches_oracle_attention_with_bias():
     torch.testing.assert_close(got.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(params=["own_kernel", "torch_paths"])
+def cpu_paths(request):
+    """Each CPU test twice: with tokred's C++ kernel where it applies, and with the torch paths."""
+    if request.param == "torch_paths":
+        request.getfixturevalue("torch_sparse_paths")
+    return request.param
+
+
 @pytest.mark.parametrize("name", sorted(PATTERNS))
 @pytest.mark.parametrize("shape", sorted(SHAPES))
-def test_cpu_path_matches_reference(name, shape):
+def test_cpu_path_matches_reference(cpu_paths, name, shape):
     q, k, v = qkv(*SHAPES[shape])
     pattern = PATTERNS[name]
     torch.testing.assert_close(sparse_attention(q, k, v, pattern), sparse_attention_reference(q, k, v, pattern),
@@ -189,7 +198,7 @@ def test_cpu_path_matches_reference(name, shape):
 
 @pytest.mark.parametrize("name", ["sink_window", "block_topk", "mask"])
 @pytest.mark.parametrize("bias_kind", ["padding", "float"])
-def test_cpu_path_with_bias_matches_oracle(name, bias_kind):
+def test_cpu_path_with_bias_matches_oracle(cpu_paths, name, bias_kind):
     q, k, v = qkv(2, 4, 2, 37, 37)
     pattern = PATTERNS[name]
     scale, q_offset = resolve(q, k, None, None)
@@ -204,7 +213,7 @@ def test_cpu_path_with_bias_matches_oracle(name, bias_kind):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_window_covering_everything_is_dense_causal_sdpa():
+def test_window_covering_everything_is_dense_causal_sdpa(cpu_paths):
     q, k, v = qkv(2, 4, 2, 45, 45)
     dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     pattern = SparsePattern("sink_window", sinks=0, window=45, block=16)
@@ -212,7 +221,7 @@ def test_window_covering_everything_is_dense_causal_sdpa():
     torch.testing.assert_close(sparse_attention_reference(q, k, v, pattern), dense, atol=1e-5, rtol=1e-5)
 
 
-def test_topk_covering_all_blocks_is_dense():
+def test_topk_covering_all_blocks_is_dense(cpu_paths):
     q, k, v = qkv(2, 4, 2, 45, 45)
     kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
     causal = SparsePattern("block_topk", block=16, topk=3, sinks=0, local=1)
@@ -223,7 +232,7 @@ def test_topk_covering_all_blocks_is_dense():
                                F.scaled_dot_product_attention(q, kr, vr), atol=1e-5, rtol=1e-5)
 
 
-def test_fully_masked_rows_are_zero():
+def test_fully_masked_rows_are_zero(cpu_paths):
     q, k, v = qkv(1, 2, 2, 20, 20)
     pattern = PATTERNS["window_only"]
     bias = torch.ones(20, 20, dtype=torch.bool)
@@ -404,7 +413,7 @@ def test_onnx_block_topk_breaks_ties_like_torch(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("topk,sinks,local", [(2, 1, 1), (3, 0, 2), (0, 0, 1), (1, 2, 1)])
-def test_block_topk_prefill_takes_the_unmasked_past_blocks_path(topk, sinks, local, dtype):
+def test_block_topk_prefill_takes_the_unmasked_past_blocks_path(torch_sparse_paths, topk, sinks, local, dtype):
     """The CPU prefill of causal block_topk (no bias) runs past_blocks_attention: it must take
     it (the layout has its shape) and equal the element-wise oracle, with odd N, GQA, batch 2."""
     q, k, v = qkv(2, 4, 2, 150, 150, dtype=dtype)
@@ -443,8 +452,8 @@ def test_sink_window_band_path_matches_oracle(sinks, window, chunk, n, dtype):
     torch.testing.assert_close(out.double(), expected, atol=tol, rtol=tol)
 
 
-def test_sink_window_prefill_takes_the_band_path_eager_and_compiled(monkeypatch, fresh_dynamo):
-    """Causal sink_window's CPU prefill runs the band path, eagerly and inside a compiled graph
+def test_sink_window_prefill_takes_the_band_path_eager_and_compiled(monkeypatch, fresh_dynamo, torch_sparse_paths):
+    """Without the C++ kernel, causal sink_window's CPU prefill runs the band path, eagerly and inside a compiled graph
     (not flex_attention); a decode step over a cache does not (it has q_offset > 0)."""
     calls = []
     band = sparse_module.sink_window_band_attention
@@ -477,7 +486,7 @@ def test_padded_rows_returns_the_input_when_nothing_is_padded():
 
 
 @pytest.mark.parametrize("name", ["block_topk", "mask", "sink_window"])
-def test_non_contiguous_whole_block_inputs_match_reference(name):
+def test_non_contiguous_whole_block_inputs_match_reference(cpu_paths, name):
     """q/k/v as views of [B, N, H, D] (transposed, as attention modules make them) with N a multiple
     of the block: padded_rows hands them on uncopied, and every CPU path (with and without a
     padding bias) must still read them right."""

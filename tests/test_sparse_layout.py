@@ -273,7 +273,7 @@ def test_onnx_export_holds_a_sink_window_layout_as_constants(tmp_path):
 
 @pytest.mark.parametrize("case,expected", [("prefill", True), ("decode", False), ("bias", False),
                                            ("not_causal", False), ("window_0", False), ("mask_same_rule", False)])
-def test_band_path_is_taken_exactly_where_decided(monkeypatch, case, expected):
+def test_band_path_is_taken_exactly_where_decided(monkeypatch, torch_sparse_paths, case, expected):
     calls = []
     band = sparse_module.sink_window_band_attention
 

@@ -553,7 +553,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
     """Replace every (selected) attention core by the sparse kernel; report every site."""
     layers = opts["layers"]
     contract = output_signature(gm)
-    replaced = []
+    replaced, patterns = [], []
     for site in facts.attention_sites:
         record = site.record
         if layers is not None and site.layer not in layers:
@@ -579,6 +579,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
             _fail(options, record)
             continue
         replaced.append(site.node)
+        patterns.append(plan.pattern)
         record.mark(REWRITTEN, plan.reason + ("; GQA in the kernel" if plan.gqa else ""), NAME)
     for node in replaced:
         erase_dead(gm.graph, node)
@@ -588,7 +589,12 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         if example_inputs is not None:
             propagate_shapes(gm, example_inputs)
         layers_note = "all layers" if layers is None else f"layers {layers}"
-        report.note(f"{NAME}: {len(replaced)} sites use the {opts['pattern']} kernel ({layers_note})")
+        on_cpu = example_inputs is not None and all(
+            t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+        from tokred.triton_ops.sparse_attention import cpu_runtime
+
+        runtime = f"; {cpu_runtime(patterns[0])}" if on_cpu else ""
+        report.note(f"{NAME}: {len(replaced)} sites use the {opts['pattern']} kernel ({layers_note}){runtime}")
 
 
 def _check_site(call: fx.Node, site) -> None:

@@ -31,7 +31,10 @@ query block: the sorted key blocks to visit, ``kv_index[B, H, NQB, MAXK]`` and t
 compile and ONNX trace, sink_window's and mask's built once per shape by ``static_layout`` and
 constants of a traced graph) and an element rule string, then calls
 ``torch.ops.tokred.sparse_attention``. On CUDA that is the generated
-block-sparse flash-attention kernel (sparse_kernel.py); elsewhere ``sparse_attention_blocks``:
+block-sparse flash-attention kernel (sparse_kernel.py); on CPU, for rules made of key intervals
+(block_topk, sink_window: ``interval_rule``), tokred's C++ kernel (sparse_cpu.cpp, built on first
+use: one gemm per query block against its kept keys, an exact row softmax, one gemm for the
+output). Where that kernel is not built, and for mask rules, ``sparse_attention_blocks`` runs torch:
 for each query block (or chunk of blocks sharing a layout), gather the kept key blocks and run
 SDPA on them, so work is proportional to the blocks kept (block_topk's causal prefill instead
 takes ``past_blocks_attention``: whole past blocks without a mask, merged with the own block by
@@ -51,6 +54,7 @@ import collections
 import contextlib
 import functools
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -59,7 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils._python_dispatch import _disable_current_modes
 
-from tokred.triton_ops import common, sparse_rule
+from tokred.triton_ops import common, sparse_cpu, sparse_rule
 from tokred.triton_ops.common import HAS_TRITON
 
 KINDS = ("sink_window", "block_topk", "mask")
@@ -200,6 +204,25 @@ def pattern_rule(pattern: SparsePattern) -> str:
     return f"({causal} & {rule})" if pattern.causal else rule
 
 
+@functools.lru_cache(maxsize=256)
+def interval_rule(rule: str) -> tuple[int, int, bool] | None:
+    """The rule as key intervals per row, (sinks, window, causal) in the terms of the CPU kernel
+    (``sparse_cpu.block_sparse_attention``), or None for a rule that is not of that form (mask
+    rules). The rules of block_topk (causal or none) and of sink_window are; a sink_window rule is
+    recognised by writing it again from its two numbers (``pattern_rule``), not by parsing."""
+    if rule == "":
+        return 0, -1, False
+    if rule == CAUSAL_RULE:
+        return 0, -1, True
+    numbers = [int(n) for n in re.findall(r"< (\d+)\)", rule)]
+    if len(numbers) != 2 or numbers[0] + numbers[1] == 0:
+        return None
+    for causal in (True, False):
+        if pattern_rule(SparsePattern("sink_window", sinks=numbers[0], window=numbers[1], causal=causal)) == rule:
+            return numbers[0], numbers[1], causal
+    return None
+
+
 def layout_blocks(pattern: SparsePattern) -> tuple[int, int]:
     """(block_m, block_n): query rows and keys per layout block (block_topk: its block)."""
     return pattern.block, pattern.block
@@ -220,7 +243,7 @@ def sink_window_blocks(pattern: SparsePattern, num_queries: int, num_keys: int, 
     key_first = torch.arange(0, num_keys, block_n, device=device)
     key_last = torch.clamp(key_first + block_n, max=num_keys) - 1
     first, last = first[:, None], last[:, None]
-    sink = key_first < pattern.sinks
+    sink = (key_first < pattern.sinks).expand(first.shape[0], -1)  # [NQB, NKB] also when nothing below uses rows
     if pattern.causal:
         sink = sink & (key_first <= last)
     window = (key_last > first - pattern.window) & (key_first <= last) if pattern.window > 0 else \
@@ -575,6 +598,10 @@ def sparse_attention_blocks(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, k
     (``band_window`` > 0), causal sink_window (``sink_window_band_attention``, which reads neither
     the layout nor the rule).
     """
+    intervals = interval_rule(rule)
+    if intervals is not None and sparse_cpu.applies(q):
+        return sparse_cpu.block_sparse_attention(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_n,
+                                                 intervals)
     if band_window > 0 and q.device.type == "cpu":
         return sink_window_band_attention(q, k, v, band_sinks, band_window, scale)
     count = without_broadcast(kv_count, (0, 1))
@@ -1011,7 +1038,9 @@ def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_
     bench/results/sparse_attention_speed.md), no extra bias (the op handles padding masks), and a
     pattern whose allowed set is its element rule (sink_window, mask), and no gradient to carry.
 
-    Not for blocks that are not a multiple of ``FLEX_CPU_BLOCK_MULTIPLE``. Not where the op takes
+    Not where tokred's CPU kernel (sparse_cpu.cpp) runs the pattern: sink_window, at ~1.0-1.1x
+    the density bound where flex took ~2x. Not for blocks that are not a multiple of
+    ``FLEX_CPU_BLOCK_MULTIPLE``. Not where the op takes
     the band path (``band``, from ``band_path_applies``): it measured faster than flex there
     (1.1-1.3x the density bound, flex ~2x). Not block_topk: flex's mask_mod defines its result
     (flex's non-inductor implementation, run by backends like aot_eager, evaluates mask_mod
@@ -1028,8 +1057,25 @@ def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_
     # nor for blocks that are not a multiple of 16: torch 2.14's CPU flex kernel returned wrong
     # values (NaN, or errors of O(1)) for blocks of 8 and 24 (16, 32, 48, 64, 128 measured right)
     flex_block = pattern.block % FLEX_CPU_BLOCK_MULTIPLE == 0
+    # nor where tokred's CPU kernel runs the op (sink_window): it measured faster than flex
+    own_kernel = sparse_cpu.applies(q) and cpu_kernel_rule(pattern)
     return (tracing and not needs_grad and not exporting and flex_block and not q.is_cuda
-            and attn_bias is None and pattern.kind != "block_topk" and not band)
+            and attn_bias is None and pattern.kind != "block_topk" and not band and not own_kernel)
+
+
+@torch._dynamo.assume_constant_result
+def cpu_kernel_rule(pattern: SparsePattern) -> bool:
+    """Whether the pattern's element rule is one the CPU kernel runs (``interval_rule``); a constant
+    for Dynamo, like ``element_rule``."""
+    return interval_rule(pattern_rule(pattern)) is not None
+
+
+def cpu_runtime(pattern: SparsePattern) -> str:
+    """Which code runs ``pattern`` on CPU, for the rewrite report."""
+    if not cpu_kernel_rule(pattern):
+        return "on CPU: torch ops (flex_attention inside inductor graphs)"
+    usable, reason = sparse_cpu.kernel_status()
+    return "on CPU: tokred's C++ kernel" if usable else f"on CPU: torch ops (the C++ kernel is {reason})"
 
 
 def band_path_applies(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int,
