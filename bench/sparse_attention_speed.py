@@ -8,11 +8,13 @@ For each length N and pattern (sink_window: sinks 4, window 1024; block_topk: bl
 
 * dense: F.scaled_dot_product_attention(is_causal=True, enable_gqa=True), the baseline;
 * tokred: ``torch.compile(lambda q, k, v: sparse_attention(q, k, v, pattern))``, end to end
-  (layout, block_topk's Quest selection, then on CPU the custom op: sink_window's prefill as
-  overlapping key windows under one band mask, the sinks merged by log-sum-exp; block_topk's
-  prefill as each query block's gathered blocks in one masked flash call): the path a rewritten
-  graph takes;
+  (layout, block_topk's Quest selection, then on CPU the custom op, which runs tokred's C++ kernel
+  sparse_cpu.cpp: per query block one gemm against its kept keys, an exact row softmax, one gemm
+  for the output): the path a rewritten graph takes;
 * tokred op: the same call in eager mode, i.e. the custom op ``tokred::sparse_attention`` alone;
+* torch paths: the op without the C++ kernel (what runs where it cannot be built): sink_window's
+  prefill as overlapping key windows under one band mask, the sinks merged by log-sum-exp;
+  block_topk's prefill as each query block's gathered blocks in one masked flash call;
 * flex: ``torch.compile(flex_attention)`` given the same blocks as a BlockMask built beforehand
   (outside the timing; full and partial blocks split as create_block_mask would).
 
@@ -25,6 +27,7 @@ and a .png plot.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tokred.triton_ops import sparse_cpu
 from tokred.triton_ops.sparse_attention import (
     SparsePattern,
     block_layout,
@@ -100,6 +104,22 @@ def flex_block_mask(pattern: SparsePattern, q: torch.Tensor, k: torch.Tensor):
                                     mask_mod=mask_mod, seq_lengths=(num_tokens, num_tokens))
 
 
+@contextlib.contextmanager
+def torch_paths():
+    """The op without tokred's C++ kernel, as on a machine where it cannot be built."""
+    applies = sparse_cpu.applies
+    sparse_cpu.applies = lambda q: False
+    try:
+        yield
+    finally:
+        sparse_cpu.applies = applies
+
+
+def without_kernel(q, k, v, pattern):
+    with torch_paths():
+        return sparse_attention(q, k, v, pattern)
+
+
 def alternating_medians(fns: dict, repeats: int) -> dict[str, float]:
     """Median seconds of each function, calls alternating between them (warm-up call first)."""
     times = {name: [] for name in fns}
@@ -150,6 +170,8 @@ def main() -> None:
                 info[name]["max_diff_compiled_vs_op"] = (compiled_out - op_out).abs().max().item()
                 fns[name] = partial(compiled, q, k, v)
                 fns[f"{name}/op"] = partial(sparse_attention, q, k, v, pattern)
+                fns[f"{name}/torch"] = partial(without_kernel, q, k, v, pattern)
+                info[name]["max_diff_op_vs_torch_paths"] = (without_kernel(q, k, v, pattern) - op_out).abs().max().item()
                 if not args.no_flex:
                     mask = flex_block_mask(pattern, q, k)
                     start = time.perf_counter()
@@ -160,7 +182,7 @@ def main() -> None:
             medians = alternating_medians(fns, args.repeats)
             for name in info:
                 row = {"n": n, "pattern": name, "dense_s": medians["dense"], "tokred_s": medians[name],
-                       "op_s": medians[f"{name}/op"], **info[name]}
+                       "op_s": medians[f"{name}/op"], "torch_s": medians[f"{name}/torch"], **info[name]}
                 row["speedup"] = row["dense_s"] / row["tokred_s"]
                 row["x_bound"] = row["tokred_s"] / (row["density"] * row["dense_s"])
                 if f"{name}/flex" in medians:
@@ -184,22 +206,25 @@ def write_results(args, rows: list[dict]) -> None:
         f"fp32, batch 1, {args.heads} heads / {args.kv_heads} kv heads, head_dim {args.dim}; median of "
         f"{args.repeats} alternating rounds; sink_window: sinks 4, window {args.window}; block_topk: block 64, "
         f"topk {args.topk}, 1 sink + 1 local block. tokred = torch.compile of sparse_attention, timed end to end "
-        "(layout and selection included); on CPU it runs the custom op: sink_window's prefill as overlapping "
-        "key windows under one band mask with the sinks merged by log-sum-exp, block_topk's prefill as each "
-        "query block's gathered key blocks in one masked flash call. tokred op = the same custom op called "
-        "eagerly. flex = "
-        "compiled flex_attention given the same blocks as a prebuilt BlockMask (outside the timing).)",
+        "(layout and selection included); on CPU it runs the custom op, i.e. tokred's C++ kernel "
+        f"(sparse_cpu.cpp, {sparse_cpu.kernel_status()[1]}, {torch.backends.cpu.get_cpu_capability()}). "
+        "tokred op = the same custom op called eagerly. torch paths = the op without the C++ kernel (eager): "
+        "sink_window's prefill as overlapping key windows under one band mask with the sinks merged by "
+        "log-sum-exp, block_topk's prefill as each query block's gathered key blocks in one masked flash call. "
+        "flex = compiled flex_attention given the same blocks as a prebuilt BlockMask (outside the timing).)",
         "",
         "| N | pattern | density | dense SDPA s | tokred s | speedup | x density bound (<= 1.3) | flex s "
-        "| x flex (<= 1.0) | max diff op vs flex | tokred op (eager) s | op x bound |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| x flex (<= 1.0) | max diff op vs flex | tokred op (eager) s | op x bound | torch paths s "
+        "| torch paths x bound | max diff op vs torch paths |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         flex = (f"{r['flex_s']:.3f} | {r['x_flex']:.2f} | {r['max_diff_vs_flex']:.1e}" if "flex_s" in r
                 else "- | - | -")
         lines.append(f"| {r['n']} | {r['pattern']} | {r['density']:.3f} | {r['dense_s']:.3f} | {r['tokred_s']:.3f} | "
                      f"{r['speedup']:.2f}x | {r['x_bound']:.2f} | {flex} | {r['op_s']:.3f} | "
-                     f"{r['op_s'] / (r['density'] * r['dense_s']):.2f} |")
+                     f"{r['op_s'] / (r['density'] * r['dense_s']):.2f} | {r['torch_s']:.3f} | "
+                     f"{r['torch_s'] / (r['density'] * r['dense_s']):.2f} | {r['max_diff_op_vs_torch_paths']:.1e} |")
 
     def verdict(key: str, limit: float) -> str:
         misses = [f"{r['pattern']} {r['n']}" for r in rows if r.get(key, 0) > limit]
@@ -230,6 +255,7 @@ def plot(rows: list[dict], path: str) -> None:
         ax.plot(ns, [r["dense_s"] for r in sel], "o-", label="dense causal SDPA")
         ax.plot(ns, [r["tokred_s"] for r in sel], "o-", label="tokred sparse (compiled)")
         ax.plot(ns, [r["op_s"] for r in sel], "o:", label="tokred op (eager)")
+        ax.plot(ns, [r["torch_s"] for r in sel], "x:", label="op without the C++ kernel")
         ax.plot(ns, [r["density"] * r["dense_s"] for r in sel], "--", label="density bound")
         if all("flex_s" in r for r in sel):
             ax.plot(ns, [r["flex_s"] for r in sel], "o-", label="flex_attention")

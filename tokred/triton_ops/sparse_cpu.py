@@ -50,8 +50,11 @@ def kernel_status() -> tuple[bool, str]:
     try:
         from torch.utils.cpp_extension import load
 
-        load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
-             is_python_module=False, verbose=False)
+        # Loaded at most once per process: a second build of the library (another version) would
+        # register the namespace again, which aborts the process rather than raising.
+        if not hasattr(torch.ops.tokred_cpu, "block_sparse_attention"):
+            load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
+                 is_python_module=False, verbose=False)
         torch.ops.tokred_cpu.block_sparse_attention  # noqa: B018 - raises if the library did not register
     except Exception as error:  # noqa: BLE001 - any build/load failure means: use the torch paths
         reason = f"not built ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})"
