@@ -157,8 +157,16 @@ def test_report_says_what_each_site_got():
     assert full.reason.startswith("sink_window sinks=4 window=8 (density ")
     assert "at N=4096" in full.reason and "causal mask folded" in full.reason
     assert "GQA in the kernel" in full.reason and full.passes == [sa.NAME]
-    assert any(n.startswith("sparse_attention: 2 sites use the sink_window kernel") for n in report.notes)
+    note = next(n for n in report.notes if n.startswith("sparse_attention: 2 sites use the sink_window kernel"))
+    assert note.endswith("on CPU: tokred's C++ kernel")
     assert "rewritten" in str(report)
+
+
+def test_report_says_which_cpu_code_runs_a_mask_rule():
+    zm = ZOO["hf_gemma3_sdpa"]()
+    _, report = compiled(zm, {"pattern": "mask", "mask": lambda b, h, q_idx, kv_idx: (q_idx - kv_idx) % 2 == 0})
+    assert any(n.endswith("on CPU: torch ops (flex_attention inside inductor graphs)") for n in report.notes), \
+        report.notes
 
 
 @pytest.mark.long

@@ -42,20 +42,28 @@ def compile_flags() -> list[str]:
     return flags + CAPABILITY_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
 
 
+def build_and_load() -> None:
+    """Build the library (or find torch's cached build) and load it; raises on failure.
+
+    Loaded at most once per process: a second build of the library (another version) would
+    register the namespace again, which aborts the process rather than raising.
+    """
+    if hasattr(torch.ops.tokred_cpu, "block_sparse_attention"):
+        return
+    from torch.utils.cpp_extension import load
+
+    load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
+         is_python_module=False, verbose=False)
+    torch.ops.tokred_cpu.block_sparse_attention  # noqa: B018 - raises if the library did not register
+
+
 @functools.cache
 def kernel_status() -> tuple[bool, str]:
     """(usable, reason): builds and loads the kernel once per process."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return False, f"turned off by {ENV_SWITCH}=0"
     try:
-        from torch.utils.cpp_extension import load
-
-        # Loaded at most once per process: a second build of the library (another version) would
-        # register the namespace again, which aborts the process rather than raising.
-        if not hasattr(torch.ops.tokred_cpu, "block_sparse_attention"):
-            load(name=LIBRARY, sources=[str(SOURCE)], extra_cflags=compile_flags(), extra_ldflags=["-fopenmp"],
-                 is_python_module=False, verbose=False)
-        torch.ops.tokred_cpu.block_sparse_attention  # noqa: B018 - raises if the library did not register
+        build_and_load()
     except Exception as error:  # noqa: BLE001 - any build/load failure means: use the torch paths
         reason = f"not built ({type(error).__name__}: {str(error).strip().splitlines()[0][:200]})"
         log.warning("tokred: CPU sparse attention kernel %s; using the torch paths", reason)
