@@ -41,8 +41,9 @@ takes ``past_blocks_attention``: whole past blocks without a mask, merged with t
 log-sum-exp; causal sink_window's prefill takes ``sink_window_band_attention``: overlapping
 contiguous key windows under one band mask, no gather; the entry point decides that, once, in
 ``band_path_applies``, and tells the op). On CPU inside a graph being compiled,
-the other sink_window shapes and mask patterns lower to flex_attention with the same blocks
-(inductor's CPU flex kernel measured faster than the gathered blocks; see ``use_flex_path``).
+mask patterns (and sink_window where the C++ kernel is not built, but its causal prefill) lower to
+flex_attention with the same blocks (inductor's CPU flex kernel measured faster than the gathered
+blocks; see ``use_flex_path``).
 ``sparse_attention_reference`` is dense SDPA with the pattern's mask.
 
 Rows with no visible key (possible with a padding ``attn_bias``) return zeros in every path.
@@ -1111,10 +1112,10 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, sc
     selection from q and k) and rule, then runs, by where it is:
     * CUDA: ``torch.ops.tokred.sparse_attention`` -> the generated Triton kernel;
     * CPU inside a graph being compiled (Dynamo or the aot_autograd trace of a rewritten graph),
-      no ``attn_bias``, mask or sink_window but its causal prefill: flex_attention with the same
-      blocks (``flex_cpu_attention``);
-    * CPU otherwise (eager, block_topk, bias, sink_window's causal prefill): the op's CPU paths
-      (``sparse_attention_blocks``), told here whether sink_window takes the band path;
+      no ``attn_bias``, a mask pattern (or sink_window but its causal prefill where the C++ kernel
+      is not built): flex_attention with the same blocks (``flex_cpu_attention``);
+    * CPU otherwise: the op's CPU paths (``sparse_attention_blocks``: the C++ kernel for
+      block_topk and sink_window, else torch), told here whether sink_window takes the band path;
     * with gradients to carry (a model called without ``torch.no_grad``): the dense masked
       reference, which autograd differentiates (the op has no backward).
     Traceable by torch.compile (static and dynamic shapes) and by the ONNX exporter.
