@@ -1118,7 +1118,11 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, sc
       block_topk and sink_window, else torch), told here whether sink_window takes the band path;
     * with gradients to carry (a model called without ``torch.no_grad``): the dense masked
       reference, which autograd differentiates (the op has no backward).
-    Traceable by torch.compile (static and dynamic shapes) and by the ONNX exporter.
+    Traceable by torch.compile (static and dynamic shapes) and by the ONNX exporter. One known
+    failure, in torch 2.14's inductor rather than here: this function compiled with dynamic=True
+    by inductor on CPU, for a mask pattern whose block is a multiple of 16 (the flex path), fails
+    in inductor's CPU flex lowering; Dynamo shows the symbolic lengths as ints, so this function
+    cannot route that case to the op. tokred's pass compiles sparse sites with static lengths.
     """
     if not isinstance(pattern, SparsePattern):
         raise ValueError(f"tokred option '{OPTION}' must be a SparsePattern, got {type(pattern).__name__}")
