@@ -311,6 +311,52 @@ def test_inductor_on_a_tiny_decoder():
 
 # ----------------------------------------------------------------------------- decoding with a KV cache
 
+@pytest.mark.parametrize("spec", [
+    {"pattern": "sink_window", "sinks": 1, "window": 3},
+    {"pattern": "block_topk", "block": 2, "topk": 1, "sinks": 1, "local": 1},
+], ids=["sink_window", "block_topk"])
+def test_generate_keeps_the_pattern_in_decode_steps_with_a_symbolic_cache_length(fresh_dynamo, spec):
+    """model.generate on the tokred-compiled forward: Dynamo compiles the prefill, the first step and
+    then one step with a symbolic cache length, which serves every later step. That graph's sites
+    are rewritten too (decided from the graph's structure, no guard on the length: no recompiles),
+    and the greedy tokens equal those of the same decoding with the reference attention."""
+    zm = ZOO["hf_llama_sdpa"]()
+    model, ids, new_tokens = zm.model, zm.kwargs["input_ids"][:1], 8
+    backend = tokred.backend(inner="aot_eager", sparse_attention=spec)
+    forward = model.forward
+    model.forward = torch.compile(lambda *a, **k: forward(*a, **k), backend=backend)
+    try:
+        with torch.no_grad():
+            seq = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=0)
+    finally:
+        del model.forward
+    assert len(backend.reports) == 3
+    symbolic = backend.reports[-1].attention_sites
+    assert all(s.status == REWRITTEN and "symbolic length" in s.reason for s in symbolic), \
+        [s.reason for s in symbolic]
+    # the reference decodes with a cache too: a decode step's query is a block of its own (block_topk
+    # selects for it alone), so it is compared step by step, not against one pass over the sequence
+    with torch.no_grad(), reference_attention(model, spec):
+        expected = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                  pad_token_id=0)
+    assert torch.equal(seq, expected)
+    with torch.no_grad():  # and the pattern does change what this model generates
+        dense = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                               pad_token_id=0)
+    assert not torch.equal(seq, dense)
+
+
+def test_symbolic_lengths_with_a_mask_rule_are_skipped_with_the_reason(fresh_dynamo):
+    zm = ZOO["hf_llama_sdpa"]()
+    backend = tokred.backend(inner="aot_eager", sparse_attention=MASK)
+    compiled_model = torch.compile(zm.model, backend=backend, dynamic=True)
+    with torch.no_grad():
+        out = compiled_model(input_ids=zm.kwargs["input_ids"][:, :9]).logits
+        assert torch.allclose(out, zm.model(input_ids=zm.kwargs["input_ids"][:, :9]).logits, atol=TOL)
+    assert all("with a mask rule" in s.reason for s in backend.reports[0].attention_sites)
+
+
 @pytest.mark.long  # one compile per cache length: about a minute on the shared CPU
 def test_decode_steps_over_a_kv_cache_equal_the_reference():
     """Prefill and single-token steps over a DynamicCache: the pass treats the cached sites as

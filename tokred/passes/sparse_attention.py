@@ -29,8 +29,11 @@ broadcastable to [B, H, Nq, Nk].
 
 Decoding with a KV cache: a site whose keys are ``cat(cache, k_proj(x))`` of the queries' own
 hidden states, with fewer queries than keys, is causal self-attention with the queries last (the
-kernel's default ``q_offset = Nk - Nq``); compile with ``dynamic=False`` (the block layout needs
-static lengths; a symbolic length is skipped with that reason). The pass runs after the
+kernel's default ``q_offset = Nk - Nq``). Symbolic lengths (Dynamo's dynamic graph for the decode
+steps of ``generate``, or ``dynamic=True``) are decided without evaluating a length: a site is
+cached self-attention by that structure alone, or self-attention where Nq == Nk holds for every
+length; its mask is passed on, not folded; the layout is built in the graph. Mask rules with
+symbolic lengths are skipped (their CPU path, flex_attention, does not compile with them). The pass runs after the
 token-reducing passes and reads the lengths the graph has then: after pruning, windows and blocks
 count the tokens that remain.
 
@@ -379,12 +382,21 @@ def plan_site(gm: fx.GraphModule, site, opts: dict):
     if q_shape is None or k_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
         return f"q/k are not [B, H, N, D] (q {q_shape}, k {k_shape})"
     n, n_k = q_shape[2], k_shape[2]
-    if not isinstance(n, int) or not isinstance(n_k, int):
-        return ("symbolic sequence length (dynamic shapes): the pattern's block layout needs static "
-                "shapes; compile with dynamic=False")
-    cached = n < n_k and attends_over_cache(site)
-    if n != n_k and not cached:
-        return f"cross-attention ({n} queries, {n_k} keys)"
+    # symbolic lengths (a dynamic graph, e.g. decode steps over a growing KV cache): decided from
+    # the graph's structure and facts true for every length, never by evaluating a size (that
+    # would guard the compiled graph on it)
+    symbolic = not (isinstance(n, int) and isinstance(n_k, int))
+    if symbolic:
+        if opts["pattern"] == "mask":
+            return ("symbolic sequence length (dynamic shapes) with a mask rule: its CPU path "
+                    "(flex_attention) does not compile with symbolic lengths; compile with dynamic=False")
+        cached = attends_over_cache(site)
+        if not cached and not _known(n == n_k):
+            return f"symbolic query and key lengths that may differ ({n} queries, {n_k} keys)"
+    else:
+        cached = n < n_k and attends_over_cache(site)
+        if n != n_k and not cached:
+            return f"cross-attention ({n} queries, {n_k} keys)"
     if _training_dropout(site):
         return "attention dropout is active (training)"
     # the site's mask: a node (or None) and how it is applied
@@ -415,7 +427,8 @@ def plan_site(gm: fx.GraphModule, site, opts: dict):
     keep_bias = mask_node is not None
     note = ""
     if mask_node is not None:
-        value = evaluate_constant(gm, mask_node)
+        # a symbolic graph's mask is not folded: its value at one length says nothing of the others
+        value = None if symbolic else evaluate_constant(gm, mask_node)
         allowed = None
         if value is not None:
             allowed = (~value if value.dtype == torch.bool else None) if how == "fill" else allowed_from_bias(value)
@@ -454,7 +467,9 @@ def plan_site(gm: fx.GraphModule, site, opts: dict):
     bias = None
     if keep_bias:
         bias = (mask_node, how)
-    reason = describe(opts, n_k, causal, window=window, sinks=sinks) + note
+    if symbolic:
+        note += f"; symbolic length {n_k} (density at the example's N)"
+    reason = describe(opts, _size_hint(n_k), causal, window=window, sinks=sinks) + note
     return Plan(q, k, v, pattern, scale, bias, reason, gqa=k is not site.k or gqa_sdpa)
 
 
@@ -483,9 +498,25 @@ def _through_cat(node, depth: int = 24) -> bool:
     return False
 
 
+def _known(condition) -> bool:
+    """Whether ``condition`` (a bool, or a SymBool of symbolic sizes) holds for every value of the
+    sizes; never guards the graph on it."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return condition if isinstance(condition, bool) else statically_known_true(condition)
+
+
+def _size_hint(size) -> int:
+    """An int size, or a symbolic size's value in the example inputs (for the report only)."""
+    if isinstance(size, int):
+        return size
+    hint = size.node.hint
+    return int(hint) if hint is not None else REPORT_TOKENS
+
+
 def _broadcasts(shape: tuple, target: tuple) -> bool:
     shape = (1,) * (len(target) - len(shape)) + tuple(shape)
-    return all(s == 1 or s == t for s, t in zip(shape, target))
+    return all(_known(s == 1) or _known(s == t) for s, t in zip(shape, target))
 
 
 def invert_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -599,5 +630,6 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
 
 def _check_site(call: fx.Node, site) -> None:
     before, after = shape_of(site.node), shape_of(call)
-    if before != after:
+    if before is None or after is None or len(before) != len(after) or not all(
+            _known(a == b) for a, b in zip(before, after)):
         raise ValueError(f"{call.name} has shape {after}, the attention it replaces {before}")

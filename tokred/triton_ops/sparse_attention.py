@@ -252,17 +252,29 @@ def sink_window_blocks(pattern: SparsePattern, num_queries: int, num_keys: int, 
     return (sink | window)[None, None]
 
 
+def blocks_of_rows(t: Tensor, block: int) -> Tensor:
+    """``t [B, H, N, X]`` as blocks [B, H, cdiv(N, block), block, X], the last one zero-padded.
+
+    Padded by a concatenation of ``pad + block`` zero rows, the extra block then dropped: never a
+    zero-size padding, whose presence a graph with a symbolic N would otherwise guard on (and
+    recompile for N a multiple of the block), and no F.pad, whose eager form takes no symbolic pad
+    (shape propagation of a dynamic graph runs it).
+    """
+    batch, heads, num_rows, width = t.shape
+    num_blocks = common.cdiv(num_rows, block)
+    padded = torch.cat([t, t.new_zeros(batch, heads, num_blocks * block - num_rows + block, width)], dim=2)
+    return padded.view(batch, heads, num_blocks + 1, block, width)[:, :, :num_blocks]
+
+
 def block_bounds_mean_query(q: Tensor, k: Tensor, block: int) -> Tensor:
     """Quest bound per (query block, key block): [B, H, NQB, NKB] fp32 (see module docstring)."""
     batch, heads, num_queries, dim = q.shape
     kv_heads, num_keys = k.shape[1], k.shape[2]
     num_q_blocks, num_k_blocks = common.cdiv(num_queries, block), common.cdiv(num_keys, block)
-    q_pad = F.pad(q.float(), (0, 0, 0, num_q_blocks * block - num_queries))
     rows = torch.clamp(num_queries - torch.arange(num_q_blocks, device=q.device) * block, max=block)
-    q_mean = q_pad.view(batch, heads, num_q_blocks, block, dim).sum(3) / rows[:, None].to(torch.float32)
+    q_mean = blocks_of_rows(q.float(), block).sum(3) / rows[:, None].to(torch.float32)
 
-    key_pad = num_k_blocks * block - num_keys
-    k_blocks = F.pad(k.float(), (0, 0, 0, key_pad)).view(batch, kv_heads, num_k_blocks, block, dim)
+    k_blocks = blocks_of_rows(k.float(), block)
     valid = (torch.arange(num_k_blocks * block, device=k.device) < num_keys).view(num_k_blocks, block, 1)
     k_min = torch.where(valid, k_blocks, float("inf")).amin(3)
     k_max = torch.where(valid, k_blocks, float("-inf")).amax(3)
@@ -1122,7 +1134,7 @@ def sparse_attention(q: Tensor, k: Tensor, v: Tensor, pattern: SparsePattern, sc
     failure, in torch 2.14's inductor rather than here: this function compiled with dynamic=True
     by inductor on CPU, for a mask pattern whose block is a multiple of 16 (the flex path), fails
     in inductor's CPU flex lowering; Dynamo shows the symbolic lengths as ints, so this function
-    cannot route that case to the op. tokred's pass compiles sparse sites with static lengths.
+    cannot route that case to the op. tokred's pass skips mask rules at symbolic lengths.
     """
     if not isinstance(pattern, SparsePattern):
         raise ValueError(f"tokred option '{OPTION}' must be a SparsePattern, got {type(pattern).__name__}")
