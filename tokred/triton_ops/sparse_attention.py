@@ -244,7 +244,8 @@ def sink_window_blocks(pattern: SparsePattern, num_queries: int, num_keys: int, 
     key_first = torch.arange(0, num_keys, block_n, device=device)
     key_last = torch.clamp(key_first + block_n, max=num_keys) - 1
     first, last = first[:, None], last[:, None]
-    sink = (key_first < pattern.sinks).expand(first.shape[0], -1)  # [NQB, NKB] also when nothing below uses rows
+    # [NQB, NKB] even where no term below depends on the row (not causal, window 0)
+    sink = (key_first < pattern.sinks).expand(first.shape[0], -1)
     if pattern.causal:
         sink = sink & (key_first <= last)
     window = (key_last > first - pattern.window) & (key_first <= last) if pattern.window > 0 else \
@@ -1051,8 +1052,8 @@ def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_
     bench/results/sparse_attention_speed.md), no extra bias (the op handles padding masks), and a
     pattern whose allowed set is its element rule (sink_window, mask), and no gradient to carry.
 
-    Not where tokred's CPU kernel (sparse_cpu.cpp) runs the pattern: sink_window, at ~1.0-1.1x
-    the density bound where flex took ~2x. Not for blocks that are not a multiple of
+    Not where tokred's CPU kernel (sparse_cpu.cpp) runs the pattern: sink_window, where the
+    kernel measured 0.4-0.65x flex's time. Not for blocks that are not a multiple of
     ``FLEX_CPU_BLOCK_MULTIPLE``. Not where the op takes
     the band path (``band``, from ``band_path_applies``): it measured faster than flex there
     (1.1-1.3x the density bound, flex ~2x). Not block_topk: flex's mask_mod defines its result

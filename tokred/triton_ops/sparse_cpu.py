@@ -2,8 +2,8 @@
 
 The op's CPU path (``sparse_attention_blocks``) runs it where it applies: fp32, fp16 or bf16
 inputs (computed in fp32) and a rule made of key intervals per row (``interval_rule``: causal or
-full block_topk, sink_window), with or without an additive bias. It measured ~1.0-1.1x the density
-bound at 8k-16k tokens on this CPU, against 1.5-2x for the gathered-block flash path (see
+full block_topk, sink_window), with or without an additive bias. Compiled, it measured 0.9-1.2x the
+density bound at 2k-16k tokens on this CPU, against 1.2-2.2x for the op's torch paths (see
 bench/results/sparse_attention_speed.md).
 
 Built with torch.utils.cpp_extension (g++ and ninja, as inductor's CPU backend needs a C++
