@@ -228,11 +228,11 @@ at::Tensor block_sparse_attention(const at::Tensor& q, const at::Tensor& k, cons
       // O [rows, Dv] row-major = P V, i.e. column-major O^T = V^T P^T
       gemm(false, Dv, rows, cols, 1.f, values, ld_v, s, cols, 0.f, out_blk, Dv);
       for (int64_t i = 0; i < rows; ++i) {
-        const Vec inv(row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f);
+        const float inv = row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
         float* o = out_blk + i * Dv;
         int64_t d = 0;
-        for (; d + Vec::size() <= Dv; d += Vec::size()) (Vec::loadu(o + d) * inv).store(o + d);
-        for (; d < Dv; ++d) o[d] *= row_sum[i] > 0.f ? 1.f / row_sum[i] : 0.f;
+        for (; d + Vec::size() <= Dv; d += Vec::size()) (Vec::loadu(o + d) * Vec(inv)).store(o + d);
+        for (; d < Dv; ++d) o[d] *= inv;
       }
     }
   });

@@ -94,6 +94,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, kv
     means no lower bound ([0, p] when causal, every key otherwise), window 0 only the sinks.
     Callers check ``applies`` first.
     """
+    usable, reason = kernel_status()  # loads the library in this process if nothing has yet
+    if not usable:
+        raise RuntimeError(f"tokred's CPU sparse attention kernel is {reason}")
     sinks, window, causal = rule
     batch, heads, num_queries, _ = q.shape
     num_keys = k.shape[2]
