@@ -6,6 +6,7 @@ Benchmarks run as ``python bench/<name>.py`` from the repository root; each puts
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 
@@ -18,3 +19,16 @@ def write_results(text: str, path: str | Path) -> Path:
     print(text)
     print(f"written to {path}")
     return path
+
+
+def alternating_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function, calls alternating between them (warm-up call first)."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import alternating_medians  # noqa: E402
 from tokred.triton_ops import sparse_cpu
 from tokred.triton_ops.sparse_attention import (
     SparsePattern,
@@ -118,19 +119,6 @@ def torch_paths():
 def without_kernel(q, k, v, pattern):
     with torch_paths():
         return sparse_attention(q, k, v, pattern)
-
-
-def alternating_medians(fns: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each function, calls alternating between them (warm-up call first)."""
-    times = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def main() -> None:
