@@ -27,7 +27,6 @@ and a .png plot.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import platform
 import sys
@@ -105,19 +104,9 @@ def flex_block_mask(pattern: SparsePattern, q: torch.Tensor, k: torch.Tensor):
                                     mask_mod=mask_mod, seq_lengths=(num_tokens, num_tokens))
 
 
-@contextlib.contextmanager
-def torch_paths():
-    """The op without tokred's C++ kernel, as on a machine where it cannot be built."""
-    applies = sparse_cpu.applies
-    sparse_cpu.applies = lambda q: False
-    try:
-        yield
-    finally:
-        sparse_cpu.applies = applies
-
-
 def without_kernel(q, k, v, pattern):
-    with torch_paths():
+    """The op without tokred's C++ kernel, as on a machine where it cannot be built."""
+    with sparse_cpu.disabled():
         return sparse_attention(q, k, v, pattern)
 
 

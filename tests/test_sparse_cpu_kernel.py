@@ -199,3 +199,16 @@ def test_without_the_kernel_torch_paths_give_the_same_results(monkeypatch):
         torch.testing.assert_close(sparse_attention(q, k, v, pattern), with_kernel, **TOL)
     finally:
         sparse_cpu.kernel_status.cache_clear()
+
+
+def test_disabled_block_runs_the_torch_paths(monkeypatch):
+    calls = []
+    kernel = sparse_cpu.block_sparse_attention
+    monkeypatch.setattr(sparse_cpu, "block_sparse_attention", lambda *a: calls.append(1) or kernel(*a))
+    q, k, v = qkv(2, 4, 2, 45, 45)
+    pattern = PATTERNS["block_topk_gaps"]
+    with sparse_cpu.disabled():
+        inside = sparse_attention(q, k, v, pattern)
+    assert calls == []
+    torch.testing.assert_close(sparse_attention(q, k, v, pattern), inside, **TOL)
+    assert calls == [1]

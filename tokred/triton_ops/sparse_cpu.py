@@ -15,6 +15,7 @@ turns it off.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -77,9 +78,27 @@ def kernel_available() -> bool:
     return kernel_status()[0]
 
 
+# Depth of ``disabled()`` blocks being run.
+_disabled_depth = 0
+
+
+@contextlib.contextmanager
+def disabled():
+    """Inside the block the op takes its torch paths, as where the kernel cannot be built (the
+    benchmark and the tests compare the two; ``TOKRED_CPU_KERNEL=0`` does it for a process)."""
+    global _disabled_depth
+    _disabled_depth += 1
+    try:
+        yield
+    finally:
+        _disabled_depth -= 1
+
+
 def applies(q: Tensor) -> bool:
-    """Whether ``block_sparse_attention`` runs for inputs like ``q`` (CPU, fp32/fp16/bf16, built)."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16) and kernel_available()
+    """Whether ``block_sparse_attention`` runs for inputs like ``q`` (CPU, fp32/fp16/bf16, built,
+    not inside ``disabled()``)."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and _disabled_depth == 0 and kernel_available())
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, kv_index: Tensor,
