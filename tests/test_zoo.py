@@ -43,19 +43,18 @@ def _captured_graphs(z: ZooModel) -> list[torch.fx.GraphModule]:
     return graphs
 
 
-def _innermost_module(node: torch.fx.Node) -> str:
-    """Qualified name of the innermost module a node was traced in ('' at top level).
-
-    Dynamo writes names as ``L['self'].blocks.0.attn``; the ``L['self']`` root is dropped.
-    """
+def _innermost_module(node: torch.fx.Node, model: torch.nn.Module) -> str:
+    """Qualified name in ``model.named_modules()`` of the innermost module a node was traced in
+    ('' at top level), found by object identity: Dynamo keys its module stack by ``id(module)``.
+    Independent of how Dynamo spells the module's source (``L['self'].blocks.0.attn``,
+    ``L['args'][0].blocks.0.attn``, which tokred's analysis parses)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
-    for root in ("L['self'].", "L['self']"):
-        if path.startswith(root):
-            return path[len(root):]
-    return path
+    key = list(stack.keys())[-1]
+    names = {str(id(module)): name for name, module in model.named_modules()}
+    assert key in names, f"module stack key {key!r} of {node.name} is no module of the model"
+    return names[key]
 
 
 def _attention_cores(graphs: list[torch.fx.GraphModule], impl: str) -> list[torch.fx.Node]:
@@ -125,7 +124,7 @@ def test_metadata_matches_captured_graph(name):
     graphs = _captured_graphs(z)
     assert len(graphs) == 1, f"{name} graph-breaks into {len(graphs)} graphs"
     cores = _attention_cores(graphs, z.impl)
-    assert [_innermost_module(n) for n in cores] == z.attention_modules
+    assert [_innermost_module(n, z.model) for n in cores] == z.attention_modules
     batch = z.batch
     for node in cores:
         if z.impl == "sdpa":

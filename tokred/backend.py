@@ -7,16 +7,20 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable
 
-import torch
 from torch import fx
 
+from tokred.compat import torch_api
 from tokred.passes import cpu_linear, merge, prune, sparse_attention
 from tokred.rewriter import analysis
 from tokred.rewriter.flops import graph_flops
 from tokred.rewriter.options import Options, parse_options, register_pass_options
 from tokred.rewriter.report import Report
+from tokred.triton_ops.common import kernel_settings
+
+log = logging.getLogger(__name__)
 
 # The pass table (option name -> pass module, in the order they run: the token-reducing passes,
 # then sparse attention on the attention left, then the CPU linear kernels on the projections
@@ -32,21 +36,64 @@ for _name, _module in PASSES.items():
 def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.GraphModule, Report]:
     """Analyse ``gm`` and apply the passes named in ``options``; returns the graph and its report.
 
-    With no pass options the graph is analysed, not changed.
+    With no pass options the graph is analysed, not changed. Analysis and each pass are
+    transactions: where one fails, the graph is left as it was before it, the report says why in
+    one line, and compilation goes on (``strict=True`` raises instead). A user's compile never
+    fails because tokred could not handle a model.
     """
-    facts = analysis.analyze(gm)
+    try:
+        facts = analysis.analyze(gm)
+    except Exception as error:
+        if options.strict:
+            raise
+        report = Report()
+        report.note(f"analysis failed, the model passes through unchanged: {failure_line(error)}")
+        log.debug("tokred: analysis failed", exc_info=True)
+        return gm, report
     report = facts.to_report()
     with unguarded(example_inputs):
         report.flops_before = graph_flops(gm)
     for name, module in PASSES.items():
         if name in options.passes:
-            module.apply(gm, facts, options.passes[name], report, options, example_inputs)
+            _apply_pass(name, module, gm, facts, report, options, example_inputs)
     if report.changed:
         gm.graph.lint()
         gm.recompile()
     with unguarded(example_inputs):
         report.flops_after = graph_flops(gm) if report.changed else report.flops_before
     return gm, report
+
+
+def _apply_pass(name: str, module, gm: fx.GraphModule, facts, report: Report, options: Options,
+                example_inputs) -> None:
+    """Run one pass; where it raises, put the graph and the site statuses back as they were."""
+    saved_graph = _copy_graph(gm.graph)
+    saved_sites = [(s.status, s.reason, list(s.passes)) for s in report.attention_sites]
+    try:
+        module.apply(gm, facts, options.passes[name], report, options, example_inputs)
+    except Exception as error:
+        if options.strict:
+            raise
+        log.debug("tokred: pass %s failed", name, exc_info=True)
+        gm.graph = saved_graph
+        gm.recompile()
+        for site, (status, reason, passes) in zip(report.attention_sites, saved_sites):
+            site.status, site.reason, site.passes = status, reason, passes
+        report.note(f"{name}: not applied, the graph is left as it was: {failure_line(error)}")
+
+
+def _copy_graph(graph: fx.Graph) -> fx.Graph:
+    """A node-for-node copy of ``graph`` (metadata shared, so it is cheap)."""
+    copy = fx.Graph(owning_module=graph.owning_module)
+    output = copy.graph_copy(graph, {}, return_output_node=True)
+    copy.output(output.args[0], type_expr=getattr(output, "type", None))
+    return copy
+
+
+def failure_line(error: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0][:limit] if lines else 'no message'}"
 
 
 def unguarded(example_inputs):
@@ -57,21 +104,17 @@ def unguarded(example_inputs):
     recompile the graph for every other value (e.g. at each decode step of a growing KV cache).
     Never wrap code whose rewrite depends on a size: that must guard.
     """
-    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    fake_mode = torch_api.detect_fake_mode(example_inputs)
     shape_env = getattr(fake_mode, "shape_env", None)
     return shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
 
 
-def inner_compile(gm: fx.GraphModule, example_inputs, inner: str) -> Callable:
-    """Compile ``gm`` with the named inner compiler."""
+def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | None = None) -> Callable:
+    """Compile ``gm`` with the named inner compiler (``mode``: inductor's, as torch.compile takes it)."""
     if inner == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(gm, example_inputs)
+        return torch_api.compile_inductor(gm, example_inputs, mode)
     if inner == "aot_eager":
-        from torch._dynamo.backends.debugging import aot_eager
-
-        return aot_eager(gm, example_inputs)
+        return torch_api.compile_aot_eager(gm, example_inputs)
     return gm.forward
 
 
@@ -87,12 +130,24 @@ class TokredBackend:
         self.on_report = on_report
 
     def __call__(self, gm: fx.GraphModule, example_inputs) -> Callable:
-        gm, report = rewrite(gm, example_inputs, self.options)
-        report.graphs = 1
-        self.reports.append(report)
-        if self.on_report is not None:
-            self.on_report(report)
-        return inner_compile(gm, example_inputs, self.options.inner)
+        settings = self.options.kernel_settings
+        with kernel_settings(**settings):  # the passes and the inner compiler's tracing read them
+            gm, report = rewrite(gm, example_inputs, self.options)
+            report.graphs = 1
+            self.reports.append(report)
+            if self.on_report is not None:
+                self.on_report(report)
+            compiled = inner_compile(gm, example_inputs, self.options.inner, self.options.mode)
+        if not settings:
+            return compiled
+
+        def run(*args):  # ops decide at run time too (eager graphs, the custom ops' dispatch)
+            with kernel_settings(**settings):
+                return compiled(*args)
+
+        # inductor's compiled function takes its inputs as one list ("boxed"): so does the wrapper
+        run._boxed_call = getattr(compiled, "_boxed_call", False)
+        return run
 
     @property
     def report(self) -> Report:
@@ -109,16 +164,13 @@ def backend(**options: Any) -> TokredBackend:
 
 
 def tokred_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
-    """The entry point registered as ``torch_dynamo_backends: tokred``."""
+    """The entry point registered as ``torch_dynamo_backends: tokred``; torch.compile passes its
+    ``mode`` here (or give it as the option ``mode``)."""
+    options = dict(options or {})
+    if mode is not None:
+        options.setdefault("mode", mode)
     return TokredBackend(parse_options(options))(gm, example_inputs)
 
 
-def _register_by_name() -> None:
-    # The entry point covers installed copies; registering here covers a source checkout too.
-    from torch._dynamo.backends.registry import _COMPILER_FNS, register_backend
-
-    if "tokred" not in _COMPILER_FNS:
-        register_backend(tokred_backend, name="tokred")
-
-
-_register_by_name()
+# The entry point covers installed copies; registering here covers a source checkout too.
+torch_api.register_backend(tokred_backend, "tokred")

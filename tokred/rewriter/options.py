@@ -8,25 +8,44 @@ Every option a user can pass to ``torch.compile(..., backend="tokred", options={
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 INNER_COMPILERS = ("inductor", "eager", "aot_eager")
+# torch.compile's modes, passed to inductor.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Which tokred ops a graph calls as Triton kernels on CUDA (triton_ops/common.py: graph_calls_kernel).
+KERNEL_MODES = ("auto", "triton", "reference")
+GLOBAL_OPTIONS = ("inner", "mode", "strict", "verify", "kernels", "cpu_kernel")
 
 
 @dataclass(frozen=True)
 class Options:
     """All tokred options, validated.
 
-    inner:   the compiler the rewritten graph is handed to.
-    strict:  a site that cannot be rewritten is an error instead of a report line.
-    verify:  after each rewrite, check every rewritten node's shape and the output contract.
-    passes:  per-pass option dicts, keyed by pass name (validated by the pass's own schema).
+    inner:      the compiler the rewritten graph is handed to.
+    mode:       inductor's mode, as ``torch.compile(mode=...)`` takes it (None: its default).
+    strict:     a site that cannot be rewritten is an error instead of a report line.
+    verify:     after each rewrite, check every rewritten node's shape and the output contract.
+    kernels:    "auto", "triton" or "reference": which tokred ops run as Triton kernels on CUDA
+                (None: "auto"; the environment variable TOKRED_KERNELS overrides it).
+    cpu_kernel: False: sparse attention on CPU takes its torch paths, not tokred's C++ kernel
+                (None: use it; TOKRED_CPU_KERNEL=0 overrides it).
+    passes:     per-pass option dicts, keyed by pass name (validated by the pass's own schema).
     """
 
     inner: str = "inductor"
+    mode: Optional[str] = None
     strict: bool = False
     verify: bool = True
+    kernels: Optional[str] = None
+    cpu_kernel: Optional[bool] = None
     passes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+    @property
+    def kernel_settings(self) -> dict:
+        """The kernel choices given, as ``triton_ops.common.kernel_settings`` takes them."""
+        given = {"kernels": self.kernels, "cpu_kernel": self.cpu_kernel}
+        return {k: v for k, v in given.items() if v is not None}
 
 
 # Pass option schemas are registered by the entry point (backend.py), which knows the passes;
@@ -41,7 +60,7 @@ def register_pass_options(name: str, validate) -> None:
 
 
 def known_option_names() -> list[str]:
-    return sorted(["inner", "strict", "verify", *_PASS_SCHEMAS])
+    return sorted([*GLOBAL_OPTIONS, *_PASS_SCHEMAS])
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -56,17 +75,29 @@ def parse_options(options: Mapping[str, Any] | None = None, **more: Any) -> Opti
         raise ValueError(f"tokred options must be a dict, got {type(options).__name__}")
     merged = {**(options or {}), **more}
     for key in merged:
-        if not isinstance(key, str) or (key not in ("inner", "strict", "verify") and key not in _PASS_SCHEMAS):
+        if not isinstance(key, str) or (key not in GLOBAL_OPTIONS and key not in _PASS_SCHEMAS):
             raise ValueError(
                 f"unknown tokred option {key!r}; known options: {', '.join(known_option_names())}"
             )
     inner = merged.get("inner", "inductor")
     if inner not in INNER_COMPILERS:
         raise ValueError(f"tokred option 'inner' must be one of {INNER_COMPILERS}, got {inner!r}")
+    mode = merged.get("mode")
+    if mode is not None and mode not in COMPILE_MODES:
+        raise ValueError(f"tokred option 'mode' must be one of {COMPILE_MODES}, got {mode!r}")
+    if mode not in (None, "default") and inner != "inductor":
+        raise ValueError(f"tokred option 'mode' {mode!r} is inductor's; it needs inner='inductor', got {inner!r}")
     strict = _check_bool("strict", merged.get("strict", False))
     verify = _check_bool("verify", merged.get("verify", True))
+    kernels = merged.get("kernels")
+    if kernels is not None and kernels not in KERNEL_MODES:
+        raise ValueError(f"tokred option 'kernels' must be one of {KERNEL_MODES}, got {kernels!r}")
+    cpu_kernel = merged.get("cpu_kernel")
+    if cpu_kernel is not None:
+        _check_bool("cpu_kernel", cpu_kernel)
     passes = {}
     for name, validate in _PASS_SCHEMAS.items():
         if name in merged and merged[name] is not None:
             passes[name] = validate(merged[name])
-    return Options(inner=inner, strict=strict, verify=verify, passes=passes)
+    return Options(inner=inner, mode=mode, strict=strict, verify=verify, kernels=kernels,
+                   cpu_kernel=cpu_kernel, passes=passes)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensorMode
+
+from tokred.compat.torch_api import FakeTensorMode, detect_fake_mode, tree_leaves
 
 
 def _fake_mode(example_inputs) -> FakeTensorMode:
-    mode = torch._guards.detect_fake_mode(example_inputs)
+    mode = detect_fake_mode(example_inputs)
     return mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=True)
 
 
@@ -34,7 +35,7 @@ def output_signature(gm: fx.GraphModule) -> list:
     """(shape, dtype) of every graph output, from the node metadata."""
     out = next(n for n in gm.graph.nodes if n.op == "output")
     sig = []
-    for arg in torch.utils._pytree.tree_leaves(out.args[0]):
+    for arg in tree_leaves(out.args[0]):
         ev = arg.meta.get("example_value", arg.meta.get("val")) if isinstance(arg, fx.Node) else None
         sig.append((tuple(ev.shape), ev.dtype) if isinstance(ev, torch.Tensor) else None)
     return sig

@@ -7,6 +7,8 @@ Every dim after the token axis is one "row" of ``C = prod(row)`` elements, so a 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
@@ -80,6 +82,40 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 
 KERNEL_MODES = ("auto", "triton", "reference")
+KERNELS_ENV = "TOKRED_KERNELS"
+# The backend options ``kernels`` and ``cpu_kernel`` of the compile in progress (or of the graph
+# running): context variables, so one model's choice never leaks into another's, or another thread's.
+_KERNELS: contextvars.ContextVar[str] = contextvars.ContextVar("tokred_kernels", default="auto")
+CPU_KERNEL: contextvars.ContextVar[bool] = contextvars.ContextVar("tokred_cpu_kernel", default=True)
+
+
+@contextlib.contextmanager
+def kernel_settings(kernels: str | None = None, cpu_kernel: bool | None = None):
+    """Within the block: ``kernels`` ("auto", "triton", "reference") chooses which ops a graph
+    calls as Triton kernels on CUDA, ``cpu_kernel=False`` keeps sparse attention off tokred's C++
+    CPU kernel. None leaves a setting as it is. The backend wraps its compile and its graphs in it."""
+    if kernels is not None and kernels not in KERNEL_MODES:
+        raise ValueError(f"kernels must be one of {KERNEL_MODES}, got {kernels!r}")
+    tokens = []
+    if kernels is not None:
+        tokens.append((_KERNELS, _KERNELS.set(kernels)))
+    if cpu_kernel is not None:
+        tokens.append((CPU_KERNEL, CPU_KERNEL.set(bool(cpu_kernel))))
+    try:
+        yield
+    finally:
+        for var, token in reversed(tokens):
+            var.reset(token)
+
+
+def kernel_mode() -> str:
+    """The ``kernels`` setting in force: TOKRED_KERNELS where set (a documented override), else
+    the backend option's (default "auto")."""
+    mode = os.environ.get(KERNELS_ENV) or _KERNELS.get()
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"{KERNELS_ENV} must be one of {KERNEL_MODES}, got {mode!r}")
+    return mode
+
 # Ops a rewritten graph calls as Triton kernels on CUDA in "auto" mode. Measured end to end on an
 # H100 (bench/results/passes_gpu*.md): graphs that inline the plain-torch references of the
 # token ops were faster than graphs calling their kernels (merged ViT-B 0.34x against 0.27x of
@@ -95,13 +131,11 @@ def graph_calls_kernel(x: torch.Tensor, op: str) -> bool:
     """Whether a rewritten graph calls the custom op ``op`` (Triton) for ``x``, or inlines its
     plain-torch reference (which inductor then fuses with its neighbours).
 
-    Read when the graph is traced. ``TOKRED_KERNELS``: "auto" (default: the ops in
+    Read when the graph is traced. :func:`kernel_mode`: "auto" (default: the ops in
     KERNELS_IN_GRAPH as Triton kernels on CUDA, the others inlined), "triton" (every custom op on
     CUDA), "reference" (never a custom op). Off CUDA the references are always inlined.
     """
-    mode = os.environ.get("TOKRED_KERNELS", "auto")
-    if mode not in KERNEL_MODES:
-        raise ValueError(f"TOKRED_KERNELS must be one of {KERNEL_MODES}, got {mode!r}")
+    mode = kernel_mode()
     if mode == "reference" or not (x.is_cuda and HAS_TRITON):
         return False
     return mode == "triton" or op in KERNELS_IN_GRAPH

@@ -62,8 +62,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import _disable_current_modes
-
+from tokred.compat.torch_api import allow_in_graph, assume_constant_result, detect_fake_mode, disable_current_modes
 from tokred.triton_ops import common, sparse_cpu, sparse_rule
 from tokred.triton_ops.common import HAS_TRITON
 
@@ -174,7 +173,7 @@ def additive_bias(attn_bias: Tensor | None, q: Tensor, k: Tensor) -> Tensor | No
 CAUSAL_RULE = "(kv_idx <= q_idx)"
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def element_rule(pattern: SparsePattern) -> str:
     """The rule expression (sparse_rule language) that decides single (query, key) pairs.
 
@@ -379,7 +378,7 @@ def pattern_layout(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int) 
     """
     rule = element_rule(pattern)
     if pattern.kind == "block_topk":
-        tracing = torch.compiler.is_compiling() or torch._guards.detect_fake_mode((q, k)) is not None
+        tracing = torch.compiler.is_compiling() or detect_fake_mode((q, k)) is not None
         # eagerly on one thread: small ops, each slowed by OpenMP scheduling on a loaded machine
         # (N=4096, 2 threads, load ~3: 197 ms vs 11-17 ms on one, measured)
         with contextlib.nullcontext() if tracing else single_thread():
@@ -396,7 +395,7 @@ def pattern_layout(pattern: SparsePattern, q: Tensor, k: Tensor, q_offset: int) 
 # ----------------------------------------------------------------------------------------------
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def static_layout_spec(pattern: SparsePattern, rule: str) -> tuple:
     """What a sink_window or mask layout depends on besides lengths, q_offset and device:
     ``(kind, sinks, window, block, causal, rule)``, all plain values so that the tuple can be an
@@ -451,7 +450,7 @@ STATIC_LAYOUT_CACHE_SIZE = 64
 _STATIC_LAYOUTS: collections.OrderedDict[tuple, tuple[Tensor, ...]] = collections.OrderedDict()
 
 
-@torch._dynamo.allow_in_graph
+@allow_in_graph
 def static_layout(q: Tensor, k: Tensor, q_offset: int, spec: tuple, for_flex: bool) -> tuple[Tensor, ...]:
     """The block layout of a sink_window or mask pattern (``spec`` from ``static_layout_spec``),
     built once per (spec, lengths, q_offset, device; B and H where a mask rule reads b or h).
@@ -479,12 +478,12 @@ def static_layout(q: Tensor, k: Tensor, q_offset: int, spec: tuple, for_flex: bo
     key = (spec, *sizes, q.device, for_flex)
     layout = _STATIC_LAYOUTS.pop(key, None)
     if layout is None:
-        with _disable_current_modes():  # real tensors, not recorded, even inside a fake-tensor trace
+        with disable_current_modes():  # real tensors, not recorded, even inside a fake-tensor trace
             layout = build_static_layout(spec, *sizes, q.device, for_flex, concrete=True)
     _STATIC_LAYOUTS[key] = layout  # (re)inserted last: most recently used
     while len(_STATIC_LAYOUTS) > STATIC_LAYOUT_CACHE_SIZE:
         _STATIC_LAYOUTS.popitem(last=False)
-    if torch._guards.detect_fake_mode((q, k)) is not None:
+    if detect_fake_mode((q, k)) is not None:
         return tuple(torch.ops.aten.lift_fresh_copy(t) for t in layout)
     return layout
 
@@ -1062,7 +1061,7 @@ def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_
     mask_mod, and inductor's CPU flex lowering found no kernel for a mask_mod reading a tensor
     computed in the graph (NoValidChoicesError, torch 2.14).
     """
-    tracing = torch.compiler.is_compiling() or torch._guards.detect_fake_mode((q,)) is not None
+    tracing = torch.compiler.is_compiling() or detect_fake_mode((q,)) is not None
     # flex has no backward on CPU: a graph traced with gradients (a model called without no_grad)
     # takes the gathered-block op
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
@@ -1077,7 +1076,7 @@ def use_flex_path(pattern: SparsePattern, q: Tensor, k: Tensor, v: Tensor, attn_
             and attn_bias is None and pattern.kind != "block_topk" and not band and not own_kernel)
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def cpu_kernel_rule(pattern: SparsePattern) -> bool:
     """Whether the pattern's element rule is one the CPU kernel runs (``interval_rule``); a constant
     for Dynamo, like ``element_rule``."""

@@ -9,8 +9,8 @@ bench/results/sparse_attention_speed.md).
 Built with torch.utils.cpp_extension (g++ and ninja, as inductor's CPU backend needs a C++
 compiler too) for the SIMD level torch detects on this CPU, and cached by torch under
 ``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``). Where it cannot be built or loaded
-the op keeps its torch paths; ``kernel_status()`` says which and why. ``TOKRED_CPU_KERNEL=0``
-turns it off.
+the op keeps its torch paths; ``kernel_status()`` says which and why. The backend option
+``cpu_kernel=False`` turns it off for a model, ``TOKRED_CPU_KERNEL=0`` for a process.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from tokred.compat.torch_api import assume_constant_result
+from tokred.triton_ops.common import CPU_KERNEL, kernel_settings
 
 log = logging.getLogger(__name__)
 
@@ -72,33 +75,26 @@ def kernel_status() -> tuple[bool, str]:
     return True, "built"
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def kernel_available() -> bool:
     """Whether the kernel is usable (a constant for Dynamo: building it is not traced)."""
     return kernel_status()[0]
 
 
-# Depth of ``disabled()`` blocks being run.
-_disabled_depth = 0
-
-
 @contextlib.contextmanager
 def disabled():
     """Inside the block the op takes its torch paths, as where the kernel cannot be built (the
-    benchmark and the tests compare the two; ``TOKRED_CPU_KERNEL=0`` does it for a process)."""
-    global _disabled_depth
-    _disabled_depth += 1
-    try:
+    benchmark and the tests compare the two; the backend option ``cpu_kernel=False`` does it for a
+    model, ``TOKRED_CPU_KERNEL=0`` for a process)."""
+    with kernel_settings(cpu_kernel=False):
         yield
-    finally:
-        _disabled_depth -= 1
 
 
 def applies(q: Tensor) -> bool:
     """Whether ``block_sparse_attention`` runs for inputs like ``q`` (CPU, fp32/fp16/bf16, built,
     not inside ``disabled()``)."""
     return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            and _disabled_depth == 0 and kernel_available())
+            and CPU_KERNEL.get() and kernel_available())
 
 
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, kv_index: Tensor,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import operator
-import re
 from typing import Any, Optional
 
 import networkx as nx
@@ -11,11 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-SDPA_TARGETS = {F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
+from tokred.compat import torch_api
+
+SDPA_TARGETS = {F.scaled_dot_product_attention, *torch_api.SDPA_FUNCS}
+LINEAR_TARGETS = {F.linear, *torch_api.LINEAR_FUNCS}
 MATMUL_TARGETS = {torch.matmul, operator.matmul, torch.bmm}
-SOFTMAX_FUNCS = {F.softmax, torch.softmax, torch.nn.functional.softmax, torch._C._nn.softmax
-                 if hasattr(torch._C._nn, "softmax") else F.softmax}
+SOFTMAX_FUNCS = {F.softmax, torch.softmax, torch.nn.functional.softmax, *torch_api.SOFTMAX_FUNCS}
 DROPOUT_FUNCS = {F.dropout, torch.dropout, torch.nn.functional.dropout}
 LAYER_NORM_FUNCS = {F.layer_norm, torch.layer_norm}
 RMS_NORM_FUNCS = {getattr(F, "rms_norm", F.layer_norm), getattr(torch, "rms_norm", torch.layer_norm)}
@@ -69,14 +69,7 @@ def is_state(node: fx.Node) -> bool:
     """A placeholder (or get_attr) holding a module parameter or buffer, not a user input."""
     if node.op == "get_attr":
         return True
-    if node.op != "placeholder":
-        return False
-    grapharg = node.meta.get("grapharg")
-    source = getattr(grapharg, "source", None)
-    name = source.name if source is not None and hasattr(source, "name") else node.name
-    name = name() if callable(name) else name
-    return "self" in str(name).split(".")[0] or "_parameters" in str(name) or "_buffers" in str(name) \
-        or node.name.startswith("l_self_")
+    return node.op == "placeholder" and torch_api.is_module_state(node)
 
 
 def is_parameter_like(node: fx.Node) -> bool:
@@ -90,27 +83,39 @@ def is_parameter_like(node: fx.Node) -> bool:
     return bool(inputs) and all(is_parameter_like(a) for a in inputs)
 
 
-_INDEX = re.compile(r"\[(\d+)\]")
-_QUOTED = re.compile(r"\[['\"]([^'\"]+)['\"]\]")
-
-
-def normalize_module_path(path: str) -> str:
-    """``L['self'].blocks[3].attn`` -> ``blocks.3.attn``; ``L['self']`` -> ``''``."""
-    path = re.sub(r"^L\[['\"]self['\"]\]\.?", "", path)
-    path = re.sub(r"^self\.?", "", path)
-    path = path.replace("._modules", "")
-    path = _QUOTED.sub(r".\1", path)
-    path = _INDEX.sub(r".\1", path)
-    return path.strip(".").replace("..", ".")
-
-
 def module_path(node: fx.Node) -> str:
-    """Qualified name of the innermost module that produced ``node`` (``''`` for top level)."""
+    """Qualified name of the innermost module that produced ``node`` (``''`` for top level), as
+    the model's ``named_modules()`` names it, however Dynamo spelled the module's source."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return ""
     path, _ = list(stack.values())[-1]
-    return normalize_module_path(str(path))
+    return torch_api.module_name(str(path), torch_api.module_roots(node.graph))
+
+
+def resolve_module(root: torch.nn.Module, path: str, kind: Optional[type] = None) -> torch.nn.Module:
+    """The submodule of ``root`` a graph's module ``path`` names: ``root.get_submodule(path)``,
+    else the one module of type ``kind`` whose name ends with ``path`` or that ``path`` ends with
+    (the graph was captured from a wrapper holding ``root``, or from inside it); ValueError if none
+    or several match."""
+    try:
+        found = root.get_submodule(path)
+        if kind is None or isinstance(found, kind):
+            return found
+    except AttributeError:
+        pass
+    parts = path.split(".") if path else []
+    matches = []
+    for name, module in root.named_modules():
+        own = name.split(".") if name else []
+        n = min(len(own), len(parts))
+        if n and own[-n:] == parts[-n:] and (kind is None or isinstance(module, kind)):
+            matches.append(module)
+    if len(matches) != 1:
+        raise ValueError(f"{type(root).__name__} has no submodule {path!r}"
+                         + (f" of type {kind.__name__}" if kind else "")
+                         + (f" ({len(matches)} candidates)" if matches else ""))
+    return matches[0]
 
 
 def module_type(node: fx.Node) -> Optional[type]:
