@@ -69,7 +69,8 @@ import torch
 from torch import fx
 
 from tokred.backend import rewrite
-from tokred.compat.torch_api import capture, mark_dynamic, pytree
+from tokred.compat import torch_api
+from tokred.compat.torch_api import mark_dynamic, pytree
 from tokred.rewriter.options import parse_options
 from tokred.rewriter.report import Report
 
@@ -330,7 +331,7 @@ def _capture_once(model: torch.nn.Module, flat: FlatInputs, mark_batch: Sequence
         return run
 
     with torch.no_grad():
-        output = capture(model, args, kwargs, backend=capturing_backend, fullgraph=True, dynamic=None)
+        output = torch_api.capture(model, args, kwargs, backend=capturing_backend, fullgraph=True, dynamic=None)
     if len(graphs) != 1 or "outputs" not in graphs[0]:
         raise ExportError("capture", f"expected one captured graph, got {len(graphs)}")
     record = graphs[0]

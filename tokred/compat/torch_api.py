@@ -122,9 +122,17 @@ def capture(fn: Callable, args: tuple = (), kwargs: Optional[dict] = None, *, ba
     def trampoline(*a, **k):
         return fn(*a, **k)
 
+    def keeping_sources(gm: fx.GraphModule, example_inputs):
+        # Dynamo drops the placeholders' sources once the backend returns; the captured graph
+        # is analysed later, so they are kept on the nodes (see placeholder_source)
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                node.meta[SOURCE_KEY] = placeholder_source(node)
+        return backend(gm, example_inputs)
+
     private = types.FunctionType(trampoline.__code__.replace(co_name="tokred_capture"),
                                  trampoline.__globals__, "tokred_capture", None, trampoline.__closure__)
-    compiled = torch.compile(private, backend=backend, fullgraph=fullgraph, dynamic=dynamic)
+    compiled = torch.compile(private, backend=keeping_sources, fullgraph=fullgraph, dynamic=dynamic)
     return compiled(*args, **(kwargs or {}))
 
 
@@ -160,9 +168,14 @@ def _source_name(source) -> Optional[str]:
     return name if isinstance(name, str) else None
 
 
+SOURCE_KEY = "tokred_source"
+
+
 def placeholder_source(node: fx.Node) -> Optional[str]:
-    """The source path Dynamo read a placeholder's value from (None where it records none)."""
-    return _source_name(getattr(node.meta.get("grapharg"), "source", None))
+    """The source path Dynamo read a placeholder's value from (None where it records none): its
+    ``grapharg`` while the backend runs, the copy :func:`capture` keeps after."""
+    name = _source_name(getattr(node.meta.get("grapharg"), "source", None))
+    return name if name is not None else node.meta.get(SOURCE_KEY)
 
 
 def _root_of(tokens: list) -> Optional[tuple]:
