@@ -321,6 +321,37 @@ def test_triton_merge_is_deterministic(triton_interpreter):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("protect", ["tome", "set_aside"])
+@pytest.mark.parametrize("prefix", [0, 1, 2, 5])
+def test_triton_kernels_in_the_merge_step(triton_interpreter, monkeypatch, prefix, protect):
+    """The merge pass's step with both kernels in place of the references gives the same merge.
+
+    ``protect="tome"`` (the default) hands the kernels ToMe's partition: the class row as group
+    -1 (a row of -inf scores, ranked last) and, without protected tokens, kept A rows in score
+    order, not index order; the kernels must give what the references give for these too. N = 37
+    and D, C = 20 take several 16-blocks; a padded suffix in batch row 1 adds a second group.
+    """
+    from tokred.passes import merge as merge_pass
+
+    generator = torch.Generator().manual_seed(11 + prefix)
+    batch, num_tokens, r = 2, 37, 9
+    x = torch.randn(batch, num_tokens, 20, generator=generator)
+    metric = torch.randn(batch, num_tokens, 20, generator=generator)
+    size = 1 + 3 * torch.rand(batch, num_tokens, 1, generator=generator)
+    group = torch.zeros(batch, num_tokens, dtype=torch.int64)
+    group[1, -7:] = 1
+    want = merge_pass.tome_step(x, metric, size, group, r, prefix, protect)
+    monkeypatch.setattr(merge_pass, "tome_match_reference",
+                        lambda m, g: tome_match_triton(m, g, block_m=16, block_n=16, block_d=16))
+    monkeypatch.setattr(merge_pass, "tome_merge_reference",
+                        lambda *args: tome_merge_triton(*args, block_j=16, block_r=16, block_c=16))
+    got = merge_pass.tome_step(x, metric, size, group, r, prefix, protect)
+    assert torch.equal(got[3], want[3]) and torch.equal(got[4], want[4])  # rep, dest: the same merge
+    torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-6)
+    assert torch.equal(got[0][:, :prefix], x[:, :prefix])  # protected tokens untouched, in place
+
+
 def kernel_configs(tokens: int, dim: int, width: int, r: int) -> dict:
     """{name: (kernel, pointer types, constexprs, num_warps)} as the launchers pick them for these
     shapes ("{x}" stands for the dtype of metric / x)."""

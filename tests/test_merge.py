@@ -3,7 +3,8 @@
 Every test compiles a tiny zoo model with ``tokred.backend(inner="aot_eager", merge={...})`` and
 compares its outputs with the reference run on the same weights (DESIGN.md invariants 2 and 3):
 r=0 is the identity, r>0 equals the reference (global ToMe with and without proportional
-attention, per-block lists and the decreasing schedule, tomesd's local mode), protected tokens
+attention, per-block lists and the decreasing schedule, tomesd's local mode; ToMe's own partition
+by default, checked against ToMe's code transcribed, and the ``protect="set_aside"`` variant), protected tokens
 (class, distillation, [CLS]) are never merged, padded tokens only merge with padded tokens, causal
 decoders are passed through with a reason, and bad options are refused by name.
 
@@ -21,8 +22,9 @@ import pytest
 import torch
 
 import tokred
-from tome_reference import (MergeTracker, bipartite_merge, decreasing_schedule, reference_forward,
-                            timm_head, timm_vit_features)
+from tome_reference import (MergeTracker, bipartite_merge, decreasing_schedule, merge_batch, reference_forward,
+                            timm_head, timm_tome_patch_forward, timm_vit_features, tome_code_merge)
+from tokred.passes.merge import tome_step
 from zoo import ZOO, flatten_outputs, max_abs_diff, zoo_params
 
 R = 4  # tokens merged per block
@@ -96,7 +98,7 @@ def assert_report_rewritten(report, n: int, r_done: list) -> None:
 
 # ----------------------------------------------------------------------------- the reference itself
 
-# Hand-built sample: 1 protected token, A = positions 1, 3, 5, 7, B = positions 2, 4, 6.
+# Hand-built sample, protect="set_aside": 1 protected token, A = positions 1, 3, 5, 7, B = 2, 4, 6.
 # Metric rows (cosine similarities by inspection):
 #   p0 (1,0,0): protected, although identical to B token 2
 #   A1 (1,1,0): 0.707 with B2 and B4 (tie -> lowest B: B2), 0 with B6
@@ -115,13 +117,27 @@ HAND_CASES = {
 }
 
 
-@pytest.mark.parametrize("r", sorted(HAND_CASES))
-def test_reference_merge_rules(r):
+# The same sample, protect="tome" (ToMe's partition): A = 0 (the class token, scores -inf), 2, 4, 6;
+# B = 1, 3, 5, 7.
+#   A2 (1,0,0): 1 with B5      A4 (0,1,0): 1 with B3 (score tie with A2 -> A order: A2 first)
+#   A6 (0,0,1): 0 with B1, B3, B5 (tie -> B1), -1 with B7     A0: -inf, ranked last
+# Sorted by best score: A2 (1), A4 (1), A6 (0), A0.
+HAND_CASES_TOME = {
+    1: ([0, 4, 6, 1, 3, 5, 7], [[2, 5]]),
+    2: ([0, 6, 1, 3, 5, 7], [[2, 5], [3, 4]]),
+    3: ([0, 1, 3, 5, 7], [[2, 5], [3, 4], [1, 6]]),
+    10: ([0, 1, 3, 5, 7], [[2, 5], [3, 4], [1, 6]]),  # capped at (8 - 1) // 2 = 3
+}
+
+
+@pytest.mark.parametrize("protect, r", [(p, r) for p, cases in (("set_aside", HAND_CASES), ("tome", HAND_CASES_TOME))
+                                        for r in sorted(cases)])
+def test_reference_merge_rules(protect, r):
     """The reference's matching on a sample worked out by hand: alternate split, lowest-B ties,
     stable order, protected token, size-weighted means, new order [protected, kept A, B], cap."""
     x = torch.randn(8, 5, generator=torch.Generator().manual_seed(0))
-    step = bipartite_merge(x, HAND_METRIC, HAND_SIZE, torch.zeros(8, dtype=torch.bool), r, protected=1)
-    order, groups = HAND_CASES[r]
+    step = bipartite_merge(x, HAND_METRIC, HAND_SIZE, torch.zeros(8, dtype=torch.bool), r, 1, protect)
+    order, groups = (HAND_CASES if protect == "set_aside" else HAND_CASES_TOME)[r]
     assert step.rep == order
     group_of = {p: g for g in groups for p in g}
     for m, token in enumerate(order):
@@ -144,6 +160,57 @@ def test_reference_padding_rule():
     step = bipartite_merge(x, metric, torch.ones(6), padded, 3, protected=0)
     assert step.dest[4] == step.dest[5] and step.dest[4] != step.dest[1]
     assert step.dest[0] == step.dest[1] and step.dest[2] == step.dest[1]
+
+
+@pytest.mark.parametrize("class_token, distill_token", [(False, False), (True, False), (True, True)],
+                         ids=["no_prefix", "class", "class_distill"])
+def test_reference_loops_equal_tomes_code(class_token, distill_token):
+    """The "tome" loops equal ToMe's batched code transcribed (-inf rows/columns, argsort, sorted
+    kept A, scatter of size-weighted sums, distillation token moved back to position 1)."""
+    gen = torch.Generator().manual_seed(3)
+    protected = int(class_token) + int(distill_token)
+    for n in (9, 10, 27):
+        x, metric = torch.randn(3, n, 5, generator=gen).double(), torch.randn(3, n, 4, generator=gen).double()
+        size = (1 + 3 * torch.rand(3, n, 1, generator=gen)).double()
+        for r in (1, 3, (n - protected) // 2):
+            want_x, want_size = tome_code_merge(x, metric, size, r, class_token, distill_token)
+            got_x, got_size, _, _ = merge_batch(x, metric, size[..., 0], torch.zeros(3, n, dtype=torch.bool), r,
+                                                protected, "tome")
+            torch.testing.assert_close(got_x, want_x, rtol=0, atol=1e-12)
+            torch.testing.assert_close(got_size, want_size[..., 0], rtol=0, atol=1e-12)
+
+
+def test_partitions_agree_only_for_an_even_prefix():
+    """"tome" and "set_aside" merge the same tokens when the protected count is even (the
+    parity of every other token is the same both ways) and different ones when it is odd."""
+    gen = torch.Generator().manual_seed(4)
+    for protected in range(6):
+        x, metric = torch.randn(2, 15, 5, generator=gen), torch.randn(2, 15, 4, generator=gen)
+        args = (x, metric, torch.ones(2, 15), torch.zeros(2, 15, dtype=torch.bool), 4, protected)
+        same = torch.equal(merge_batch(*args, "tome")[3], merge_batch(*args, "set_aside")[3])
+        # no protected token: the same merges, but ToMe keeps its kept A tokens in score order
+        assert same == (protected % 2 == 0 and protected > 0), protected
+
+
+@pytest.mark.parametrize("protect", ["tome", "set_aside"])
+@pytest.mark.parametrize("protected", [0, 1, 2, 3, 5])
+def test_merge_step_equals_reference(protected, protect):
+    """tokred's merge step (the graph function) equals the reference's loops for 0..5 protected
+    tokens in both modes, with a padded suffix in one batch row: same tokens merged, same order."""
+    gen = torch.Generator().manual_seed(5 + protected)
+    for n in (13, 14):
+        for r in (1, 3, (n - protected) // 2):
+            x, metric = torch.randn(2, n, 5, generator=gen), torch.randn(2, n, 4, generator=gen)
+            size = 1 + torch.rand(2, n, 1, generator=gen)
+            padded = torch.zeros(2, n, dtype=torch.bool)
+            padded[1, n - 4:] = True
+            x_out, size_out, group, rep, dest = tome_step(x, metric, size, padded.long(), r, protected, protect)
+            want_x, want_size, want_dest, want_rep = merge_batch(x, metric, size[..., 0], padded, r, protected,
+                                                                 protect)
+            assert torch.equal(rep, want_rep) and torch.equal(dest, want_dest), (n, r)
+            torch.testing.assert_close(x_out, want_x)
+            torch.testing.assert_close(size_out[..., 0], want_size)
+            assert torch.equal(group.bool(), padded.gather(1, rep))
 
 
 def test_tracker_composes_merges():
@@ -202,6 +269,44 @@ def test_merge_equals_reference(name, prop_attn):
     out, report = compiled(name, {"r": R} if prop_attn else {"r": R, "prop_attn": False})
     assert max_abs_diff(out, reference) <= TOL
     assert_report_rewritten(report, zm.token_count, tracker.r_done)
+
+
+@pytest.mark.parametrize("name", ["timm_vit_small_sdpa", "timm_deit_tiny_distilled_sdpa"])
+def test_default_equals_tomes_timm_patch(name):
+    """A drop-in for ToMe: on a timm ViT (depth 2, random weights) the default merge gives the
+    logits of ToMe's timm patch (ToMe's algorithm block by block, proportional attention,
+    size-weighted averages); ``protect="set_aside"`` gives its own reference and, with a single
+    class token, other logits."""
+    zm = ZOO[name]()
+    with torch.no_grad():
+        tome_logits = timm_tome_patch_forward(zm.model, zm.args[0], r=R)
+    reference, _ = reference_forward(zm, r=R)
+    assert_changed(tome_logits, zm())
+    out, _ = compiled(name, {"r": R})
+    torch.testing.assert_close(out, tome_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(reference, tome_logits, rtol=1e-5, atol=1e-5)
+
+    set_aside, _ = reference_forward(zm, r=R, protect="set_aside")
+    out_set_aside, _ = compiled(name, {"r": R, "protect": "set_aside"})
+    assert max_abs_diff(out_set_aside, set_aside) <= TOL
+    if zm.prefix_tokens % 2:  # an even prefix partitions the same way in both modes
+        assert_changed(set_aside, tome_logits)
+
+
+@pytest.mark.parametrize("name", ["timm_vit_reg4_sdpa", "hf_bert_sdpa"])
+def test_set_aside_and_registers_equal_reference(name):
+    """Both modes on a class token + 4 registers (ToMe's rule applied to every protected token)
+    and on a padded BERT batch ([CLS] protected, padding merges only with padding)."""
+    zm = ZOO[name]()
+    for protect in ("tome", "set_aside"):
+        reference, tracker = reference_forward(zm, r=R, protect=protect)
+        for sample in range(zm.batch):
+            groups = tracker.groups(sample)
+            assert all(groups[p] == [p] for p in range(zm.prefix_tokens or 1))
+        merge = {"r": R} if protect == "tome" else {"r": R, "protect": protect}
+        out, report = compiled(name, merge)
+        assert max_abs_diff(out, reference) <= TOL, protect
+        assert_report_rewritten(report, zm.token_count, tracker.r_done)
 
 
 @pytest.mark.parametrize("name, schedule", [pytest.param(n, s, id=f"{n}-{s}") for n, s in SCHEDULE_CASES])
@@ -323,6 +428,7 @@ def test_local_mode_equals_reference():
     ({"r": [2, "3"]}, "merge.r"),
     ({"r": [2, -3]}, "merge.r"),
     ({"r": 4, "mode": "diagonal"}, "merge.mode"),
+    ({"r": 4, "protect": "cls"}, "merge.protect"),
     ({"r": 4, "schedule": "increasing"}, "merge.schedule"),
     ({"r": [2, 3], "schedule": "decreasing"}, "merge.schedule"),
     ({"r": 4, "prop_attn": 1}, "merge.prop_attn"),

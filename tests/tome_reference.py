@@ -19,6 +19,11 @@ Local mode (tomesd), per block: the input of each branch (attention, MLP) is mer
 branch input itself as metric and sizes 1 (plain means), the branch runs on the merged tokens, and
 its output is unmerged before the residual add; the residual stream keeps all N tokens.
 
+Protected tokens (``protect``): "tome" (default) is ToMe's own partition, A/B over all tokens with
+-inf scores for the protected ones (:func:`tome_partition_merge`); "set_aside" takes them out before
+the split (:func:`set_aside_merge`). :func:`tome_code_merge` / :func:`timm_tome_patch_forward` are
+ToMe's batched code and timm patch transcribed step for step, to check the "tome" loops against.
+
 Forward functions: :func:`timm_vit_forward` (timm VisionTransformer and its distilled DeiT),
 :func:`hf_vit_forward` (transformers ViTModel), :func:`hf_bert_forward` (transformers BertModel,
 with padding) and :func:`timm_vit_local_forward` (tomesd on timm). Each returns what the model
@@ -64,25 +69,76 @@ def first_argmax(row: Sequence[float]) -> int:
 
 
 def bipartite_merge(x: Tensor, metric: Tensor, size: Tensor, padded: Tensor, r: int,
-                    protected: int) -> MergeStep:
-    """Merge ``r`` tokens of one sample by bipartite soft matching.
+                    protected: int, protect: str = "tome") -> MergeStep:
+    """Merge ``r`` tokens of one sample by bipartite soft matching; the first ``protected`` tokens
+    are never merged, kept out of the matching as ``protect`` says ("tome" or "set_aside").
 
-    x [N, C], metric [N, D], size [N] (float), padded [N] bool.
+    x [N, C], metric [N, D], size [N] (float), padded [N] bool. ``r`` is capped at half the
+    unprotected tokens.
+    """
+    if protect == "tome":
+        return tome_partition_merge(x, metric, size, padded, r, protected)
+    assert protect == "set_aside", protect
+    return set_aside_merge(x, metric, size, padded, r, protected)
+
+
+def cosine_table(metric: Tensor) -> list:
+    """[N, N] cosine similarities of the metric rows, in float64, as nested lists."""
+    unit = metric.double() / metric.double().norm(dim=-1, keepdim=True)
+    return (unit @ unit.T).tolist()
+
+
+def tome_partition_merge(x: Tensor, metric: Tensor, size: Tensor, padded: Tensor, r: int,
+                         protected: int) -> MergeStep:
+    """ToMe's own partition (facebookresearch/ToMe, ``bipartite_soft_matching``), per sample.
+
+    Set A takes the even positions of *all* tokens, B the odd ones. A protected token in A gets a
+    row of -inf scores (ToMe's class token), a protected B token a column of -inf (ToMe's
+    distillation token); scores between tokens of different padding status are -inf too. Each A
+    token takes its best B token (lowest B on ties); an A token with no finite score takes the
+    first unprotected B token (ToMe has no padding; this way a protected token is never a
+    destination). The A tokens are ranked by best score, descending, ties keeping A order, the
+    protected ones last; the first ``r`` are merged. Kept A tokens: in A order if any token is
+    protected (ToMe sorts them back when it has a class token), else in rank order. New order:
+    the protected tokens in their order (ToMe's ``[class, dist, ...]``), the other kept A tokens,
+    the other B tokens.
+    """
+    n = x.shape[0]
+    r = min(r, (n - protected) // 2)
+    a, b = list(range(0, n, 2)), list(range(1, n, 2))
+    sims = cosine_table(metric)
+    first_free_b = next(k for k, t in enumerate(b) if t >= protected) if r > 0 else 0
+    best_b, best_score = [], []
+    for i in a:
+        row = [sims[i][j] if i >= protected and j >= protected and bool(padded[i]) == bool(padded[j])
+               else float("-inf") for j in b]
+        k = first_argmax(row)
+        best_b.append(k if row[k] > float("-inf") else first_free_b)
+        best_score.append(row[k])
+    # sorted() is stable: equal keys keep A order
+    order = sorted(range(len(a)), key=lambda ai: (a[ai] < protected, -best_score[ai]))
+    kept_a = sorted(order[r:]) if protected else order[r:]
+    kept_tokens = [a[ai] for ai in kept_a]
+    rep = (list(range(protected)) + [t for t in kept_tokens if t >= protected] + [t for t in b if t >= protected])
+    return assemble(x, size, rep, {a[ai]: b[best_b[ai]] for ai in order[:r]})
+
+
+def set_aside_merge(x: Tensor, metric: Tensor, size: Tensor, padded: Tensor, r: int,
+                    protected: int) -> MergeStep:
+    """tokred's ``protect="set_aside"`` variant, per sample.
 
     The first ``protected`` tokens are set aside. The others are split alternately: set A takes
     the even offsets after the protected tokens, set B the odd ones. Scores are the cosine
     similarities of the metric rows, -inf between tokens of different padding status. Each A token
     takes its best B token; the A tokens are ordered by their best score, descending, ties keeping
     A order; the first ``r`` are merged into their B tokens (size-weighted means), the rest stay.
-    New order: protected tokens, unmerged A tokens in A order, B tokens in B order. ``r`` is capped
-    at half the unprotected tokens.
+    New order: protected tokens, unmerged A tokens in A order, B tokens in B order.
     """
     n = x.shape[0]
     r = min(r, (n - protected) // 2)
     a = list(range(protected, n, 2))
     b = list(range(protected + 1, n, 2))
-    unit = metric.double() / metric.double().norm(dim=-1, keepdim=True)
-    sims = (unit @ unit.T).tolist()  # [N, N] cosine similarities
+    sims = cosine_table(metric)
     best_b, best_score = [], []
     for i in a:
         row = [sims[i][j] if bool(padded[i]) == bool(padded[j]) else float("-inf") for j in b]
@@ -92,13 +148,18 @@ def bipartite_merge(x: Tensor, metric: Tensor, size: Tensor, padded: Tensor, r: 
     order = sorted(range(len(a)), key=lambda ai: -best_score[ai])  # sorted() is stable
     merged_a = set(order[:r])
     kept_a = [ai for ai in range(len(a)) if ai not in merged_a]
-
     rep = list(range(protected)) + [a[ai] for ai in kept_a] + b
+    return assemble(x, size, rep, {a[ai]: b[best_b[ai]] for ai in merged_a})
+
+
+def assemble(x: Tensor, size: Tensor, rep: list, merged_into: dict) -> MergeStep:
+    """The new tokens of one sample: ``rep`` lists the tokens that stay, in their new order;
+    ``merged_into`` maps each merged token to the token it joins. Size-weighted means."""
+    n = x.shape[0]
     new_index = {token: m for m, token in enumerate(rep)}
     dest = [new_index.get(token) for token in range(n)]
-    for ai in merged_a:
-        dest[a[ai]] = new_index[b[best_b[ai]]]
-
+    for token, into in merged_into.items():
+        dest[token] = new_index[into]
     rows, sizes = [], []
     for m, token in enumerate(rep):
         members = [t for t in range(n) if dest[t] == m]
@@ -112,13 +173,56 @@ def bipartite_merge(x: Tensor, metric: Tensor, size: Tensor, padded: Tensor, r: 
     return MergeStep(x=torch.stack(rows), size=torch.stack(sizes), dest=dest, rep=rep)
 
 
-def merge_batch(x: Tensor, metric: Tensor, size: Tensor, padded: Tensor, r: int, protected: int):
+def tome_code_merge(x: Tensor, metric: Tensor, size: Optional[Tensor], r: int, class_token: bool,
+                    distill_token: bool):
+    """ToMe's batched ``bipartite_soft_matching`` + ``merge_wavg``, step for step as its code does it.
+
+    x [B, N, C], metric [B, N, D], size [B, N, 1] or None -> (x [B, M, C], size [B, M, 1]).
+    -inf score rows for the class token (A row 0) and columns for the distillation token (B row 0);
+    A ranked by best score (argsort, descending; stable here, ToMe's is not); kept A sorted back to
+    A order when there is a class token; sums of size-weighted tokens scattered into B, divided
+    by the summed sizes; output [kept A, B], with the distillation token (B row 0) moved to
+    position 1. No padding rule (ToMe has none).
+    """
+    batch, n, c = x.shape
+    r = min(r, (n - int(class_token) - int(distill_token)) // 2)
+    size = torch.ones(batch, n, 1) if size is None else size
+    if r <= 0:
+        return x, size
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    scores = unit[:, 0::2] @ unit[:, 1::2].transpose(1, 2)
+    if class_token:
+        scores[:, 0, :] = float("-inf")
+    if distill_token:
+        scores[:, :, 0] = float("-inf")
+    node_max, node_idx = scores.max(dim=-1)
+    ranked = node_max.argsort(dim=-1, descending=True, stable=True)
+    src, unm = ranked[:, :r], ranked[:, r:]
+    dst = node_idx.gather(1, src)
+    if class_token:
+        unm = unm.sort(dim=1).values
+
+    def merge_sum(t: Tensor) -> Tensor:
+        a, b = t[:, 0::2], t[:, 1::2]
+        width = t.shape[-1]
+        kept = a.gather(1, unm[..., None].expand(-1, -1, width))
+        b = b.scatter_add(1, dst[..., None].expand(-1, -1, width), a.gather(1, src[..., None].expand(-1, -1, width)))
+        if distill_token:
+            return torch.cat([kept[:, :1], b[:, :1], kept[:, 1:], b[:, 1:]], dim=1)
+        return torch.cat([kept, b], dim=1)
+
+    total = merge_sum(size)
+    return merge_sum(x * size) / total, total
+
+
+def merge_batch(x: Tensor, metric: Tensor, size: Tensor, padded: Tensor, r: int, protected: int,
+                protect: str = "tome"):
     """:func:`bipartite_merge` for every sample of a batch; all samples keep the same count M.
 
     x [B, N, C], metric [B, N, D], size [B, N], padded [B, N] -> (x [B, M, C], size [B, M],
     dest [B, N] int64, rep [B, M] int64).
     """
-    steps = [bipartite_merge(x[i], metric[i], size[i], padded[i], r, protected) for i in range(x.shape[0])]
+    steps = [bipartite_merge(x[i], metric[i], size[i], padded[i], r, protected, protect) for i in range(x.shape[0])]
     return (torch.stack([s.x for s in steps]), torch.stack([s.size for s in steps]),
             torch.tensor([s.dest for s in steps]), torch.tensor([s.rep for s in steps]))
 
@@ -155,13 +259,13 @@ class MergeTracker:
             bias = bias + self.size.log().to(dtype)
         return bias[:, None, None, :]
 
-    def merge(self, x: Tensor, metric: Tensor, r: int, protected: int) -> Tensor:
+    def merge(self, x: Tensor, metric: Tensor, r: int, protected: int, protect: str = "tome") -> Tensor:
         """Merge ``r`` tokens of x [B, M, C] (metric [B, M, D]) -> [B, M - r', C]; update the state."""
         r_eff = min(r, (x.shape[1] - protected) // 2)
         self.r_done.append(r_eff)
         if r_eff <= 0:
             return x
-        x, self.size, dest, rep = merge_batch(x, metric, self.size, self.padded, r_eff, protected)
+        x, self.size, dest, rep = merge_batch(x, metric, self.size, self.padded, r_eff, protected, protect)
         self.padded = self.padded.gather(1, rep)
         self.where = dest.gather(1, self.where)
         return x
@@ -244,16 +348,16 @@ def timm_head(model, x: Tensor) -> Tensor:
     return model.head(model.head_drop(model.fc_norm(x[:, 0])))
 
 
-def timm_vit_forward(model, images: Tensor, r=0, prop_attn: bool = True):
+def timm_vit_forward(model, images: Tensor, r=0, prop_attn: bool = True, protect: str = "tome"):
     """ToMe on a timm VisionTransformer (eval): (logits [B, classes], tracker).
 
     ``r``: an int for every block or a list with one value per block.
     """
-    features, tracker = timm_vit_features(model, images, r, prop_attn)
+    features, tracker = timm_vit_features(model, images, r, prop_attn, protect)
     return timm_head(model, features), tracker
 
 
-def timm_vit_features(model, images: Tensor, r=0, prop_attn: bool = True):
+def timm_vit_features(model, images: Tensor, r=0, prop_attn: bool = True, protect: str = "tome"):
     """ToMe on timm's ``forward_features`` (blocks, unmerge, final norm): ([B, N, C], tracker).
 
     The protected tokens are the model's prefix tokens (class, distillation).
@@ -264,12 +368,35 @@ def timm_vit_features(model, images: Tensor, r=0, prop_attn: bool = True):
     for block, r_block in zip(model.blocks, per_block(r, len(model.blocks))):
         attn_out, keys = timm_attention(block.attn, block.norm1(x), tracker.key_bias(prop_attn, x.dtype))
         x = x + block.ls1(attn_out)  # drop_path is the identity in eval
-        x = tracker.merge(x, keys.mean(dim=1), r_block, protected)
+        x = tracker.merge(x, keys.mean(dim=1), r_block, protected, protect)
         x = x + block.ls2(block.mlp(block.norm2(x)))
     return model.norm(tracker.unmerge(x)), tracker
 
 
-def timm_vit_local_forward(model, images: Tensor, r=0):
+def timm_tome_patch_forward(model, images: Tensor, r=0, prop_attn: bool = True) -> Tensor:
+    """What ToMe's own timm patch (``tome.patch.timm``) computes, block by block: logits [B, classes].
+
+    Attention adds log(size) to its logits (prop_attn), then :func:`tome_code_merge` with the
+    keys averaged over heads as metric, ``class_token`` if the model has one and
+    ``distill_token`` if it has a distillation token; no unmerge (the head reads tokens 0 and 1,
+    which ToMe keeps in place). Registers are not protected: ToMe does not know them.
+    """
+    x = timm_embed(model, images)
+    size = None
+    class_token = model.cls_token is not None
+    distill_token = getattr(model, "dist_token", None) is not None
+    for block, r_block in zip(model.blocks, per_block(r, len(model.blocks))):
+        bias = torch.zeros(x.shape[0], 1, 1, x.shape[1])
+        if prop_attn and size is not None:
+            bias = size.log()[:, None, None, :, 0]
+        attn_out, keys = timm_attention(block.attn, block.norm1(x), bias)
+        x = x + block.ls1(attn_out)
+        x, size = tome_code_merge(x, keys.mean(dim=1), size, r_block, class_token, distill_token)
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+    return timm_head(model, model.norm(x))
+
+
+def timm_vit_local_forward(model, images: Tensor, r=0, protect: str = "tome"):
     """tomesd on a timm VisionTransformer: merge each branch input (metric: itself, sizes 1), run
     the branch on the merged tokens, unmerge its output before the residual add. -> logits."""
     x = timm_embed(model, images)
@@ -282,7 +409,7 @@ def timm_vit_local_forward(model, images: Tensor, r=0):
         if r_eff <= 0:
             return run(h)
         ones, not_padded = torch.ones(batch, n), torch.zeros(batch, n, dtype=torch.bool)
-        merged, _, dest, _ = merge_batch(h, h, ones, not_padded, r_eff, protected)
+        merged, _, dest, _ = merge_batch(h, h, ones, not_padded, r_eff, protected, protect)
         return unmerge(run(merged), dest)
 
     for block, r_block in zip(model.blocks, per_block(r, len(model.blocks))):
@@ -293,7 +420,7 @@ def timm_vit_local_forward(model, images: Tensor, r=0):
 
 # ----------------------------------------------------------------------------- transformers ViT
 
-def hf_vit_forward(model, pixel_values: Tensor, r=0, prop_attn: bool = True):
+def hf_vit_forward(model, pixel_values: Tensor, r=0, prop_attn: bool = True, protect: str = "tome"):
     """ToMe on a transformers ViTModel (eval; pre-norm layers at ``model.layers``).
 
     -> (BaseModelOutputWithPooling(last_hidden_state [B, N, C], pooler_output [B, C]), tracker).
@@ -308,7 +435,7 @@ def hf_vit_forward(model, pixel_values: Tensor, r=0, prop_attn: bool = True):
                                                   att.scaling, layer.layernorm_before(x),
                                                   tracker.key_bias(prop_attn, x.dtype))
         x = x + att.o_proj(context)  # the layer's dropout is the identity in eval
-        x = tracker.merge(x, keys.mean(dim=1), r_block, protected=1)  # the class token
+        x = tracker.merge(x, keys.mean(dim=1), r_block, 1, protect)  # the class token
         x = x + layer.mlp(layer.layernorm_after(x))
     sequence = model.layernorm(tracker.unmerge(x))
     pooled = None
@@ -320,7 +447,7 @@ def hf_vit_forward(model, pixel_values: Tensor, r=0, prop_attn: bool = True):
 # ----------------------------------------------------------------------------- transformers BERT
 
 def hf_bert_forward(model, input_ids: Tensor, attention_mask: Optional[Tensor] = None, r=0,
-                    prop_attn: bool = True):
+                    prop_attn: bool = True, protect: str = "tome"):
     """ToMe on a transformers BertModel (eval; post-norm layers), with a padding mask.
 
     The merge runs on the stream after the attention sub-layer's LayerNorm; [CLS] (position 0,
@@ -339,7 +466,7 @@ def hf_bert_forward(model, input_ids: Tensor, attention_mask: Optional[Tensor] =
         context, keys = hf_separate_qkv_attention(sa.query, sa.key, sa.value, sa.num_attention_heads, sa.scaling,
                                                   x, tracker.key_bias(prop_attn, x.dtype))
         x = so.LayerNorm(so.dense(context) + x)  # dropouts are the identity in eval
-        x = tracker.merge(x, keys.mean(dim=1), r_block, protected=1)  # [CLS]
+        x = tracker.merge(x, keys.mean(dim=1), r_block, 1, protect)  # [CLS]
         x = layer.output.LayerNorm(layer.output.dense(layer.intermediate(x)) + x)
     sequence = tracker.unmerge(x)
     pooled = None
@@ -350,7 +477,7 @@ def hf_bert_forward(model, input_ids: Tensor, attention_mask: Optional[Tensor] =
 
 # ----------------------------------------------------------------------------- dispatch
 
-def reference_forward(zm, r=0, prop_attn: bool = True, mode: str = "global"):
+def reference_forward(zm, r=0, prop_attn: bool = True, mode: str = "global", protect: str = "tome"):
     """The reference for a zoo entry on its example inputs, without autograd: (output, tracker).
 
     ``mode="local"`` (tomesd) is written for timm ViTs only; it returns no tracker (None).
@@ -359,11 +486,12 @@ def reference_forward(zm, r=0, prop_attn: bool = True, mode: str = "global"):
     with torch.no_grad():
         if mode == "local":
             assert name.startswith("timm_vit") or name.startswith("timm_deit"), name
-            return timm_vit_local_forward(zm.model, zm.args[0], r), None
+            return timm_vit_local_forward(zm.model, zm.args[0], r, protect), None
         if name.startswith("timm_vit") or name.startswith("timm_deit"):
-            return timm_vit_forward(zm.model, zm.args[0], r, prop_attn)
+            return timm_vit_forward(zm.model, zm.args[0], r, prop_attn, protect)
         if name.startswith("hf_vit"):
-            return hf_vit_forward(zm.model, zm.kwargs["pixel_values"], r, prop_attn)
+            return hf_vit_forward(zm.model, zm.kwargs["pixel_values"], r, prop_attn, protect)
         if name.startswith("hf_bert"):
-            return hf_bert_forward(zm.model, zm.kwargs["input_ids"], zm.kwargs.get("attention_mask"), r, prop_attn)
+            return hf_bert_forward(zm.model, zm.kwargs["input_ids"], zm.kwargs.get("attention_mask"), r, prop_attn,
+                                   protect)
     raise ValueError(f"no ToMe reference for zoo entry {name!r}")

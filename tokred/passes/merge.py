@@ -8,13 +8,29 @@ is matched to its most similar B token (cosine similarity of the attention keys,
 heads), and the ``r`` best-matched A tokens are merged into their B tokens as size-weighted averages.
 Sizes are tracked through the graph; with ``prop_attn`` later attention adds ``log(size)`` to its
 logits (through SDPA's additive mask, so SDPA is kept). Protected tokens (class, distillation and
-register tokens found by the analysis) and, in padded encoder batches, tokens of different padding
-status never match. After the last block every original position takes its merged token's value
-(unmerge), so the outputs keep their shapes.
+register tokens found by the analysis, read-out positions) and, in padded encoder batches, tokens of
+different padding status never match. After the last block every original position takes its
+merged token's value (unmerge), so the outputs keep their shapes.
+
+How protected tokens are kept out (``protect``, see :func:`protected_split`):
+
+- ``"tome"`` (default): ToMe's own partition (facebookresearch/ToMe, ``bipartite_soft_matching``).
+  A and B alternate over *all* tokens, protected ones included; a protected A token has its row of
+  scores at -inf (ToMe's class token), a protected B token its column (ToMe's distillation token),
+  so neither is ever merged; the protected tokens stay first, in their order (ToMe's output order
+  ``[class, dist, kept A, B]``). With one protected token (a ViT's class token) token 1 is in B,
+  token 2 in A, and so on. With no protected token the kept A tokens come in the order of their
+  best score, descending, as ToMe's ``class_token=False`` leaves them; otherwise in A order.
+  ToMe's code knows at most a class and a distillation token; for more (registers) the same rule
+  is applied to each of them (ToMe itself would merge the registers).
+- ``"set_aside"``: the protected tokens are taken out before the split, which then starts at the
+  first unprotected token. The same as ``"tome"`` for an even number of protected tokens (a class
+  and a distillation token); for an odd number (a class token; a class token and 4 registers) the
+  unprotected tokens change sets.
 
 Local mode (tomesd): before the attention and before the MLP of each block the branch input is
 merged (metric: the hidden states themselves) and the branch output is unmerged before its residual
-add; the residual stream keeps all tokens.
+add; the residual stream keeps all tokens. ``protect`` applies there too.
 """
 
 from __future__ import annotations
@@ -38,17 +54,18 @@ from tokred.rewriter.verify import propagate_shapes
 NAME = "merge"
 SCHEDULES = ("constant", "decreasing")
 MODES = ("global", "local")
+PROTECT = ("tome", "set_aside")
 
 
 # ----------------------------------------------------------------------------- options
 
 def validate(value: Any) -> dict:
-    """``{"r": int | list[int], "schedule", "prop_attn", "mode", "trace_source"}``; an int is r."""
+    """``{"r": int | list[int], "schedule", "prop_attn", "mode", "protect", "trace_source"}``; an int is r."""
     if isinstance(value, bool) or not isinstance(value, (int, dict)):
         raise ValueError(f"tokred option 'merge' must be a dict like {{'r': 8}} or an int r, got {value!r}")
     if isinstance(value, int):
         value = {"r": value}
-    known = {"r", "schedule", "prop_attn", "mode", "trace_source"}
+    known = {"r", "schedule", "prop_attn", "mode", "protect", "trace_source"}
     for key in value:
         if key not in known:
             raise ValueError(f"unknown tokred option 'merge.{key}'; known: {', '.join(sorted(known))}")
@@ -66,11 +83,14 @@ def validate(value: Any) -> dict:
     mode = value.get("mode", "global")
     if mode not in MODES:
         raise ValueError(f"tokred option 'merge.mode' must be one of {MODES}, got {mode!r}")
+    protect = value.get("protect", "tome")
+    if protect not in PROTECT:
+        raise ValueError(f"tokred option 'merge.protect' must be one of {PROTECT}, got {protect!r}")
     for flag in ("prop_attn", "trace_source"):
         if flag in value and not isinstance(value[flag], bool):
             raise ValueError(f"tokred option 'merge.{flag}' must be True or False, got {value[flag]!r}")
     return {"r": list(r) if isinstance(r, (list, tuple)) else r, "schedule": schedule, "mode": mode,
-            "prop_attn": value.get("prop_attn", mode == "global"),
+            "protect": protect, "prop_attn": value.get("prop_attn", mode == "global"),
             "trace_source": value.get("trace_source", False)}
 
 
@@ -101,40 +121,63 @@ def merge_groups(x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     return tokens.padding_keys(mask, x.shape[0], x.shape[1]).to(device=x.device, dtype=torch.int64)
 
 
+def protected_split(prefix: int, protect: str) -> tuple[int, bool]:
+    """How ``prefix`` leading protected tokens are protected: (set aside, class_row).
+
+    ``set aside``: tokens taken out before the A/B split; ``class_row``: the first remaining token
+    stays in A with its scores at -inf (ToMe's class token). ``"set_aside"`` takes all of them out.
+    ``"tome"`` takes out an even number, 2 * (prefix // 2): that is exact, not an approximation of
+    ToMe's -inf rule, because an even count leaves the parity of every later position unchanged and
+    the tokens taken out are exactly ToMe's -inf rows and columns (A and B tokens in turn), put back
+    first in their order as ToMe's output order puts them. An odd last one is ToMe's class token.
+    """
+    if protect == "set_aside":
+        return prefix, False
+    return 2 * (prefix // 2), prefix % 2 == 1
+
+
 def tome_step(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
-              group: torch.Tensor, r: int, prefix: int):
+              group: torch.Tensor, r: int, prefix: int, protect: str = "tome"):
     """One bipartite soft matching merge of ``r`` tokens; the first ``prefix`` tokens are protected.
 
     x [B, N, C], metric [B, N, D], size [B, N, 1] (None: all ones), group [B, N].
     Returns (x [B, M, C], size [B, M, 1], group [B, M], rep [B, M], dest [B, N]) with M = N - r:
     ``rep`` is, for each new token, the original position it stands for (its B token, or itself),
-    ``dest`` maps each original position to its new token (the unmerge map).
-
-    Protected tokens are set aside, not put in set A with -inf scores as ToMe's code does: that
-    keeps them at positions 0..prefix-1 in every layer (static), where ToMe's distillation-token
-    protection points at the wrong position after the first merge.
+    ``dest`` maps each original position to its new token (the unmerge map). The protected tokens
+    stay at positions 0..prefix-1 in both ``protect`` modes (see the module docstring).
     """
     b, n, _ = x.shape
     if size is None:
         size = torch.ones(b, n, 1, dtype=torch.float32, device=x.device)
-    if prefix == 0:
-        return _bipartite_merge(x, metric, size, group, r)
-    head = torch.arange(prefix, device=x.device).unsqueeze(0).expand(b, prefix)
-    xr, sr, gr, rep, dest = _bipartite_merge(x[:, prefix:], metric[:, prefix:], size[:, prefix:],
-                                             group[:, prefix:], r)
-    return (torch.cat([x[:, :prefix], xr], dim=1), torch.cat([size[:, :prefix], sr], dim=1),
-            torch.cat([group[:, :prefix], gr], dim=1), torch.cat([head, rep + prefix], dim=1),
-            torch.cat([head, dest + prefix], dim=1))
+    aside, class_row = protected_split(prefix, protect)
+    # ToMe leaves the kept A tokens in score order unless it has a class token (then it sorts them)
+    kept_order = "score" if protect == "tome" and prefix == 0 else "index"
+    if aside == 0:
+        return _bipartite_merge(x, metric, size, group, r, class_row, kept_order)
+    head = torch.arange(aside, device=x.device).unsqueeze(0).expand(b, aside)
+    xr, sr, gr, rep, dest = _bipartite_merge(x[:, aside:], metric[:, aside:], size[:, aside:],
+                                             group[:, aside:], r, class_row, kept_order)
+    return (torch.cat([x[:, :aside], xr], dim=1), torch.cat([size[:, :aside], sr], dim=1),
+            torch.cat([group[:, :aside], gr], dim=1), torch.cat([head, rep + aside], dim=1),
+            torch.cat([head, dest + aside], dim=1))
 
 
-def _bipartite_merge(x, metric, size, group, r: int):
+def _bipartite_merge(x, metric, size, group, r: int, class_row: bool = False, kept_order: str = "index"):
+    """tome_step's merge over all of x: A = even, B = odd positions.
+
+    ``class_row``: token 0 (an A token) is ToMe's class token: group -1 gives its row of scores
+    -inf, and it ranks after every other A token, so it is never merged, even where other rows are
+    -inf too (a padding token with no padded partner). ``kept_order``: "index" or "score" (best
+    score first) for the kept A tokens.
+    """
     b, n, _ = x.shape
     na, nb = (n + 1) // 2, n // 2
     # CUDA: the fused Triton kernels; elsewhere the references, inlined for inductor to fuse
     match = torch.ops.tokred.tome_match if graph_calls_kernel(x, "tome_match") else tome_match_reference
     merge = torch.ops.tokred.tome_merge if graph_calls_kernel(x, "tome_merge") else tome_merge_reference
-    node_max, node_idx = match(metric, group)
-    src_idx, unm_idx = split_best(node_max, r)
+    match_group = torch.cat([torch.full_like(group[:, :1], -1), group[:, 1:]], dim=1) if class_row else group
+    node_max, node_idx = match(metric, match_group)
+    src_idx, unm_idx = split_best(node_max, r, last=int(class_row), kept_order=kept_order)
     dst_idx = node_idx.gather(1, src_idx)
     x_out, size_out = merge(x, size, unm_idx, src_idx, dst_idx)
     nu = na - r
@@ -147,8 +190,9 @@ def _bipartite_merge(x, metric, size, group, r: int):
     return x_out, size_out, group.gather(1, rep), rep, dest
 
 
-def stable_rank_desc(v: torch.Tensor) -> torch.Tensor:
-    """Rank of each entry of v [B, M] in a stable descending sort (ties: lower index first).
+def stable_rank_desc(v: torch.Tensor, last: int = 0) -> torch.Tensor:
+    """Rank of each entry of v [B, M] in a stable descending sort (ties: lower index first); the
+    first ``last`` entries rank after all the others, whatever their values.
 
     Counted with pairwise comparisons instead of sorting: torch.onnx has no stable sort, and topk
     breaks ties arbitrarily; M is half a sequence, so M^2 comparisons are cheap next to attention.
@@ -157,18 +201,29 @@ def stable_rank_desc(v: torch.Tensor) -> torch.Tensor:
     vi, vj = v.unsqueeze(2), v.unsqueeze(1)  # [B, i, 1], [B, 1, j]
     j_before_i = torch.ones(m, m, dtype=torch.bool, device=v.device).tril(-1)
     ahead = (vj > vi) | ((vj == vi) & j_before_i)
+    if last:
+        held = torch.arange(m, device=v.device) < last
+        held_i, held_j = held[:, None], held[None, :]
+        # one held back and one not: j is ahead exactly when i is the one held back (logical ops,
+        # not torch.where: onnxruntime has no boolean Where)
+        same = held_i == held_j
+        ahead = (same & ahead) | (~same & held_i)
     return ahead.sum(dim=2)
 
 
-def split_best(node_max: torch.Tensor, r: int):
-    """The ``r`` A tokens with the best match, best first, and the others in index order.
+def split_best(node_max: torch.Tensor, r: int, last: int = 0, kept_order: str = "index"):
+    """The ``r`` A tokens with the best match, best first, and the others.
 
-    node_max [B, Na] -> (src_idx [B, r], unm_idx [B, Na - r]), as a stable descending sort would.
+    node_max [B, Na] -> (src_idx [B, r], unm_idx [B, Na - r]), as a stable descending sort would;
+    the first ``last`` A tokens rank last (never merged while r <= Na - last). ``kept_order``:
+    the others in index order ("index") or in rank order ("score", ToMe without a class token).
     """
     b, na = node_max.shape
-    rank = stable_rank_desc(node_max)
+    rank = stable_rank_desc(node_max, last)
     arange = torch.arange(na, device=node_max.device).unsqueeze(0).expand(b, na)
     order = torch.zeros_like(rank).scatter(1, rank, arange)  # order[k]: the index of rank k
+    if kept_order == "score":
+        return order[:, :r], order[:, r:]
     kept = rank >= r
     # compact the kept indices in index order; the merged ones go to a spare last column
     slot = torch.where(kept, kept.cumsum(dim=1) - 1, torch.full_like(rank, na - r))
@@ -221,7 +276,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         return
     rs = r_per_block(opts["r"], opts["schedule"], len(blocks))
     if opts["mode"] == "local":
-        _apply_local(gm, facts, rs, report, options, example_inputs)
+        _apply_local(gm, facts, rs, opts["protect"], report, options, example_inputs)
         return
     prefix = facts.protected_tokens
     state = {"size": None, "group": None, "merges": 0, "source": None}
@@ -241,7 +296,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
             record.mark(record.status, record.reason or f"merge: r=0 at this block ({n} tokens)", NAME)
             continue
         try:
-            make = _global_reduction(site, r_eff, prefix, state, opts["trace_source"])
+            make = _global_reduction(site, r_eff, prefix, opts["protect"], state, opts["trace_source"])
             cut_tokens(gm, facts, block.mid, blocks[-1].output, make, n - r_eff, example_inputs, options.verify)
         except RewriteError as exc:
             record.mark(SKIPPED, f"merge: {exc}", NAME)
@@ -265,7 +320,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
             report.note("merge: trace_source records only when the graph runs eagerly (tokred.explain)")
     if state["merges"]:
         report.note(f"merge: {state['merges']} blocks merged, prop_attn={'on' if opts['prop_attn'] else 'off'}, "
-                    f"{prefix} protected leading tokens")
+                    f"{prefix} protected leading tokens (protect={opts['protect']})")
 
 
 def _cannot_merge(block, site) -> str:
@@ -283,7 +338,7 @@ def _fail(options, record) -> None:
         raise ValueError(f"tokred strict: {record.module}: {record.reason}")
 
 
-def _global_reduction(site, r: int, prefix: int, state: dict, trace: bool):
+def _global_reduction(site, r: int, prefix: int, protect: str, state: dict, trace: bool):
     """make_reduction for one ToMe merge at a block's mid point."""
 
     def make(graph: fx.Graph, stream: fx.Node) -> Reduction:
@@ -291,7 +346,7 @@ def _global_reduction(site, r: int, prefix: int, state: dict, trace: bool):
         group = state["group"]
         if group is None:
             group = graph.call_function(merge_groups, (stream, site_mask(site)))
-        step = graph.call_function(tome_step, (stream, metric, state["size"], group, r, prefix))
+        step = graph.call_function(tome_step, (stream, metric, state["size"], group, r, prefix, protect))
         merged, size, new_group, rep, dest = (graph.call_function(getitem, (step, i)) for i in range(5))
         source = graph.call_function(compose_dest, (state["source"], dest)) if trace else None
         state["pending"] = (size, new_group, source)
@@ -322,7 +377,7 @@ def _add_size_bias(gm: fx.GraphModule, site, size: fx.Node) -> None:
             site.softmax.replace_input_with(logits, biased)
 
 
-def _apply_local(gm, facts, rs, report, options, example_inputs) -> None:
+def _apply_local(gm, facts, rs, protect: str, report, options, example_inputs) -> None:
     """tomesd: merge each branch input, unmerge the branch output before its residual add."""
     prefix = facts.protected_tokens
     for block, r in zip(facts.blocks, rs):
@@ -343,7 +398,7 @@ def _apply_local(gm, facts, rs, report, options, example_inputs) -> None:
             if r_eff <= 0:
                 continue
             try:
-                cut_tokens(gm, facts, start, end, _local_reduction(mask, r_eff, prefix), n - r_eff,
+                cut_tokens(gm, facts, start, end, _local_reduction(mask, r_eff, prefix, protect), n - r_eff,
                            example_inputs, options.verify)
                 done.append(f"{branch} {n}->{n - r_eff}")
             except RewriteError as exc:
@@ -371,12 +426,12 @@ def _local_branches(block, site) -> list:
     return out
 
 
-def _local_reduction(mask: Optional[fx.Node], r: int, prefix: int):
+def _local_reduction(mask: Optional[fx.Node], r: int, prefix: int, protect: str):
     """make_reduction for a tomesd merge of a branch input (metric: the hidden states)."""
 
     def make(graph: fx.Graph, stream: fx.Node) -> Reduction:
         group = graph.call_function(merge_groups, (stream, mask))
-        step = graph.call_function(tome_step, (stream, stream, None, group, r, prefix))
+        step = graph.call_function(tome_step, (stream, stream, None, group, r, prefix, protect))
         merged, _, _, rep, dest = (graph.call_function(getitem, (step, i)) for i in range(5))
         restore = lambda g, cut_stream, end: g.call_function(tokens.gather_stream, (end, dest))
         return Reduction(stream=merged, index=rep, restore=restore)
