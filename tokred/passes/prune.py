@@ -413,7 +413,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         block = blocks[at]
         record = block.attention.record
         n = shape_of(block.output)[1] if shape_of(block.output) is not None else None
-        reason = _cannot_prune(block, score, opts["fuse"], causal, protected)
+        reason = _cannot_prune(block, score, opts["fuse"], causal, protected, blocks[at + 1:])
         if n is None:
             reason = reason or "the residual stream at the block output has no known shape"
         if start is None and not reason:
@@ -494,10 +494,20 @@ def _token_candidates(gm: fx.GraphModule, ids: tuple, start: int, end: int, n: i
     return node, start + count
 
 
-def _cannot_prune(block, score: str, fuse: bool, causal: bool, protected: int) -> str:
+def _cannot_prune(block, score: str, fuse: bool, causal: bool, protected: int, later=()) -> str:
+    """Why the cut after ``block`` cannot be made ("" if it can); ``later``: the blocks after it,
+    which run on the kept tokens."""
     site = block.attention
+    if block.unsupported:
+        return block.unsupported
     if block.output is None or block.mlp_add is None:
         return "the block's MLP residual add was not found"
+    blocked = next((b for b in later if b.unsupported), None)
+    if blocked is not None:
+        return f"block {blocked.module or blocked.index} after it: {blocked.unsupported}"
+    if later and later[-1].output is None:
+        return (f"the output of the last block ({later[-1].module or later[-1].index}) was not found: the "
+                f"pruned tokens could not be put back after it")
     if score == "cls" and protected == 0:
         return "score 'cls' needs a class token at position 0 (none found); use score 'query' or another"
     if score == "cls" and site.causal:

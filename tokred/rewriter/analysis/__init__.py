@@ -24,7 +24,7 @@ from tokred.rewriter.analysis.blocks import (
 from tokred.rewriter.analysis.graph import shape_of, to_networkx
 from tokred.rewriter.analysis.literals import find_shape_literals
 from tokred.rewriter.analysis.sites import (
-    AttentionSite, Block, ProjectionSite, find_attention_sites, find_projections,
+    AttentionSite, Block, ProjectionSite, find_attention_sites, find_projections, positional_operands,
 )
 from tokred.rewriter.analysis.token_axis import TokenAxes, infer_token_axes
 from tokred.rewriter.report import SKIPPED, Report, SiteRecord
@@ -77,6 +77,7 @@ class GraphFacts:
 def analyze(gm: fx.GraphModule) -> GraphFacts:
     """Find sites, blocks, the token axis and shape literals of a Dynamo-captured graph."""
     graph = gm.graph
+    positional_operands(graph)  # the same calls; operands given by keyword read like positional ones
     nxg = to_networkx(graph)
     sites = find_attention_sites(graph)
     for i, site in enumerate(sites):

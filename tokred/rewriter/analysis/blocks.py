@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from typing import Optional
 
 import networkx as nx
@@ -104,6 +105,10 @@ def find_blocks(sites: list, nxg: nx.DiGraph, ipdom: dict) -> list:
             continue
         site.residual_add = attn_add
         residual = next(a for a in attn_add.args[:2] if isinstance(a, fx.Node) and a in candidates)
+        parallel = _parallel_block(site, residual, attn_add, nxg, ipdom)
+        if parallel is not None:
+            blocks.append(parallel)
+            continue
         # the stream the MLP reads: the add itself (pre-norm) or the end of the norm after it
         chain = norm_chain(attn_add, ipdom)
         steps, mlp_add = next(((i, add) for i, cand in enumerate(chain) if (add := _find_mlp_add(cand))),
@@ -120,7 +125,75 @@ def find_blocks(sites: list, nxg: nx.DiGraph, ipdom: dict) -> list:
             module = common_module_path([site.module, module_path(mlp_add)]) or module
         blocks.append(Block(index=len(blocks), attention=site, input=residual, attn_add=attn_add, mid=mid,
                             mlp_add=mlp_add, output=output, module=module, post_norm=post_norm))
+    return _chain(blocks)
+
+
+SHARED_ADD = ("several attention branches are added to the stream in one add (parallel attention "
+              "branches): not supported yet")
+
+
+def _chain(blocks: list) -> list:
+    """The blocks as a chain along the stream, numbered in order.
+
+    Attention sites whose branches join the stream in the same add (timm's ParallelThingsBlock:
+    ``x + attn_0(x) + attn_1(x)``) make no block: their sites are skipped with the reason. A
+    block whose MLP add was found at or after the next block's attention core took a later block's
+    add (nothing closes its MLP before the next block reads the stream): its MLP add and output are
+    dropped, so no pass cuts there.
+    """
+    shared = Counter(block.attn_add for block in blocks)
+    for block in blocks:
+        if shared[block.attn_add] > 1:
+            block.attention.skip_reason = SHARED_ADD
+    blocks = [block for block in blocks if shared[block.attn_add] == 1]
+    if not blocks:
+        return blocks
+    order = {n: i for i, n in enumerate(blocks[0].attn_add.graph.nodes)}
+    for block, following in zip(blocks, blocks[1:]):
+        for node in (block.mlp_add, block.output):
+            if node is not None and order[node] >= order[following.attention.node]:
+                block.mlp_add = block.output = None
+                break
+    for i, block in enumerate(blocks):
+        block.index = i
     return blocks
+
+
+def _parallel_block(site: AttentionSite, residual: fx.Node, attn_add: fx.Node, nxg: nx.DiGraph,
+                    ipdom: dict) -> Optional[Block]:
+    """The block of ``site`` if it is a parallel-residual one, else None.
+
+    Two forms: the MLP output joins the attention output before the residual add (GPT-J, Phi,
+    Falcon, GPT-NeoX: ``(attn + mlp) + x``), or it is added after the attention residual add but
+    computed from the block input, not from that add (``(x + attn) + mlp(ln(x))``).
+    """
+    # (attn + mlp) + x: an add between the out projection and the residual add whose other operand
+    # is a branch with a projection of its own
+    between = (nx.descendants(nxg, site.out_proj) & nx.ancestors(nxg, attn_add)) | {site.out_proj}
+    mlp_add = output = None
+    order = {n: i for i, n in enumerate(attn_add.graph.nodes)}
+    for node in sorted(between, key=order.__getitem__):
+        if node is not site.out_proj and is_add(node):
+            others = [a for a in node.args[:2] if isinstance(a, fx.Node) and a not in between]
+            if others and _branch_has_projection(others[0], residual, 96) and residual in nx.ancestors(nxg, others[0]):
+                mlp_add, output = node, attn_add
+                break
+    if mlp_add is None:
+        # (x + attn) + mlp(ln(x)): the next add's MLP branch reads the block input, not x + attn
+        for user in attn_add.users:
+            if not is_add(user):
+                continue
+            other = next((a for a in user.args[:2] if isinstance(a, fx.Node) and a is not attn_add), None)
+            if other is not None and _branch_has_projection(other, residual, 96) and \
+                    attn_add not in nx.ancestors(nxg, other) and residual in nx.ancestors(nxg, other):
+                mlp_add, output = user, user
+                break
+    if mlp_add is None:
+        return None
+    module = common_module_path([site.module, module_path(mlp_add)]) or (
+        site.module.rsplit(".", 1)[0] if "." in site.module else site.module)
+    return Block(index=0, attention=site, input=residual, attn_add=attn_add, mid=None, mlp_add=mlp_add,
+                 output=output, module=module, parallel=True)
 
 
 def _find_mlp_add(mid: fx.Node, max_nodes: int = 96) -> Optional[fx.Node]:
@@ -164,8 +237,14 @@ def assign_roles(projections: list, sites: list, blocks: list, graph: fx.Graph) 
     for block in blocks:
         if block.mlp_add is None:
             continue
-        branch = [a for a in block.mlp_add.args[:2] if isinstance(a, fx.Node) and a is not block.mid]
-        inside = _between(block.mid, branch[0]) if branch else []
+        if block.parallel:  # the MLP branch: the operand of its add that is not the attention side
+            root = block.input
+            branch = [a for a in block.mlp_add.args[:2] if isinstance(a, fx.Node)
+                      and a is not block.attn_add and not _reaches_node(a, block.attention.out_proj)]
+        else:
+            root = block.mid
+            branch = [a for a in block.mlp_add.args[:2] if isinstance(a, fx.Node) and a is not block.mid]
+        inside = _between(root, branch[0]) if branch else []
         projs = [n for n in inside if n in by_node]
         for i, node in enumerate(projs):
             _set_role(by_node, node, "mlp_out" if i == len(projs) - 1 else "mlp_in")
@@ -180,6 +259,20 @@ def assign_roles(projections: list, sites: list, blocks: list, graph: fx.Graph) 
     for p in projections:
         if p.role == "other" and last is not None and order[p.node] > order[last]:
             p.role = "lm_head" if p.out_features in vocab else "head"
+
+
+def _reaches_node(node: fx.Node, target: fx.Node, max_nodes: int = 256) -> bool:
+    """``target`` is ``node`` or one of its ancestors (within ``max_nodes``)."""
+    frontier, seen = [node], set()
+    while frontier and len(seen) < max_nodes:
+        cur = frontier.pop()
+        if cur is target:
+            return True
+        if cur in seen:
+            continue
+        seen.add(cur)
+        frontier.extend(cur.all_input_nodes)
+    return False
 
 
 def _set_role(by_node: dict, node, role: str) -> None:

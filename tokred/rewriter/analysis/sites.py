@@ -29,6 +29,15 @@ SPLIT_CALLS = ("unbind", torch.unbind, "split", torch.split, "chunk", torch.chun
 # rotary embeddings: q*cos + rotate_half(q)*sin, with rotate_half = cat(-x2, x1) of slices
 ROTARY_FUNCS = {operator.add, operator.mul, operator.neg, torch.cat, operator.getitem, torch.add,
                 torch.mul, torch.neg}
+# The leading operands of the calls the analysis and the passes read by position (node.args[i]), by
+# their keyword names: models may pass them by keyword (timm's Eva: F.linear(x, weight=w, bias=b)).
+OPERAND_NAMES = {
+    **{target: ("input", "weight", "bias") for target in LINEAR_TARGETS},
+    **{target: ("query", "key", "value") for target in SDPA_TARGETS},
+    torch.addmm: ("input", "mat1", "mat2"),
+    torch.matmul: ("input", "other"),
+    torch.bmm: ("input", "mat2"),
+}
 
 
 @dataclass
@@ -90,23 +99,60 @@ class Block:
     """One transformer block on the residual stream.
 
     input:  the residual stream entering the block (feeds the attention branch and its residual add)
-    mid:    the stream after the attention residual add (post-norm: after its norm)
+    mid:    the stream after the attention residual add (post-norm: after its norm); None in a
+            parallel-residual block, which has no stream between its attention and its MLP
     output: the stream after the MLP residual add (post-norm: after its norm); None if not found
+
+    A parallel-residual block (GPT-J, Phi, Falcon, GPT-NeoX: ``x + attn(ln(x)) + mlp(ln(x))``)
+    has ``parallel`` set: its attention and MLP both read the block input; ``attn_add`` and
+    ``mlp_add`` are the adds that bring each branch in, ``output`` the stream after both.
     """
 
     index: int
     attention: AttentionSite
     input: fx.Node
     attn_add: fx.Node
-    mid: fx.Node
+    mid: Optional[fx.Node]
     mlp_add: Optional[fx.Node] = None
     output: Optional[fx.Node] = None
     module: str = ""
     post_norm: bool = False
+    parallel: bool = False
+
+    @property
+    def unsupported(self) -> str:
+        """Why token-reducing passes cannot rewrite this block yet ("" if they can try)."""
+        return PARALLEL_RESIDUAL if self.parallel else ""
+
+
+PARALLEL_RESIDUAL = "parallel-residual block (attention and MLP read the same input): not supported yet"
 
 
 def _same_input(a: fx.Node, b: fx.Node) -> bool:
     return a.args[0] is b.args[0] if a.args and b.args else False
+
+
+# ----------------------------------------------------------------------------- normal form
+
+def positional_operands(graph: fx.Graph) -> int:
+    """Move the leading operands of linear, addmm, matmul, bmm and SDPA calls given by keyword into
+    the positional arguments (``linear(x, weight=w, bias=b)`` -> ``linear(x, w, b)``), in place.
+
+    The call is the same; everything that reads a projection's weight or an attention's q/k/v as
+    ``node.args[i]`` then reads it whichever way the model wrote the call. Returns the calls changed.
+    """
+    changed = 0
+    for node in graph.nodes:
+        names = OPERAND_NAMES.get(node.target) if node.op == "call_function" else None
+        if not names or not node.kwargs:
+            continue
+        args, kwargs = list(node.args), dict(node.kwargs)
+        while len(args) < len(names) and names[len(args)] in kwargs:
+            args.append(kwargs.pop(names[len(args)]))
+        if len(args) != len(node.args):
+            node.args, node.kwargs = tuple(args), kwargs
+            changed += 1
+    return changed
 
 
 # ----------------------------------------------------------------------------- tracing helpers
@@ -144,12 +190,16 @@ def projection_input(node: fx.Node) -> fx.Node:
 
 
 def is_projection_node(node) -> bool:
+    """A linear (input, weight), addmm (bias, input, weight) or matmul by a parameter, with its
+    operands positional (see :func:`positional_operands`)."""
     if not isinstance(node, fx.Node) or node.op != "call_function":
         return False
-    if node.target in LINEAR_TARGETS or node.target is torch.addmm:
-        return True
+    if node.target in LINEAR_TARGETS:
+        return len(node.args) >= 2 and isinstance(node.args[1], fx.Node)
+    if node.target is torch.addmm:
+        return len(node.args) >= 3 and isinstance(node.args[2], fx.Node)
     if node.target in MATMUL_TARGETS:
-        b = node.args[1]
+        b = node.args[1] if len(node.args) >= 2 else None
         return isinstance(b, fx.Node) and is_parameter_like(b)
     return False
 
@@ -399,7 +449,7 @@ def find_projections(graph: fx.Graph) -> list:
         if node.target is torch.addmm:  # addmm(bias, x2d, weight[in, out])
             w = node.args[2]
             ws = shape_of(w)
-            if not ws:
+            if not ws or len(ws) != 2:
                 continue
             fin, fout = ws
         elif node.target in LINEAR_TARGETS:
