@@ -144,6 +144,11 @@ def test_zero_reduction_is_identity(name, spec):
     out, report = compiled(zm, spec)
     assert all(s.status == REWRITTEN for s in report.attention_sites), str(report)
     assert max_abs_diff(out, zm()) <= TOL
+    # and the report says so: the attention costs its dense count (block_topk adds its selection)
+    assert any(n.startswith("sparse_attention: changed nothing: ") and n.endswith(": identity")
+               for n in report.notes), report.notes
+    assert report.flops_after == report.flops_before if spec["pattern"] == "sink_window" else \
+        report.flops_after > report.flops_before
 
 
 # ----------------------------------------------------------------------------- report

@@ -52,7 +52,7 @@ from torch import fx
 
 from tokred.rewriter.analysis.graph import DROPOUT_FUNCS, arg, is_call, shape_of
 from tokred.rewriter.analysis.sites import skip_layout
-from tokred.rewriter.report import REWRITTEN, SKIPPED
+from tokred.rewriter.report import REWRITTEN, SKIPPED, note_unchanged, unchanged_reason
 from tokred.rewriter.surgery import GraphUndo
 from tokred.rewriter.verify import (
     check_output_contract,
@@ -524,6 +524,28 @@ def invert_mask(mask: torch.Tensor) -> torch.Tensor:
     return ~mask
 
 
+# ----------------------------------------------------------------------------- identity
+
+def identity_reason(plan: Plan) -> Optional[str]:
+    """Why ``plan``'s pattern keeps every pair of the site's own causal (or full) attention, e.g.
+    ``window 2000 >= the 1024 tokens: identity``; None where it drops some, or at symbolic lengths."""
+    from tokred.triton_ops.sparse_cost import identity_reason as reason
+
+    shapes = [shape_of(n) for n in (plan.q, plan.k, plan.v)]
+    if any(s is None or not all(isinstance(d, int) for d in s) for s in shapes):
+        return None
+    return reason(plan.pattern, *shapes)
+
+
+def _unchanged(report, opts: dict) -> str:
+    """Why no site was rewritten, in words."""
+    sites, layers = report.attention_sites, opts["layers"]
+    if sites and layers is not None and not any(s.layer in layers for s in sites):
+        present = sorted({s.layer for s in sites if s.layer is not None})
+        return f"layers {layers} select none of the graph's attention layers {present}"
+    return unchanged_reason(report, NAME) or "no site was rewritten"
+
+
 # ----------------------------------------------------------------------------- the pass
 
 class SparseAttentionCall:
@@ -542,6 +564,14 @@ class SparseAttentionCall:
         from tokred.triton_ops.sparse_attention import sparse_attention
 
         return sparse_attention(q, k, v, self.pattern, scale=scale, attn_bias=attn_bias)
+
+    def flops(self, q, k, v, scale=None, attn_bias=None) -> int:
+        """Its cost for the report (tokred/rewriter/flops.py): the formula FlopCounterMode counts
+        ``tokred::sparse_attention`` by (``sparse_cost``), at the example sizes."""
+        from tokred.triton_ops.sparse_cost import pattern_flops
+
+        sizes = [tuple(_size_hint(s) for s in t.shape) for t in (q, k, v)]
+        return pattern_flops(self.pattern, *sizes)
 
     def __repr__(self) -> str:
         return f"SparseAttentionCall({self.pattern})"
@@ -584,7 +614,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
     """Replace every (selected) attention core by the sparse kernel; report every site."""
     layers = opts["layers"]
     contract = output_signature(gm)
-    replaced, patterns = [], []
+    replaced, patterns, identities = [], [], []
     for site in facts.attention_sites:
         record = site.record
         if layers is not None and site.layer not in layers:
@@ -611,9 +641,14 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
             continue
         replaced.append(site.node)
         patterns.append(plan.pattern)
+        identities.append(identity_reason(plan))
         record.mark(REWRITTEN, plan.reason + ("; GQA in the kernel" if plan.gqa else ""), NAME)
     for node in replaced:
         erase_dead(gm.graph, node)
+    if not replaced:
+        note_unchanged(report, NAME, _unchanged(report, opts))
+    elif all(identities):  # rewritten, but every site computes what the model did
+        note_unchanged(report, NAME, "; ".join(dict.fromkeys(identities)))
     if replaced:
         gm.graph.lint()
         gm.recompile()

@@ -6,10 +6,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
 FOUND, REWRITTEN, SKIPPED = "found", "rewritten", "skipped"
+# the words of the note an option that was asked for and rewrote nothing leaves: "<option>: changed nothing: <why>"
+UNCHANGED = "changed nothing"
 
 
 @dataclass
@@ -119,6 +122,29 @@ class Report:
         return "\n".join(parts)
 
     __repr__ = __str__
+
+
+def note_unchanged(report: Report, name: str, reason: str) -> None:
+    """Say that the option ``name`` was asked for and changed nothing, and why (once per option)."""
+    if not any(n.startswith(f"{name}: {UNCHANGED}") for n in report.notes):
+        report.note(f"{name}: {UNCHANGED}: {reason}")
+
+
+def unchanged_reason(report: Report, name: str) -> Optional[str]:
+    """Why the pass ``name`` rewrote no attention site, in words, from the sites it marked; None
+    where it rewrote one. E.g. "the graph has no attention sites", or "every site skipped:
+    sink_window needs causal attention (this site is bidirectional) (12 sites)"."""
+    sites = report.attention_sites
+    if not sites:
+        return "the graph has no attention sites"
+    if any(s.status == REWRITTEN and name in s.passes for s in sites):
+        return None
+    skipped = Counter(s.reason.removeprefix(f"{name}: ") for s in sites if name in s.passes and s.status == SKIPPED)
+    if not skipped:
+        return f"none of the {len(sites)} attention sites was selected"
+    parts = [f"{reason} ({n} site{'s' if n > 1 else ''})" for reason, n in skipped.items()]
+    head = "every site skipped" if sum(skipped.values()) == len(sites) else "every selected site skipped"
+    return f"{head}: " + "; ".join(parts)
 
 
 def _fmt_flops(x: float) -> str:

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tokred.compat.torch_api import allow_in_graph, assume_constant_result, detect_fake_mode, disable_current_modes
-from tokred.triton_ops import common, sparse_cpu, sparse_rule
+from tokred.triton_ops import common, sparse_cost, sparse_cpu, sparse_rule
 from tokred.triton_ops.common import HAS_TRITON
 
 KINDS = ("sink_window", "block_topk", "mask")
@@ -996,6 +996,10 @@ def _sparse_attention_fake(q, k, v, kv_count, kv_index, bias, scale, q_offset, b
     check_layout(q, kv_count, kv_index, block_m)
     check_band(q, k, bias, q_offset, band_window)
     return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+
+# FlopCounterMode counts the op by the pairs its layout evaluates; tokred's report uses the same formula.
+sparse_cost.register(torch.ops.tokred.sparse_attention)
 
 
 def full_blocks(spec: tuple, num_queries: int, num_keys: int, q_offset: int, device) -> Tensor | None:
