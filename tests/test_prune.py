@@ -43,13 +43,11 @@ ENCODER_SCORERS = ["cls", "query", "transition", "diversity", "random"]
 DECODER_SCORERS = ["query", "transition", "diversity", "random"]
 
 
-def pass_exists() -> bool:
-    import importlib
+def test_prune_pass_is_registered():
+    """The pass is in the backend's table: were it dropped, the pass tests below fail (not skip)."""
+    from tokred.backend import PASSES
 
-    return "prune" in importlib.import_module("tokred.backend").PASSES
-
-
-needs_pass = pytest.mark.skipif(not pass_exists(), reason="tokred/passes/prune.py is not registered yet")
+    assert "prune" in PASSES
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -324,7 +322,6 @@ def params(cases: list, quick: list, ids=None) -> list:
 
 
 @pytest.mark.parametrize("name, score", params(IDENTITY_CASES, IDENTITY_QUICK, [f"{n}-{s}" for n, s in IDENTITY_CASES]))
-@needs_pass
 def test_keep_all_is_identity(name, score):
     out, _ = compiled(name, {"keep": 1.0, "at": 0, "score": score})
     assert max_abs_diff(model_output(name, out), dense_output(name)) <= IDENTITY_TOL
@@ -376,7 +373,6 @@ def case_id(case) -> str:
     return f"{name}-d{depth}-" + "-".join(f"{k}={v}" for k, v in prune.items()).replace(" ", "")
 
 
-@needs_pass
 @pytest.mark.parametrize("case", params(REFERENCE_CASES, [REFERENCE_CASES[i] for i in REFERENCE_QUICK],
                                          [case_id(c) for c in REFERENCE_CASES]))
 def test_equals_reference(case):
@@ -388,7 +384,6 @@ def test_equals_reference(case):
     assert max_abs_diff(model_output(name, out), want) <= TOL
 
 
-@needs_pass
 @pytest.mark.parametrize("case", params([REFERENCE_CASES[i] for i in POOL_CASES],
                                         [REFERENCE_CASES[i] for i in POOL_CASES[:1]],
                                         [case_id(REFERENCE_CASES[i]) for i in POOL_CASES]))
@@ -410,7 +405,6 @@ FUSE_CASES = [
 ]
 
 
-@needs_pass
 @pytest.mark.parametrize("case", params(FUSE_CASES, [FUSE_CASES[0], FUSE_CASES[3]], [case_id(c) for c in FUSE_CASES]))
 def test_fuse_equals_reference(case):
     """EViT: one fused token (weighted mean of the pruned tokens) runs with the kept tokens and is
@@ -441,7 +435,6 @@ CACHE_CASES = [
 ]
 
 
-@needs_pass
 @pytest.mark.parametrize("case", CACHE_CASES, ids=[case_id(c) for c in CACHE_CASES])
 def test_cache_prefill_and_decode_equal_reference(case):
     """The pruned prefill's logits and cache (N tokens up to the cut, M after), then greedy decode
@@ -461,7 +454,6 @@ def test_cache_prefill_and_decode_equal_reference(case):
 
 
 @pytest.mark.long
-@needs_pass
 def test_cache_decode_through_generate():
     """transformers' generate() on the tokred-compiled forward gives the reference's greedy tokens."""
     name, prune = "hf_llama_cache_sdpa", {"keep": 0.5, "at": 0, "score": "query"}
@@ -484,7 +476,6 @@ def test_cache_decode_through_generate():
 
 # ----------------------------------------------------------------------------- report, pass-through
 
-@needs_pass
 def test_report_names_the_rewritten_site():
     name = "timm_vit_tiny_sdpa"
     _, report = compiled(name, {"keep": 0.5, "at": 0, "score": "cls"})
@@ -498,7 +489,6 @@ def test_report_names_the_rewritten_site():
     assert 0 < report.flops_after < report.flops_before
 
 
-@needs_pass
 def test_model_without_attention_passes_through():
     zm = build("torch_mlp")
     out, report = compiled("torch_mlp", {"keep": 0.5})
@@ -507,7 +497,6 @@ def test_model_without_attention_passes_through():
     assert any("prune" in line for line in report.notes), report.notes
 
 
-@needs_pass
 def test_cls_score_without_a_leading_protected_token_is_skipped():
     """A decoder has no token at position 0 that every token reports to: 'cls' is refused with a
     reason (or an error naming the option) and nothing is pruned silently."""
@@ -523,7 +512,6 @@ def test_cls_score_without_a_leading_protected_token_is_skipped():
     assert max_abs_diff(model_output(name, out), dense_output(name)) <= IDENTITY_TOL
 
 
-@needs_pass
 def test_fuse_on_a_causal_model_is_refused():
     name = "hf_llama_sdpa"
     try:
@@ -536,7 +524,6 @@ def test_fuse_on_a_causal_model_is_refused():
     assert "fuse" in texts and "causal" in texts, texts
 
 
-@needs_pass
 def test_random_differs_from_cls():
     """Random scores keep other tokens than attention to the class token on a model with
     structure (random weights still give non-uniform attention)."""
@@ -575,7 +562,6 @@ def test_random_differs_from_cls():
     ({"seed": "a"}, "prune.seed"),
     ({"ratio": 0.5}, "prune.ratio"),
 ])
-@needs_pass
 def test_bad_options_are_refused(prune, key):
     with pytest.raises(ValueError, match=re.escape(f"'{key}'")):
         tokred.backend(inner="aot_eager", prune=prune)
@@ -583,7 +569,6 @@ def test_bad_options_are_refused(prune, key):
 
 # ----------------------------------------------------------------------------- ONNX
 
-@needs_pass
 @pytest.mark.parametrize("depth, prune", [
     (2, {"keep": 0.5, "at": 0, "score": "cls"}),
     (3, {"keep": 0.7, "at": 1, "score": "transition", "accumulate": 2}),
@@ -609,7 +594,6 @@ CUDA_TOL = 1e-3  # GPU SDPA/matmul kernels round differently; selections are cle
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("case", CUDA_CASES, ids=[case_id(c) for c in CUDA_CASES])
-@needs_pass
 def test_cuda_equals_reference(case):
     """On CUDA the pass runs its Triton selection ops; the result still equals the CPU reference."""
     name, depth, prune = case
