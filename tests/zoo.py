@@ -130,6 +130,17 @@ def _names(pattern: str, depth: int = DEPTH) -> list[str]:
     return [pattern.format(i) for i in range(depth)]
 
 
+def _names_in(model: nn.Module, *patterns: str, depth: int = DEPTH) -> list[str]:
+    """``_names`` of the first pattern whose modules all exist in ``model``: where transformers
+    moved a model's layers between releases (ViT: ``encoder.layer`` up to 5.x, ``layers`` later)."""
+    modules = dict(model.named_modules())
+    for pattern in patterns:
+        names = _names(pattern, depth)
+        if all(name in modules for name in names):
+            return names
+    raise AssertionError(f"{type(model).__name__} has none of the layouts {patterns}")
+
+
 # ----------------------------------------------------------------------------------------- timm
 
 def _timm_set_fused(model: nn.Module, fused: bool) -> None:
@@ -229,6 +240,11 @@ def _hf_build(model_cls, config, impl: str) -> nn.Module:
     return model.eval()
 
 
+def _block_prefix(model: nn.Module) -> str:
+    """Where a ViT-like transformers model keeps its layers (moved between releases)."""
+    return "layers" if "layers" in dict(model.named_modules()) else "encoder.layer"
+
+
 def hf_vit(impl: str) -> ZooModel:
     """transformers ViTModel: class token, N = 26, hidden 64, 4 heads of 16."""
     from transformers import ViTConfig, ViTModel
@@ -238,8 +254,8 @@ def hf_vit(impl: str) -> ZooModel:
     model = _hf_build(ViTModel, config, impl)
     return ZooModel(name=f"hf_vit_{impl}", model=model, args=(), kwargs={"pixel_values": _images()},
                     n_attention=DEPTH, family="hf", impl=impl, kind="vision", prefix_tokens=1,
-                    token_count=NUM_PATCHES + 1, block_prefix="layers",
-                    attention_modules=_names("layers.{}.attention"), heads=HEADS,
+                    token_count=NUM_PATCHES + 1, block_prefix=_block_prefix(model),
+                    attention_modules=_names_in(model, "layers.{}.attention", "encoder.layer.{}.attention"), heads=HEADS,
                     kv_heads=HEADS, head_dim=HEAD_DIM, hidden=HIDDEN)
 
 
@@ -252,8 +268,8 @@ def hf_deit(impl: str) -> ZooModel:
     model = _hf_build(DeiTModel, config, impl)
     return ZooModel(name=f"hf_deit_{impl}", model=model, args=(), kwargs={"pixel_values": _images()},
                     n_attention=DEPTH, family="hf", impl=impl, kind="vision", prefix_tokens=2,
-                    token_count=NUM_PATCHES + 2, block_prefix="layers",
-                    attention_modules=_names("layers.{}.attention"), heads=HEADS,
+                    token_count=NUM_PATCHES + 2, block_prefix=_block_prefix(model),
+                    attention_modules=_names_in(model, "layers.{}.attention", "encoder.layer.{}.attention"), heads=HEADS,
                     kv_heads=HEADS, head_dim=HEAD_DIM, hidden=HIDDEN)
 
 

@@ -18,7 +18,7 @@ from tokred.passes import cpu_linear, merge, prune, sparse_attention
 from tokred.rewriter import analysis
 from tokred.rewriter.flops import graph_flops
 from tokred.rewriter.options import Options, parse_options, register_pass_options
-from tokred.rewriter.report import Report
+from tokred.rewriter.report import Report, note_unchanged, unchanged_reason
 from tokred.triton_ops.common import kernel_settings
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,10 @@ def _apply_pass(name: str, module, gm: fx.GraphModule, facts, report: Report, op
     saved_sites = [(s.status, s.reason, list(s.passes)) for s in report.attention_sites]
     try:
         module.apply(gm, facts, options.passes[name], report, options, example_inputs)
+        if name != cpu_linear.NAME:  # cpu_linear notes its own counts
+            reason = unchanged_reason(report, name)
+            if reason is not None:
+                note_unchanged(report, name, reason)  # an option that changed nothing says so
     except Exception as error:
         if options.strict:
             raise

@@ -193,7 +193,7 @@ class BatchedDecoder:
         self.slots = 0  # cache length (layer 0's; every layer's unless a pruned prefill made them differ)
         self.forwards = 0
         self._pending: int | None = None  # width of the last step, until keep
-        self._logits_to_keep = transformers_api.accepts_keyword(model, "logits_to_keep")
+        self._logits_to_keep = transformers_api.per_row_logits_to_keep(model)
         self._cache_keyword = transformers_api.cache_keyword(model)
 
     def model_inputs(self, tokens: torch.Tensor, counts: torch.Tensor, n_real: torch.Tensor | None = None,

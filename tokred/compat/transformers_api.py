@@ -76,6 +76,23 @@ def new_dynamic_cache():
     return DynamicCache()
 
 
+def croppable_cache(config) -> Any:
+    """An empty DynamicCache for ``config`` whose layers can be cropped back to any length: its
+    sliding-window layers record their past where transformers can (``activate_past_recording``,
+    newer releases); where it cannot (5.0), a cache of full layers (the model's own sliding mask
+    still applies; a sliding layer of 5.0 could not be cropped past its window)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    layers = list(cache.layers)
+    if all(hasattr(layer, "activate_past_recording") for layer in layers if getattr(layer, "is_sliding", False)):
+        for layer in layers:
+            if hasattr(layer, "activate_past_recording"):
+                layer.activate_past_recording()
+        return cache
+    return DynamicCache()
+
+
 def cache_layers(cache: Any) -> list:
     """The filled per-layer objects of a transformers cache (those holding [B, H, L, D] states)."""
     layers = getattr(cache, "layers", None)
@@ -118,6 +135,15 @@ def replaced_forwards(modules: list, forwards: list) -> Iterator[None]:
                 module.forward = previous
 
 
+def per_row_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether ``model`` takes ``logits_to_keep`` as a [B, 1] tensor of one position per row (newer
+    transformers slice it with ``slice_logits_to_keep``; 5.0 indexes every row with the whole
+    tensor, which would return [B, B, 1, V])."""
+    from transformers import modeling_utils
+
+    return accepts_keyword(model, "logits_to_keep") and hasattr(modeling_utils, "slice_logits_to_keep")
+
+
 def accepts_keyword(model: torch.nn.Module, name: str) -> bool:
     """Whether ``model``'s forward takes the keyword ``name``."""
     try:
@@ -127,5 +153,5 @@ def accepts_keyword(model: torch.nn.Module, name: str) -> bool:
 
 
 __all__ = ["TRANSFORMERS_MIN", "check_transformers_version", "cache_keyword", "cache_argument", "returned_cache",
-           "new_dynamic_cache", "cache_layers", "all_cache_layers", "layer_states", "set_layer_states",
-           "replaced_forwards", "accepts_keyword"]
+           "new_dynamic_cache", "croppable_cache", "cache_layers", "all_cache_layers", "layer_states", "set_layer_states",
+           "replaced_forwards", "accepts_keyword", "per_row_logits_to_keep"]

@@ -445,14 +445,9 @@ class EarlyExitDraft(Drafter):
 
     # -- the sliced model
     def new_cache(self):
-        """An empty draft-side KV cache (sliding-window layers record their past, so crops are exact)."""
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        for layer in cache.layers:
-            if hasattr(layer, "activate_past_recording"):
-                layer.activate_past_recording()
-        return cache
+        """An empty draft-side KV cache whose layers can be cropped (see
+        ``transformers_api.croppable_cache``)."""
+        return transformers_api.croppable_cache(self.model.config)
 
     def _block_output(self, **kwargs):
         """The model's forward on ``kwargs``, stopped when block L - 1 returns: that block's output."""

@@ -21,7 +21,7 @@ The pipeline of ``prune_tokens`` (every stage a kernel, no [B, H, N, N] map anyw
 ``select_kept`` is stages 3-4 on given scores; ``k_center`` is ``_k_center_kernel`` (one program per
 batch row walking the k greedy steps) followed by stage 4.
 
-Only Triton builtins are called inside kernels (tl.reduce with tl.standard's combine functions,
+Only Triton builtins are called inside kernels (tl.reduce with tokred.compat.triton_api's combine functions,
 tl.full), as in tome_match.py: the interpreter cannot call the @jit helpers (tl.sum, tl.max,
 tl.zeros) when TRITON_INTERPRET was switched on after triton was imported.
 """
@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from tokred.triton_ops import common, prune
+from tokred.compat.triton_api import max_combine, min_combine, sum_combine
 from tokred.triton_ops.common import HAS_TRITON, tl
 from tokred.triton_ops.gather_tokens import gather_tokens_triton
 
@@ -83,16 +84,16 @@ if HAS_TRITON:
                 if USE_DOT:  # fp32 IEEE dots (no TF32): near-equal scores must order as the reference's
                     logits = tl.dot(q, tl.trans(k_tile), input_precision="ieee") * scale
                 else:  # few rows: a broadcast product, no padding of R to tl.dot's 16
-                    logits = tl.reduce(q[:, None, :] * k_tile[None, :, :], 2, tl.standard._sum_combine) * scale
+                    logits = tl.reduce(q[:, None, :] * k_tile[None, :, :], 2, sum_combine) * scale
                 if HAS_BIAS:
                     logits += tl.load(bias_ptr + b * stride_bb + h * stride_bh + rows[:, None] * stride_br
                                       + cols[None, :].to(tl.int64) * stride_bn,
                                       mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
                 logits = tl.where(col_mask[None, :], logits, float("-inf"))
-                block_max = tl.reduce(logits, 1, tl.standard._elementwise_max)
+                block_max = tl.reduce(logits, 1, max_combine)
                 # exp against 0 where the whole block is masked: no -inf - (-inf) = NaN.
                 safe_max = tl.where(block_max == float("-inf"), 0.0, block_max)
-                block_sum = tl.reduce(tl.exp(logits - safe_max[:, None]), 1, tl.standard._sum_combine)
+                block_sum = tl.reduce(tl.exp(logits - safe_max[:, None]), 1, sum_combine)
                 out = b * stride_pb + h * stride_ph + rows * stride_pr + pid_n * stride_pn
                 tl.store(max_ptr + out, block_max, mask=row_mask)
                 tl.store(sum_ptr + out, block_sum, mask=row_mask)
@@ -139,10 +140,10 @@ if HAS_TRITON:
                     p_mask = row_mask[:, None] & (p[None, :] < NUM_BLOCKS)
                     part_max = tl.load(max_ptr + stats + p[None, :] * stride_pn, mask=p_mask, other=float("-inf"))
                     part_sum = tl.load(sum_ptr + stats + p[None, :] * stride_pn, mask=p_mask, other=0.0)
-                    new_max = tl.maximum(row_max, tl.reduce(part_max, 1, tl.standard._elementwise_max))
+                    new_max = tl.maximum(row_max, tl.reduce(part_max, 1, max_combine))
                     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
                     row_sum = row_sum * tl.exp(row_max - safe_max) + tl.reduce(
-                        part_sum * tl.exp(part_max - safe_max[:, None]), 1, tl.standard._sum_combine)
+                        part_sum * tl.exp(part_max - safe_max[:, None]), 1, sum_combine)
                     row_max = new_max
                 q = tl.load(q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qr
                             + dims[None, :] * stride_qd, mask=row_mask[:, None] & d_mask[None, :], other=0.0)
@@ -150,7 +151,7 @@ if HAS_TRITON:
                 if USE_DOT:
                     logits = tl.dot(q, tl.trans(k_tile), input_precision="ieee") * scale
                 else:
-                    logits = tl.reduce(q[:, None, :] * k_tile[None, :, :], 2, tl.standard._sum_combine) * scale
+                    logits = tl.reduce(q[:, None, :] * k_tile[None, :, :], 2, sum_combine) * scale
                 if HAS_BIAS:
                     logits += tl.load(bias_ptr + b * stride_bb + h * stride_bh + rows[:, None] * stride_br
                                       + cols[None, :].to(tl.int64) * stride_bn,
@@ -158,7 +159,7 @@ if HAS_TRITON:
                 # A fully masked row (max -inf, sum 0) gives NaN here, as torch.softmax does.
                 probs = tl.exp(logits - row_max[:, None]) / row_sum[:, None]
                 probs = tl.where(row_mask[:, None], probs, 0.0)
-                total += tl.reduce(probs, 0, tl.standard._sum_combine)
+                total += tl.reduce(probs, 0, sum_combine)
         tl.store(scores_ptr + b * stride_ob + cols * stride_on, total * inv_rows, mask=col_mask)
 
     @common.triton_kernel
@@ -190,7 +191,7 @@ if HAS_TRITON:
             cand_i = (tl.load(cand_ptr + i_s, mask=i_mask, other=0) != 0) & i_mask
             before = (s_i[None, :] > s_j[:, None]) | ((s_i[None, :] == s_j[:, None]) & (i_s[None, :] < js[:, None]))
             before = before & cand_i[None, :]
-            rank += tl.reduce(before.to(tl.int32), 1, tl.standard._sum_combine)
+            rank += tl.reduce(before.to(tl.int32), 1, sum_combine)
         keep = (~cand_j) | (rank < K)
         tl.store(keep_ptr + b * stride_kb + js, keep.to(tl.int8), mask=j_mask)
 
@@ -218,10 +219,10 @@ if HAS_TRITON:
         for i0 in range(0, j0, BLOCK_I):
             i_s = i0 + tl.arange(0, BLOCK_I)
             keep_i = tl.load(keep_row + i_s, mask=i_s < j0, other=0).to(tl.int32)
-            before += tl.reduce(keep_i, 0, tl.standard._sum_combine)
+            before += tl.reduce(keep_i, 0, sum_combine)
         local = tl.arange(0, BLOCK_J)
         earlier = (local[None, :] < local[:, None]) & (keep_j[None, :] != 0)
-        slot = before + tl.reduce(earlier.to(tl.int32), 1, tl.standard._sum_combine)
+        slot = before + tl.reduce(earlier.to(tl.int32), 1, sum_combine)
         store = (keep_j != 0) & j_mask & (slot < M)
         tl.store(index_ptr + b * stride_ib + slot.to(tl.int64) * stride_im, js.to(tl.int64), mask=store)
 
@@ -259,12 +260,12 @@ if HAS_TRITON:
                 c = c0 + channels
                 tile = tl.load(x_row + tokens[:, None].to(tl.int64) * stride_xn + c[None, :] * stride_xc,
                                mask=n_mask[:, None] & (c[None, :] < C), other=0.0).to(tl.float32)
-                sumsq += tl.reduce(tile * tile, 1, tl.standard._sum_combine)
+                sumsq += tl.reduce(tile * tile, 1, sum_combine)
             tl.store(norm_row + tokens, tl.maximum(tl.sqrt_rn(sumsq), 1e-12), mask=n_mask)
             cand = (tl.load(cand_ptr + tokens, mask=n_mask, other=0) != 0) & n_mask
             tl.store(keep_row + tokens, (~cand).to(tl.int8), mask=n_mask)
             count += cand.to(tl.float32)
-        num_cand = tl.maximum(tl.reduce(count, 0, tl.standard._sum_combine), 1.0)
+        num_cand = tl.maximum(tl.reduce(count, 0, sum_combine), 1.0)
 
         # Phase 2: the mean of the candidate rows (one C chunk at a time) and its norm.
         mean_sumsq = tl.full((BLOCK_C,), 0.0, tl.float32)
@@ -278,11 +279,11 @@ if HAS_TRITON:
                 cand = (tl.load(cand_ptr + tokens, mask=n_mask, other=0) != 0) & n_mask
                 tile = tl.load(x_row + tokens[:, None].to(tl.int64) * stride_xn + c[None, :] * stride_xc,
                                mask=cand[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
-                acc += tl.reduce(tile, 0, tl.standard._sum_combine)
+                acc += tl.reduce(tile, 0, sum_combine)
             mean = acc / num_cand
             tl.store(mean_row + c, mean, mask=c_mask)
             mean_sumsq += mean * mean
-        mean_norm = tl.maximum(tl.sqrt_rn(tl.reduce(mean_sumsq, 0, tl.standard._sum_combine)), 1e-12)
+        mean_norm = tl.maximum(tl.sqrt_rn(tl.reduce(mean_sumsq, 0, sum_combine)), 1e-12)
         tl.debug_barrier()
 
         # Phase 3: distance of every token to the mean.
@@ -296,7 +297,7 @@ if HAS_TRITON:
                 tile = tl.load(x_row + tokens[:, None].to(tl.int64) * stride_xn + c[None, :] * stride_xc,
                                mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
                 center = tl.load(mean_row + c, mask=c_mask, other=0.0)
-                dots += tl.reduce(tile * center[None, :], 1, tl.standard._sum_combine)
+                dots += tl.reduce(tile * center[None, :], 1, sum_combine)
             norms = tl.load(norm_row + tokens, mask=n_mask, other=1.0)
             tl.store(dist_row + tokens, 1.0 - dots / norms / mean_norm, mask=n_mask)
         tl.debug_barrier()
@@ -317,10 +318,10 @@ if HAS_TRITON:
                 better = is_open & ((dist > best) | (best_pos == 2147483647))
                 best_pos = tl.where(better, tokens, best_pos)
                 best = tl.where(better, dist, best)
-            top = tl.reduce(best, 0, tl.standard._elementwise_max)
+            top = tl.reduce(best, 0, max_combine)
             # An open token always exists (K <= #candidates); lanes without one keep max int.
             chosen = tl.reduce(tl.where((best == top) & (best_pos < N), best_pos, 2147483647), 0,
-                               tl.standard._elementwise_min)
+                               min_combine)
             chosen = tl.minimum(chosen, N - 1)  # never store out of bounds, whatever the input
             tl.debug_barrier()
             tl.store(keep_row + chosen, tl.full((), 1, tl.int8))
@@ -336,7 +337,7 @@ if HAS_TRITON:
                                    mask=n_mask[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
                     center = tl.load(x_row + chosen.to(tl.int64) * stride_xn + c * stride_xc,
                                      mask=c_mask, other=0.0).to(tl.float32)
-                    dots += tl.reduce(tile * center[None, :], 1, tl.standard._sum_combine)
+                    dots += tl.reduce(tile * center[None, :], 1, sum_combine)
                 norms = tl.load(norm_row + tokens, mask=n_mask, other=1.0)
                 to_chosen = 1.0 - dots / norms / chosen_norm
                 if step > 0:  # after the first pick: distance to the nearest pick

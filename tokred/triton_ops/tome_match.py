@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokred.compat.triton_api import max_combine, min_combine, sum_combine
 from tokred.triton_ops import common
 from tokred.triton_ops.common import HAS_TRITON, tl
 
@@ -92,8 +93,8 @@ if HAS_TRITON:
         fp32 throughout, with IEEE fp32 dots (no TF32) and correctly rounded sqrt/div: near-equal
         scores must order as in the reference.
 
-        Only Triton builtins are called (tl.full, tl.reduce with tl.standard's combine functions,
-        not tl.zeros/tl.sum/tl.max): those helpers are @triton.jit functions themselves, which the
+        Only Triton builtins are called (tl.full, tl.reduce with tokred.compat.triton_api's
+        combine functions, not tl.zeros/tl.sum/tl.max): those helpers are @triton.jit functions themselves, which the
         interpreter cannot call when TRITON_INTERPRET was switched on after triton was imported
         (as tests do); tl.reduce is patched by the interpreter at launch and compiles as tl.sum does.
         """
@@ -112,7 +113,7 @@ if HAS_TRITON:
             d = d0 + dims
             a_tile = tl.load(metric_b + a_tokens[:, None] * stride_mn + d[None, :] * stride_md,
                              mask=row_mask[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)
-            sumsq_a += tl.reduce(a_tile * a_tile, 1, tl.standard._sum_combine)
+            sumsq_a += tl.reduce(a_tile * a_tile, 1, sum_combine)
         inv_norm_a = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(sumsq_a), 1e-12))
 
         best = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
@@ -135,16 +136,16 @@ if HAS_TRITON:
                 b_tile_t = tl.load(metric_b + b_tokens[None, :] * stride_mn + d[:, None] * stride_md,
                                    mask=d_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
                 dots = tl.dot(a_tile, b_tile_t, dots, input_precision="ieee")
-                sumsq_b += tl.reduce(b_tile_t * b_tile_t, 0, tl.standard._sum_combine)
+                sumsq_b += tl.reduce(b_tile_t * b_tile_t, 0, sum_combine)
             inv_norm_b = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(sumsq_b), 1e-12))
             scores = dots * inv_norm_a[:, None] * inv_norm_b[None, :]
             allowed = (group_a[:, None] >= 0) & (group_a[:, None] == group_b[None, :]) & col_mask[None, :]
             scores = tl.where(allowed, scores, float("-inf"))
 
-            block_best = tl.reduce(scores, 1, tl.standard._elementwise_max)
+            block_best = tl.reduce(scores, 1, max_combine)
             # Lowest column reaching the block's max (an all -inf row gives n0; it never wins below).
             block_idx = tl.reduce(tl.where(scores == block_best[:, None], cols[None, :], NB), 1,
-                                  tl.standard._elementwise_min)
+                                  min_combine)
             better = block_best > best
             best = tl.where(better, block_best, best)
             best_idx = tl.where(better, block_idx, best_idx)

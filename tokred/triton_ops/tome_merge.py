@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from tokred.compat.triton_api import sum_combine
 from tokred.triton_ops import common
 from tokred.triton_ops.common import HAS_TRITON, tl
 
@@ -179,7 +180,7 @@ if HAS_TRITON:
                          mask=pair_mask[:, None] & channel_mask[None, :], other=0.0).to(tl.float32)
             onehot = (rows[:, None].to(tl.int64) == dst[None, :]).to(tl.float32)
             weighted = tl.dot(onehot, xa * sa[:, None], weighted, input_precision="ieee")
-            total_size += tl.reduce(onehot * sa[None, :], 1, tl.standard._sum_combine)
+            total_size += tl.reduce(onehot * sa[None, :], 1, sum_combine)
 
         out_rows = (NU + rows).to(tl.int64)
         tl.store(out_ptr + b * stride_ob + out_rows[:, None] * stride_om + channels[None, :],
