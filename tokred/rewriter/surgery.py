@@ -123,10 +123,9 @@ def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_red
     with ``keep`` tokens (the pruned prefill's cache: decode steps attend to the kept tokens); the
     output contract then holds for every other output.
     """
-    for node, what in ((start, "start"), (end, "end")):
+    for node, where in ((start, "at the cut"), (end, "where the tokens are put back (after the last block)")):
         if not isinstance(node, fx.Node) or node.graph is not gm.graph:
-            raise RewriteError(f"cut_tokens: its {what} is not a node of the graph ({node!r}): the residual "
-                               f"stream there was not found")
+            raise RewriteError(f"the residual stream {where} was not found")
     n = _token_count(facts, start)
     if not 0 < keep <= n:
         raise RewriteError(f"node {start.name}: cannot keep {keep} of {n} tokens")

@@ -29,14 +29,17 @@ SPLIT_CALLS = ("unbind", torch.unbind, "split", torch.split, "chunk", torch.chun
 # rotary embeddings: q*cos + rotate_half(q)*sin, with rotate_half = cat(-x2, x1) of slices
 ROTARY_FUNCS = {operator.add, operator.mul, operator.neg, torch.cat, operator.getitem, torch.add,
                 torch.mul, torch.neg}
-# The leading operands of the calls the analysis and the passes read by position (node.args[i]), by
-# their keyword names: models may pass them by keyword (timm's Eva: F.linear(x, weight=w, bias=b)).
+# The leading operands of the calls the analysis, the FLOP count and the passes read by position
+# (node.args[i]), by their keyword names: models may pass them by keyword (timm's Eva:
+# F.linear(x, weight=w, bias=b); transformers' Mamba: F.conv1d(input=x, weight=w, ...)).
 OPERAND_NAMES = {
     **{target: ("input", "weight", "bias") for target in LINEAR_TARGETS},
     **{target: ("query", "key", "value") for target in SDPA_TARGETS},
     torch.addmm: ("input", "mat1", "mat2"),
     torch.matmul: ("input", "other"),
     torch.bmm: ("input", "mat2"),
+    **{conv: ("input", "weight", "bias") for conv in (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d,
+                                                      F.conv3d)},
 }
 
 
