@@ -183,7 +183,7 @@ class FlatInputs:
 
 
 def flatten_inputs(model: torch.nn.Module, args: tuple, kwargs: dict) -> FlatInputs:
-    paths_leaves, spec = pytree.tree_flatten_with_path((tuple(args), dict(kwargs)))
+    paths_leaves, spec = torch_api.tree_flatten_with_path((tuple(args), dict(kwargs)))
     positional = _positional_names(model, len(args))
     leaves = [leaf for _, leaf in paths_leaves]
     tensor_index = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
@@ -202,7 +202,7 @@ def flatten_outputs(output: Any) -> tuple[list[torch.Tensor], list[str]]:
     ``None``, numbers and strings are skipped; any other non-tensor leaf (an object pytree does not
     know how to open) raises ``TypeError``, so that no output goes unchecked silently.
     """
-    paths_leaves, _ = pytree.tree_flatten_with_path(output)
+    paths_leaves, _ = torch_api.tree_flatten_with_path(output)
     tensors, names = [], []
     for path, leaf in paths_leaves:
         if isinstance(leaf, torch.Tensor):

@@ -144,8 +144,12 @@ class StreamingLayer(CacheLayerMixin):
         return (torch.cat([sinks, keys[:, :, recent]], dim=-2),
                 torch.cat([values[:, :, :s], values[:, :, recent]], dim=-2))
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        """(kv_length, kv_offset): the kept entries and the new ones, entry 0 at position ``start``."""
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """(kv_length, kv_offset): the kept entries and the new ones, entry 0 at position ``start``.
+        ``query_length``: the new tokens' count, or (transformers < 5.x's layer API) their
+        cache_position tensor [n]."""
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         return self.get_cached_length() + query_length, self.start
 
     def get_cached_length(self) -> int:
@@ -157,6 +161,8 @@ class StreamingLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.capacity
+
+    get_max_cache_shape = get_max_length  # the same, under the older layer API's name
 
     def reset(self) -> None:
         self.keys = self.values = self.sink_keys = None

@@ -48,6 +48,28 @@ from torch.utils._python_dispatch import _disable_current_modes as disable_curre
 
 tree_leaves = pytree.tree_leaves
 
+
+def tree_flatten_with_path(tree: Any):
+    """``pytree.tree_flatten_with_path``, also for containers registered without key paths
+    (transformers 5.0's model outputs): those are read as the mappings or sequences they are."""
+    try:
+        return pytree.tree_flatten_with_path(tree)
+    except ValueError as error:
+        if "flatten_with_keys" not in str(error):
+            raise
+        return pytree.tree_flatten_with_path(_plain_containers(tree))
+
+
+def _plain_containers(tree: Any) -> Any:
+    from collections.abc import Mapping
+
+    if isinstance(tree, Mapping):
+        return {k: _plain_containers(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_plain_containers(v) for v in tree) if type(tree) in (list, tuple) else \
+            [_plain_containers(v) for v in tree]
+    return tree
+
 # ----------------------------------------------------------------------------- op targets
 
 # Functions a Dynamo graph calls under private names (torch-level graphs keep them as they are).
@@ -55,8 +77,32 @@ LINEAR_FUNCS = {torch._C._nn.linear}
 SDPA_FUNCS = {torch._C._nn.scaled_dot_product_attention}
 SOFTMAX_FUNCS = {f for f in (getattr(torch._C._nn, "softmax", None), getattr(torch, "_softmax", None)) if f}
 ACTIVATION_FUNCS = {f for f in (getattr(torch._C._nn, "gelu", None), getattr(torch._C._nn, "silu", None)) if f}
-# The oneDNN linear on a prepacked weight (passes/cpu_linear.py).
-MKLDNN_LINEAR = torch.ops.mkldnn._linear_pointwise.default
+
+# ----------------------------------------------------------------------------- oneDNN (passes/cpu_linear.py)
+
+def onednn_unavailable() -> Optional[str]:
+    """Why oneDNN packed linears cannot run in this torch build (None: they can)."""
+    if not torch.backends.mkldnn.is_available():
+        return "oneDNN (mkldnn) is not available in this torch build"
+    for name in ("_reorder_linear_weight", "_linear_pointwise"):
+        if not hasattr(torch.ops.mkldnn, name):
+            return f"torch.ops.mkldnn.{name} is missing in torch {torch.__version__}"
+    return None
+
+
+def onednn_pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """[out, in] fp32 CPU weight -> oneDNN's blocked layout (an opaque mkldnn tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+
+
+def onednn_linear_op():
+    """The op overload of a linear on a packed weight: (x, packed, bias, "none", [], "")."""
+    return torch.ops.mkldnn._linear_pointwise.default
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The in-place update counter of a tensor."""
+    return t._version
 
 # ----------------------------------------------------------------------------- Dynamo
 

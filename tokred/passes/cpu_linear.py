@@ -46,8 +46,9 @@ from typing import Any, Optional
 
 import torch
 from torch import fx
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
+from tokred.compat import torch_api
+from tokred.compat.torch_api import FakeTensor, FakeTensorMode
 from tokred.rewriter.analysis.graph import LINEAR_TARGETS, example_value, is_state, shape_of
 
 NAME = "cpu_linear"
@@ -85,20 +86,13 @@ def validate(value: Any) -> dict:
 
 # ----------------------------------------------------------------------------- availability
 
-def onednn_unavailable() -> Optional[str]:
-    """Why oneDNN packed linears cannot run in this torch build (None: they can)."""
-    if not torch.backends.mkldnn.is_available():
-        return "oneDNN (mkldnn) is not available in this torch build"
-    for name in ("_reorder_linear_weight", "_linear_pointwise"):
-        if not hasattr(torch.ops.mkldnn, name):
-            return f"torch.ops.mkldnn.{name} is missing in torch {torch.__version__}"
-    return None
+onednn_unavailable = torch_api.onednn_unavailable
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
     """[out, in] fp32 CPU weight -> the same weight reordered into oneDNN's blocked layout (an opaque
-    ``torch._mkldnn`` tensor [out, in]) for :func:`packed_linear`."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), None)
+    mkldnn tensor [out, in]) for :func:`packed_linear`."""
+    return torch_api.onednn_pack_weight(weight)
 
 
 # Packed copies shared by every graph compiled from the same weight: generate compiles several
@@ -118,16 +112,16 @@ def shared_pack(weight: torch.Tensor, transpose: bool) -> torch.Tensor:
         _PACKED[id(weight)] = entry
     packs = entry[1]  # transpose -> (value version, packed)
     version, packed = packs.get(transpose, (None, None))
-    if version != weight._version:
+    if version != torch_api.tensor_version(weight):
         packed = pack_weight(weight.t() if transpose else weight)
-        packs[transpose] = (weight._version, packed)
+        packs[transpose] = (torch_api.tensor_version(weight), packed)
     return packed
 
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x [..., in] fp32 CPU, packed from :func:`pack_weight`, bias [out] or None -> [..., out] =
     F.linear(x, weight, bias) up to fp32 rounding (oneDNN sums in another order than MKL)."""
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return torch_api.onednn_linear_op()(x, packed, bias, "none", [], "")
 
 
 # ----------------------------------------------------------------------------- the rewrite
@@ -242,14 +236,12 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, packed: torch.Tensor
     if sources is not None:
         # aot_autograd (aot_eager, Inductor) lifts a Dynamo graph's buffers as inputs and wants a
         # source for each; this one is a constant of the compiled graph, made here.
-        from torch._dynamo.source import ConstantSource
-
-        sources[name] = ConstantSource(name)
+        sources[name] = torch_api.constant_source(name)
     graph = gm.graph
     with graph.inserting_before(node):
         weight = graph.get_attr(name)
         weight.meta["example_value"] = fake_mode.from_tensor(packed, static_shapes=True)
-        new = graph.call_function(torch.ops.mkldnn._linear_pointwise.default, (x, weight, bias, "none", [], ""))
+        new = graph.call_function(torch_api.onednn_linear_op(), (x, weight, bias, "none", [], ""))
     if verify:
         check_same_result_type(node, x, weight, bias, fake_mode)
     new.meta = dict(node.meta)  # same output; keeps nn_module_stack for the report

@@ -55,7 +55,7 @@ def node_flops(node: fx.Node) -> float:
     if node.op == "call_function" and node.target is torch.addmm:
         a = shape_of(node.args[1])
         return 2.0 * math.prod(out) * (a[-1] if a else 0)
-    if node.op == "call_function" and node.target is torch_api.MKLDNN_LINEAR:
+    if node.op == "call_function" and node.target is torch_api.onednn_linear_op():
         x = shape_of(node.args[0])  # the packed weight's shape is oneDNN's blocked layout
         return 2.0 * math.prod(out) * (x[-1] if x else 0)
     if is_matmul(node):
