@@ -455,8 +455,9 @@ def example_inputs(spec: ModelSpec) -> tuple:
 
 # ----------------------------------------------------------------------------- hypothesis strategy
 
-def model_specs(max_depth: int = 3):
-    """Hypothesis strategy over valid :class:`ModelSpec` s (sizes kept tiny: C <= 48, N <= 20)."""
+def model_specs(max_depth: int = 3, min_depth: int = 1):
+    """Hypothesis strategy over valid :class:`ModelSpec` s (sizes kept tiny: C <= 48, N <= 20),
+    with ``min_depth`` to ``max_depth`` blocks."""
     from hypothesis import assume, strategies as st
 
     @st.composite
@@ -475,7 +476,7 @@ def model_specs(max_depth: int = 3):
         with_mask_or_manual = tuple(c for c in CAUSAL if c != "is_causal")
         causal = draw(st.sampled_from(CAUSAL if attention == "sdpa" and mask == "none" else with_mask_or_manual))
         spec = ModelSpec(
-            width=width, heads=heads, kv_heads=kv_heads, depth=draw(st.integers(1, max_depth)),
+            width=width, heads=heads, kv_heads=kv_heads, depth=draw(st.integers(min_depth, max_depth)),
             tokens=tokens, prefix=prefix, prefix_pieces=draw(st.sampled_from([1, 2])) if prefix else 1,
             inputs=draw(st.sampled_from(["ids", "features"])), pos_embed=draw(st.booleans()),
             qkv=qkv, head_layout=draw(st.sampled_from(HEAD_LAYOUTS)),

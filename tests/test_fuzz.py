@@ -9,11 +9,14 @@ masks, prefix tokens, rotary, pre/post-norm, LayerNorm or a hand-written RMSNorm
    generator writes, one [1, P, C] parameter or a class token plus register tokens, is found);
 2. the test-only keep-subset rewrite (tests/test_token_count.py) after block 0 either refuses with a
    RewriteError that names a graph node, leaving the graph unchanged, or equals its hook reference
-   to 1e-5; keeping every token reproduces the original output to 1e-5 (invariant 2);
+   to 1e-5; keeping every token reproduces the original output to 1e-5 (invariant 2). A refusal
+   passes one spec, but across a draw the rewrite must be made for a stated share of the specs
+   with two or more blocks (QUICK_MIN_SHARE, LONG_MIN_SHARE), so refusing everything fails;
 3. ``torch.compile(model, backend=tokred.backend(inner="aot_eager"))`` equals eager to 1e-5.
 
 The CI share is small: pinned specs (one per real-world style) and minimal specs of forms the
-fuzzer found refused (fixed in 244ce5b), whose rewrite must not be refused, and 8 drawn specs.
+fuzzer found refused (fixed in 244ce5b), whose rewrite must not be refused, and 8 drawn specs of
+two or three blocks, at least 80% of which must be rewritten.
 ``pytest --long`` draws 100 more (3-4 minutes on an idle machine); ``TOKRED_FUZZ_EXAMPLES=300`` draws more still.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import replace
+from typing import Optional
 
 import pytest
 import torch
@@ -96,10 +100,11 @@ def check_explain(spec: ModelSpec, model, inputs) -> None:
     assert report.prefix_tokens == spec.prefix, report
 
 
-def check_keep_subset(spec: ModelSpec, model, inputs, require_rewrite: bool = False) -> None:
+def check_keep_subset(spec: ModelSpec, model, inputs, require_rewrite: bool = False) -> str:
     """After block 0 keep ``kept_positions``; the rest exit early and are restored after the last block.
 
     A refusal (RewriteError naming a node, graph left unchanged) passes unless ``require_rewrite``.
+    Returns "" if the rewrite was made, else the refusal.
     """
     n = spec.token_count
     keep = kept_positions(n, spec.prefix)
@@ -113,7 +118,7 @@ def check_keep_subset(spec: ModelSpec, model, inputs, require_rewrite: bool = Fa
         assert names_a_node(be.errors[0], be.node_names), f"RewriteError names no graph node: {be.errors[0]}"
         # a refused rewrite leaves the graph as it was
         assert max_abs_diff(out, eager) <= TOL
-        return
+        return be.errors[0]
     assert len(be.rewrite.cuts) == 1 and be.rewrite.cuts[0].restored is not None
     with torch.no_grad():
         reference = reference_keep_subset(model, list(model.blocks), keep, n, lambda: model(*inputs))
@@ -121,6 +126,7 @@ def check_keep_subset(spec: ModelSpec, model, inputs, require_rewrite: bool = Fa
     # the rewrite changed the model (dropped tokens are no longer attended to), so the test can fail
     scale = max(t.abs().max().item() for t in flatten_outputs(reference))
     assert max_abs_diff(reference, eager) > 1e-4 * scale
+    return ""
 
 
 def check_keep_all(spec: ModelSpec, model, inputs, require_rewrite: bool = False) -> None:
@@ -143,17 +149,40 @@ def check_tokred_compile(spec: ModelSpec, model, inputs) -> None:
     assert max_abs_diff(out, run_eager(model, inputs)) <= TOL
 
 
-def check_spec(spec: ModelSpec, require_rewrite: bool = False) -> None:
-    """Every property, on the model and inputs that ``spec`` describes."""
+def check_spec(spec: ModelSpec, require_rewrite: bool = False) -> Optional[str]:
+    """Every property, on the model and inputs that ``spec`` describes. Returns None for a model
+    with one block (no cut to make), "" where the keep-subset rewrite was made, else its refusal."""
     model, inputs = build(spec), example_inputs(spec)
+    refused = None
     try:
         check_explain(spec, model, inputs)
         if spec.depth >= 2:
-            check_keep_subset(spec, model, inputs, require_rewrite)
+            refused = check_keep_subset(spec, model, inputs, require_rewrite)
             check_keep_all(spec, model, inputs, require_rewrite)
         check_tokred_compile(spec, model, inputs)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\nspec: ModelSpec({spec.short()})") from None
+    return refused
+
+
+def check_rewritten_share(max_examples: int, minimum: float, min_depth: int = 1) -> None:
+    """Draw ``max_examples`` specs, check each (:func:`check_spec`) and require that the keep-subset
+    rewrite was made in at least ``minimum`` of those with two or more blocks: a refusal passes one
+    spec, but the analysis and the surgery must handle most of what the generator writes."""
+    outcomes = {}
+
+    @fuzz_settings(max_examples)
+    @given(spec=model_specs(min_depth=min_depth))
+    def draw(spec):
+        outcomes[spec] = check_spec(spec)
+
+    draw()
+    cut = {spec: refused for spec, refused in outcomes.items() if refused is not None}
+    assert cut, f"none of the {len(outcomes)} drawn specs has two blocks"
+    share = sum(not refused for refused in cut.values()) / len(cut)
+    refusals = "\n".join(f"  ModelSpec({spec.short()}): {refused}" for spec, refused in cut.items() if refused)
+    assert share >= minimum, (f"the keep-subset rewrite was made in {share:.0%} of {len(cut)} drawn specs with "
+                              f"two or more blocks (at least {minimum:.0%} required); refused:\n{refusals}")
 
 
 # ----------------------------------------------------------------------------- pinned specs
@@ -232,14 +261,22 @@ def test_regression_spec(name):
 
 # ----------------------------------------------------------------------------- drawn specs
 
-@fuzz_settings(max_examples=8)
-@given(spec=model_specs())
-def test_fuzz_quick(spec):
-    check_spec(spec)
+# The share of drawn specs with two or more blocks whose keep-subset rewrite must be made, not
+# refused. Measured (derandomized draws, so the same specs every run): quick 8 of 8, long 55 of 55
+# (the other 45 of its 100 have one block). The thresholds leave room for one refusal in the quick
+# draw and five in the long one.
+QUICK_MIN_SHARE = 0.8
+LONG_MIN_SHARE = 0.9
+
+
+def test_fuzz_quick():
+    """8 drawn specs with two or three blocks (derandomized: the same 8 every run); the rewrite must
+    be made in at least 80% of them (measured: 8 of 8)."""
+    check_rewritten_share(8, QUICK_MIN_SHARE, min_depth=2)
 
 
 @pytest.mark.long
-@fuzz_settings(max_examples=int(os.environ.get("TOKRED_FUZZ_EXAMPLES", "100")))
-@given(spec=model_specs())
-def test_fuzz_long(spec):
-    check_spec(spec)
+def test_fuzz_long():
+    """100 drawn specs (``TOKRED_FUZZ_EXAMPLES``); the rewrite must be made in at least 90% of those
+    with two or more blocks (measured: 55 of 55)."""
+    check_rewritten_share(int(os.environ.get("TOKRED_FUZZ_EXAMPLES", "100")), LONG_MIN_SHARE)
