@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from tokred.compat import transformers_api
 from tokred.speculative_runtime import (
     BatchedDecoder,
     greedy_accept,
@@ -234,6 +235,7 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     sequences when ``return_stats`` is False. ``new`` is the most tokens any row generated (<=
     max_new_tokens).
     """
+    transformers_api.check_transformers_version()
     if min_ngram is None and isinstance(ngram, int):
         min_ngram = min(2, ngram)
     _check_args(input_ids, max_new_tokens, k, temperature, top_p, ngram, min_ngram, attention_mask)
