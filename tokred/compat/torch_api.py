@@ -107,6 +107,10 @@ def tensor_version(t: torch.Tensor) -> int:
 # ----------------------------------------------------------------------------- Dynamo
 
 assume_constant_result = torch._dynamo.assume_constant_result
+# an async device-side assertion: no host sync (torch._assert_async)
+assert_async = torch._assert_async
+# the types of a custom op as a graph target
+OP_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
 allow_in_graph = torch._dynamo.allow_in_graph
 mark_dynamic = torch._dynamo.mark_dynamic
 

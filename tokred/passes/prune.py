@@ -34,6 +34,7 @@ import torch
 from torch import fx
 
 import tokred.triton_ops  # noqa: F401  (registers the tokred:: prune ops)
+from tokred.compat import torch_api
 from tokred.triton_ops.common import graph_calls_kernel
 from tokred.triton_ops.prune import (
     ascending_index_reference, attention_row_scores_reference, k_center_selected_reference,
@@ -305,7 +306,7 @@ def token_candidates(input_ids: torch.Tensor, ids: tuple, start: int, end: int, 
     """
     found = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
     candidates = found & candidate_mask(input_ids.shape[1], start, end, input_ids.device)
-    torch._assert_async((candidates.sum(dim=1) == count).all(),
+    torch_api.assert_async((candidates.sum(dim=1) == count).all(),
                         "tokred prune: a row of the batch holds another number of prunable_ids tokens than "
                         "the example input the model was compiled for")
     return candidates
@@ -480,7 +481,7 @@ def _token_candidates(gm: fx.GraphModule, ids: tuple, start: int, end: int, n: i
         raise RewriteError(f"option 'prune.prunable_ids' needs the token ids as a graph input [B, {n}]; none found")
     i, input_ids = found[0]
     example = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
-    if example is None or isinstance(example, torch._subclasses.FakeTensor):
+    if example is None or torch_api.is_fake(example):
         raise RewriteError("option 'prune.prunable_ids' reads how many such tokens a row holds from the "
                            "example input, and none with values was given")
     rows = (torch.isin(example, torch.tensor(ids)) & candidate_mask(n, start, end, example.device)).sum(dim=1)

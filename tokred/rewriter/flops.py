@@ -80,7 +80,7 @@ def graph_flops(gm: fx.GraphModule) -> float:
 
 def _is_tokred_call(target) -> bool:
     """A function defined in tokred, or a ``torch.ops.tokred`` op."""
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+    if isinstance(target, torch_api.OP_TYPES):
         return getattr(target, "namespace", None) == "tokred"
     return callable(target) and str(getattr(target, "__module__", "")).startswith("tokred.")
 

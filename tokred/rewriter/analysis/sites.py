@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import fx
 
 from tokred.rewriter.analysis.graph import (
-    DROPOUT_FUNCS, LINEAR_TARGETS, MATMUL_TARGETS, SDPA_TARGETS, arg, common_module_path, is_call,
-    is_matmul, is_parameter_like, module_path, shape_of,
+    DROPOUT_FUNCS, LINEAR_TARGETS, MATMUL_TARGETS, SDPA_TARGETS, SOFTMAX_FUNCS, arg, common_module_path,
+    is_call, is_matmul, is_parameter_like, module_path, shape_of,
 )
 
 # ops that move data around without mixing tokens or channels
@@ -434,7 +434,7 @@ def find_attention_sites(graph: fx.Graph) -> list:
     for node in graph.nodes:
         if node.op == "call_function" and node.target in SDPA_TARGETS:
             sites.append(find_sdpa_site(node))
-        elif is_call(node, F.softmax, torch.softmax, "softmax", torch._softmax if hasattr(torch, "_softmax") else F.softmax):
+        elif is_call(node, *SOFTMAX_FUNCS, "softmax"):
             site = find_manual_site(node)
             if site is not None:
                 sites.append(site)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
+from tokred.compat import torch_api
 from tokred.rewriter.analysis.graph import (
     DROPOUT_FUNCS, LAYER_NORM_FUNCS, LINEAR_TARGETS, RMS_NORM_FUNCS, SDPA_TARGETS,
     example_value, is_call, is_matmul, is_state, shape_of,
@@ -44,7 +45,7 @@ ELEMENTWISE_FUNCS = {
     torch.clamp, torch.cos, torch.sin, torch.erf, torch.maximum, torch.minimum, torch.logical_and,
     torch.logical_or, torch.logical_not, torch.eq, torch.ne, torch.lt, torch.gt, torch.le, torch.ge,
     F.gelu, F.relu, F.silu, F.softmax, F.log_softmax, F.sigmoid, F.tanh, torch.softmax,
-    torch._C._nn.gelu, torch._C._nn.silu if hasattr(torch._C._nn, "silu") else F.silu,
+    *torch_api.ACTIVATION_FUNCS,
     torch.relu, torch.nn.functional.hardtanh, torch.tril, torch.triu,
     *DROPOUT_FUNCS, *LAYER_NORM_FUNCS, *RMS_NORM_FUNCS,
 }
