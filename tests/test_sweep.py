@@ -471,3 +471,126 @@ def mismatch(got, expected) -> str:
         except AssertionError as exc:
             return f"output {i}: {' '.join(str(exc).split())[:300]}"
     return ""
+
+
+# ============================================================================ the tests
+
+# CI's sample: one model per family and per form the analysis must get through (keyword operands,
+# relative/rotary positions, class/distillation/register tokens, windows, parallel blocks, ...).
+TIMM_SAMPLE = (
+    "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "vit_small_patch14_reg4_dinov2",
+    "eva02_tiny_patch14_224",  # F.linear(x, weight=..., bias=...): the IndexError of issue 15
+    "vit_relpos_small_patch16_224", "vit_base_patch16_rope_224", "beit_base_patch16_224", "cait_xxs24_224",
+    "convit_tiny", "xcit_nano_12_p16_224", "levit_128s", "pit_ti_224", "swin_tiny_patch4_window7_224",
+    "vit_base_patch16_siglip_224",  # attention pooling after the blocks
+    "vit_base_patch16_xp_224",  # parallel-residual blocks
+    "vit_small_patch16_18x2_224",  # two attention branches added at once
+)
+HF_SAMPLE = (
+    "bert", "gpt2", "llama", "qwen3", "gemma3", "mixtral", "t5", "whisper", "vit", "clip",
+    "gptj", "phi", "falcon", "gpt_neox",  # parallel-residual decoders
+    "mamba",  # F.conv1d(x, weight=..., ...): keyword operands outside attention
+)
+
+
+def _params_for(names: list, sample: tuple) -> list:
+    missing = [n for n in sample if n not in names]
+    assert not missing, f"sample models no longer listed: {missing}"
+    return [pytest.param(n, id=n, marks=() if n in sample else (pytest.mark.long,)) for n in names]
+
+
+def _timm_params() -> list:
+    try:
+        names = timm_names()
+    except ImportError:  # timm is optional (the bench extra): the sample then skips
+        names = list(TIMM_SAMPLE)
+    return _params_for(names, TIMM_SAMPLE)
+
+
+def _hf_params() -> list:
+    try:
+        names = hf_model_types()
+    except ImportError:
+        names = list(HF_SAMPLE)
+    return _params_for(names, HF_SAMPLE)
+
+
+OUTCOMES: dict = {}  # (library, outcome) -> names; summarised after the module
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sweep_summary(request):
+    """After the module: how many models were built, equal eager, skipped (and why), failed."""
+    yield
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if reporter is None or not OUTCOMES:
+        return
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        reporter.write_line("")
+        for (library, outcome), names in sorted(OUTCOMES.items()):
+            shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+            reporter.write_line(f"sweep {library}: {outcome}: {len(names)} ({shown})")
+
+
+def _sweep(library: str, built: Built, sample: tuple) -> None:
+    if built.skip:
+        OUTCOMES.setdefault((library, "not built tiny"), []).append(built.name)
+        assert built.name not in sample, f"{built.name} is in the CI sample and no longer builds: {built.skip}"
+        pytest.skip(built.skip)
+    try:
+        compile_and_compare(built)
+    except pytest.skip.Exception as exc:
+        kind = "Dynamo cannot compile it" if "cannot compile" in str(exc) else "plain Dynamo differs from eager"
+        OUTCOMES.setdefault((library, kind), []).append(built.name)
+        raise
+    except BaseException:
+        OUTCOMES.setdefault((library, "FAILED"), []).append(built.name)
+        raise
+    OUTCOMES.setdefault((library, "compiled, equal to eager"), []).append(built.name)
+
+
+@pytest.mark.parametrize("name", _timm_params())
+def test_timm_model_compiles_unchanged(name):
+    pytest.importorskip("timm")
+    _sweep("timm", build_timm(name), TIMM_SAMPLE)
+
+
+@pytest.mark.parametrize("model_type", _hf_params())
+def test_transformers_model_compiles_unchanged(model_type):
+    pytest.importorskip("transformers")
+    _sweep("transformers", build_hf(model_type), HF_SAMPLE)
+
+
+# A rewrite asked of a model tokred cannot rewrite: the model passes through unchanged, and the
+# report says why in words.
+PASS_THROUGH = [
+    ("transformers", "gptj", {"prune": {"keep": 0.5, "at": [0]}}, "parallel-residual block"),
+    ("transformers", "falcon", {"prune": {"keep": 0.5, "at": [0], "score": "random"}}, "parallel-residual block"),
+    ("transformers", "phi", {"merge": {"r": 2}}, "causal attention"),
+    ("timm", "vit_base_patch16_xp_224", {"prune": {"keep": 0.5, "at": [0]}}, "parallel-residual block"),
+    ("timm", "vit_base_patch16_xp_224", {"merge": {"r": 2}}, "parallel-residual block"),
+    ("timm", "vit_small_patch16_18x2_224", {"merge": {"r": 2}}, "parallel attention branches"),
+    ("timm", "levit_128s", {"prune": {"keep": 0.5, "at": [0]}}, "no transformer blocks found"),
+]
+
+
+@pytest.mark.parametrize("library, name, options, reason", PASS_THROUGH,
+                         ids=[f"{name}-{next(iter(options))}" for _, name, options, _ in PASS_THROUGH])
+def test_unrewritable_model_passes_through_with_a_reason(library, name, options, reason):
+    pytest.importorskip("timm" if library == "timm" else "transformers")
+    built = build_timm(name) if library == "timm" else build_hf(name)
+    assert not built.skip, built.skip
+    with torch.no_grad():
+        eager = run(built.model, built, None)
+        backend = tokred.backend(inner="eager", **options)
+        out = run(built.model, built, backend)
+    assert not mismatch(out, eager), f"{name} changed: {mismatch(out, eager)}"
+    report = backend.report
+    assert not report.changed and not any(s.status == "rewritten" for s in report.attention_sites), report
+    lines = [*report.notes, *(s.reason for s in report.attention_sites)]
+    text = "\n".join(lines)
+    assert reason in text, f"{name}: the report does not say {reason!r}:\n{report}"
+    bad = [w for w in FAILURE_WORDS if w in text]
+    assert not bad, f"{name}: the report shows internals ({', '.join(bad)}):\n{report}"
+    assert all("\n" not in line for line in lines), f"{name}: a reason spans several lines:\n{report}"
