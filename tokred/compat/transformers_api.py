@@ -1,9 +1,10 @@
 """The parts of transformers that tokred's runtime relies on and that move between releases.
 
-Supported: transformers >= 5.15 (``TRANSFORMERS_MIN``): the oldest release the version-sensitive
-tests passed on (README, "Supported versions"). 5.0 failed them: its decoder blocks return tuples
-and its cache layers cannot record a sliding window's past; some of the fallbacks below still
-cover 5.0's spellings.
+Supported: transformers >= 5.22 (``TRANSFORMERS_MIN``): the oldest release the version-sensitive
+tests passed on (README, "Supported versions"). 5.0 failed them (decoder blocks return tuples,
+cache layers cannot record a sliding window's past), 5.15 failed 9 (Gemma3's sliding layers under
+the early-exit draft, ViT's SDPA called with a mask); some fallbacks below still cover older
+spellings.
 
 - The cache keyword: forward and generate take ``past_key_values=`` up to 5.23; 5.24 renamed it
   ``cache=`` (the old name warns, and goes away in 5.40 for forward, 6.0 for generate). tokred
@@ -24,7 +25,7 @@ import torch
 
 from tokred.compat.torch_api import version_tuple
 
-TRANSFORMERS_MIN = (5, 15)
+TRANSFORMERS_MIN = (5, 22)
 OLD_CACHE_KEYWORD, NEW_CACHE_KEYWORD = "past_key_values", "cache"
 
 
