@@ -301,8 +301,10 @@ def test_failing_analysis_passes_the_model_through(monkeypatch):
         torch.compile(Net().eval(), backend=strict)(x)
 
 
-def test_failing_pass_leaves_the_graph_as_it_was(monkeypatch):
-    """A pass that changes the graph, then raises: the graph comes back node for node."""
+@pytest.mark.parametrize("inner", ["eager", "aot_eager"])
+def test_failing_pass_leaves_the_graph_as_it_was(monkeypatch, inner):
+    """A pass that changes the graph, then raises: the graph comes back node for node, with what
+    Dynamo put on the nodes (aot_autograd reads the placeholders' sources)."""
     import importlib
 
     backend_module = importlib.import_module("tokred.backend")  # tokred.backend is also a function
@@ -318,7 +320,7 @@ def test_failing_pass_leaves_the_graph_as_it_was(monkeypatch):
     monkeypatch.setattr(backend_module.PASSES["merge"], "apply", half_done)
     model = Net().eval()
     x = torch.randn(2, 8)
-    be = tokred.backend(inner="eager", merge={"r": 2})
+    be = tokred.backend(inner=inner, merge={"r": 2})
     out = torch.compile(model, backend=be)(x)
     torch.testing.assert_close(out, model(x))
     assert "merge: not applied, the graph is left as it was: RuntimeError: the pass broke" in be.report.notes

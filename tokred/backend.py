@@ -68,6 +68,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
 def _apply_pass(name: str, module, gm: fx.GraphModule, facts, report: Report, options: Options,
                 example_inputs) -> None:
     """Run one pass; where it raises, put the graph and the site statuses back as they were."""
+    saved_nodes = list(gm.graph.nodes)
     saved_graph = _copy_graph(gm.graph)
     saved_sites = [(s.status, s.reason, list(s.passes)) for s in report.attention_sites]
     try:
@@ -77,14 +78,30 @@ def _apply_pass(name: str, module, gm: fx.GraphModule, facts, report: Report, op
             if reason is not None:
                 note_unchanged(report, name, reason)  # an option that changed nothing says so
     except Exception as error:
-        if options.strict:
+        if options.strict or _is_option_error(error):
             raise
         log.debug("tokred: pass %s failed", name, exc_info=True)
+        _keep_node_attributes(saved_nodes, saved_graph)
         gm.graph = saved_graph
         gm.recompile()
         for site, (status, reason, passes) in zip(report.attention_sites, saved_sites):
             site.status, site.reason, site.passes = status, reason, passes
         report.note(f"{name}: not applied, the graph is left as it was: {failure_line(error)}")
+
+
+def _is_option_error(error: BaseException) -> bool:
+    """A bad option found while a pass runs (a per-block list longer than the model's blocks):
+    the user's error, raised as the options' own errors are, naming the option."""
+    return isinstance(error, ValueError) and "option '" in str(error)
+
+
+def _keep_node_attributes(originals: list, copies: fx.Graph) -> None:
+    """Give each copied node the attributes Dynamo set on the original node object, outside its
+    meta (``_dynamo_source`` on placeholders, which aot_autograd reads)."""
+    for original, copied in zip(originals, copies.nodes):
+        for attr, value in vars(original).items():
+            if attr not in vars(copied):
+                setattr(copied, attr, value)
 
 
 def _copy_graph(graph: fx.Graph) -> fx.Graph:
