@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
+from tokred.compat.transformers_api import cache_argument  # noqa: E402
 from tokred.generate import generate  # noqa: E402
 from tokred.passes.speculative import EarlyExitDraft  # noqa: E402
 from tokred.speculative_runtime import crop_tail, model_config, new_cache, next_k, prompt_lookup  # noqa: E402
@@ -384,7 +385,7 @@ def forward_cost(models: dict, prompt: torch.Tensor, widths: list, reps: int) ->
     times: dict = {name: {} for name in models}
     with torch.no_grad():
         for name, model in models.items():
-            model(input_ids=prompt, past_key_values=caches[name], use_cache=True, logits_to_keep=1)
+            model(input_ids=prompt, **cache_argument(model, caches[name]), use_cache=True, logits_to_keep=1)
         for rep in range(reps + 1):
             for w in widths:
                 for keep, key in ((0, w), (1, f"{w} last")):

@@ -32,6 +32,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+# the cache keyword of the installed transformers (only the spelling; the method is written out here)
+from tokred.compat.transformers_api import cache_argument
+
 SCORERS = ("cls", "query", "transition", "diversity", "random")
 
 
@@ -498,7 +501,7 @@ def hf_decoder_forward(model, input_ids: Tensor, opts: Optional[PruneOptions], u
         cos, sin = inner.rotary_emb(x, position_ids=position)
         bias = causal_bias(position, x.dtype)
         seen.append(position)
-        x = layer(x, attention_mask=bias, position_ids=position, past_key_values=cache, use_cache=use_cache,
+        x = layer(x, attention_mask=bias, position_ids=position, **cache_argument(layer, cache), use_cache=use_cache,
                   position_embeddings=(cos, sin))
         layers.append((*decoder_qk(layer, x_in, cos, sin), layer.self_attn.scaling, bias, x_in, x))
         if index in cuts:
@@ -523,7 +526,7 @@ def hf_decoder_step(model, token: Tensor, cache, position: int) -> Tensor:
     cos, sin = inner.rotary_emb(x, position_ids=ids)
     for layer in inner.layers:
         # No mask: a single query at the newest position may read every cached token.
-        x = layer(x, attention_mask=None, position_ids=ids, past_key_values=cache, use_cache=True,
+        x = layer(x, attention_mask=None, position_ids=ids, **cache_argument(layer, cache), use_cache=True,
                   position_embeddings=(cos, sin))
     return model.lm_head(inner.norm(x))
 

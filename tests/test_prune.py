@@ -27,6 +27,7 @@ import pytest
 import torch
 
 import tokred
+from tokred.compat.transformers_api import cache_argument, returned_cache
 import zoo
 from prune_reference import (DecoderResult, PruneOptions, apply_cut, attention_probs, causal_bias,
                              decoder_qk, hf_decoder_forward, hf_decoder_generate, hf_decoder_step,
@@ -89,13 +90,13 @@ def _compiled_run(name: str, depth: int, options_json: str, decode_steps: int):
         with torch.no_grad():
             out = fn(*zm.args, **zm.kwargs)
             if decode_steps:
-                cache = out.past_key_values
+                cache = returned_cache(out)
                 token = out.logits[:, -1:].argmax(-1)
                 steps, tokens = [], []
                 for _ in range(decode_steps):
                     tokens.append(token)
-                    step = fn(input_ids=token, past_key_values=cache, use_cache=True)
-                    cache = step.past_key_values
+                    step = fn(input_ids=token, **cache_argument(zm.model, cache), use_cache=True)
+                    cache = returned_cache(step)
                     steps.append(step.logits)
                     token = step.logits[:, -1:].argmax(-1)
                 out = (out, steps, torch.cat(tokens, dim=1), cache)
@@ -298,7 +299,7 @@ def test_reference_pruned_cache_decodes_like_the_model():
         theirs = hf_decoder_forward(zm.model, ids, opts)
         token = mine.logits[:, -1:].argmax(-1)
         step = hf_decoder_step(zm.model, token, mine.cache, mine.n)
-        own = zm.model(input_ids=token, past_key_values=theirs.cache, use_cache=True).logits
+        own = zm.model(input_ids=token, **cache_argument(zm.model, theirs.cache), use_cache=True).logits
     k_keep = kept_count(0.5, zm.token_count)  # no protected token in a decoder
     assert mine.cache.layers[0].keys.shape[2] == zm.token_count + 1
     assert mine.cache.layers[1].keys.shape[2] == k_keep + 1

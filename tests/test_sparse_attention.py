@@ -17,6 +17,7 @@ from torch import nn
 from zoo import SEQ_LEN, ZOO, max_abs_diff
 
 import tokred
+from tokred.compat.transformers_api import cache_argument
 from tokred.passes import sparse_attention as sa
 from tokred.rewriter.options import register_pass_options
 from tokred.rewriter.report import FOUND, REWRITTEN, SKIPPED
@@ -375,10 +376,10 @@ def test_decode_steps_over_a_kv_cache_equal_the_reference():
     model = torch.compile(zm.model, backend=be, dynamic=False)  # one graph per cache length
     ids, cache, steps = zm.kwargs["input_ids"][:, :5], DynamicCache(), 4
     with torch.no_grad():
-        logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=ids, **cache_argument(zm.model, cache), use_cache=True).logits[:, -1]
         seq = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         for _ in range(steps):
-            logits = model(input_ids=seq[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(input_ids=seq[:, -1:], **cache_argument(zm.model, cache), use_cache=True).logits[:, -1]
             seq = torch.cat([seq, logits.argmax(-1, keepdim=True)], dim=1)
         with reference_attention(zm.model, spec):
             expected = zm.model(input_ids=seq[:, :-1], use_cache=False).logits[:, -1]

@@ -16,6 +16,7 @@ import torch
 pytest.importorskip("transformers")
 
 from tokred.generate import DraftState, generate  # noqa: E402
+from tokred.compat.transformers_api import cache_argument  # noqa: E402
 from tokred.passes.speculative import EarlyExitDraft, cached_slice  # noqa: E402
 
 LAYERS, VOCAB = 4, 128
@@ -235,7 +236,7 @@ class CheckedSharedDraft(EarlyExitDraft):
             committed = state.tokens[b, :int(state.lengths[b]) - 1]
             fresh = DynamicCache()  # full layers: keeps every entry of sliding-window layers too
             with torch.no_grad():
-                self.model(input_ids=committed[None], past_key_values=fresh, use_cache=True)
+                self.model(input_ids=committed[None], **cache_argument(self.model, fresh), use_cache=True)
             n = committed.shape[0]
             assert int(self.target.n_real[b]) == n
             for shared, own in zip(layers, fresh.layers):

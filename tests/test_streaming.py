@@ -13,6 +13,7 @@ import torch
 from sparse_reference import reference_attention
 
 from tokred.streaming import StreamingCache, rotate_keys, streaming_generate
+from tokred.compat.transformers_api import cache_argument
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 16, 2
 MAX_POSITIONS = 32
@@ -55,7 +56,7 @@ def test_window_covering_everything_equals_plain_greedy(llama):
     with torch.no_grad():
         plain = llama.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0)
         cache = StreamingCache(2, 64, llama)
-        streamed = llama.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, past_key_values=cache)
+        streamed = llama.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, **cache_argument(llama, cache))
     assert torch.equal(streamed, plain)
     assert torch.equal(streaming_generate(llama, ids, 12, sinks=2, window=64).sequences, plain)
     assert cache.cached_length() == 7 + 12 - 1  # nothing evicted
@@ -80,7 +81,7 @@ def test_model_generate_runs_past_the_context_length(llama):
     ids = prompt(5)
     cache = StreamingCache(2, 6, llama)
     with torch.no_grad():
-        out = llama.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0, past_key_values=cache)
+        out = llama.generate(ids, max_new_tokens=40, do_sample=False, pad_token_id=0, **cache_argument(llama, cache))
     assert torch.equal(out, streaming_generate(llama, ids, 40, sinks=2, window=6).sequences)
     assert cache.cached_length() == 2 + 6 - 1
 

@@ -102,6 +102,8 @@ def _shrink_width(kwargs: dict) -> dict:
     for key, small in (("head_dim", 32), ("intermediate_size", 128), ("out_features", 64)):
         if isinstance(kwargs.get(key), int) and kwargs[key] > small:
             out[key] = small
+    if isinstance(kwargs.get("head_widths"), (list, tuple)):  # EfficientViT's classifier head
+        out["head_widths"] = type(kwargs["head_widths"])(min(w, 256) for w in kwargs["head_widths"])
     return out
 
 
@@ -130,9 +132,14 @@ def shrink_timm_kwargs(kwargs: dict, parts: tuple) -> dict:
     """The model arguments of a timm entrypoint, shrunk as ``parts`` says (depth, width, image)."""
     out = dict(kwargs)
     if "depth" in parts:
+        depth = out.get("depth")
         for key in DEPTH_KEYS:
             if key in out:
                 out[key] = _shrink_depth(out[key])
+        if isinstance(depth, int) and depth > out["depth"]:  # per-block lists (Sapiens2's num_kv_heads)
+            for key, value in kwargs.items():
+                if isinstance(value, (list, tuple)) and len(value) == depth:
+                    out[key] = type(value)(value[:out["depth"]])
         if isinstance(out.get("local_up_to_layer"), int):  # ConViT: GPSA blocks before the MHSA ones
             out["local_up_to_layer"] = 1
         if isinstance(out.get("global_attn_indexes"), (list, tuple)):  # SAM: its global-attention blocks

@@ -285,7 +285,7 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
         site, record = block.attention, block.attention.record
         if state["size"] is not None:
             sizes_before[block.index] = state["size"]
-        reason = _cannot_merge(block, site)
+        reason = _cannot_merge(block, site) or _blocked_after(blocks[block.index + 1:])
         if reason:
             record.mark(SKIPPED, f"merge: {reason}", NAME)
             _fail(options, record)
@@ -326,11 +326,20 @@ def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs
 def _cannot_merge(block, site) -> str:
     if site.causal:
         return "causal attention: merging would mix later tokens into earlier ones"
+    if block.unsupported:
+        return block.unsupported
     if block.mlp_add is None or block.output is None:
         return "the block's MLP residual add was not found"
     if shape_of(block.mid) is None or len(shape_of(block.mid)) != 3:
         return "the residual stream is not [B, N, C]"
     return ""
+
+
+def _blocked_after(later) -> str:
+    """Why a global merge cannot run through ``later`` (the blocks after it, which see the merged
+    tokens and their sizes) ("" if it can)."""
+    blocked = next((b for b in later if b.unsupported), None)
+    return f"block {blocked.module or blocked.index} after it: {blocked.unsupported}" if blocked else ""
 
 
 def _fail(options, record) -> None:
