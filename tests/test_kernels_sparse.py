@@ -1,9 +1,10 @@
 """tokred::sparse_attention: patterns, the generated Triton kernel (interpreter), CPU path, compile, ONNX.
 
 The oracle below builds each pattern's allowed set with Python loops straight from the definitions
-in tokred/triton_ops/sparse_attention.py (per query position and key; block_topk per query block
-with its own float64 Quest bound and sort), and computes attention per row in float64. It shares
-no code with the module's vectorised layouts, the gathered-block CPU path or the kernel.
+in tokred/triton_ops/sparse_pattern.py and sparse_topk.py (per query position and key; block_topk
+per query block with its own float64 Quest bound and sort), and computes attention per row in
+float64. It shares no code with the modules' vectorised layouts, the gathered-block CPU path or
+the kernel.
 
 Interpreter: TRITON_INTERPRET=1 is set per test (monkeypatch); tokred jits kernels at launch.
 """
@@ -264,20 +265,64 @@ def test_mask_fn_traces_to_rule_evaluated_like_the_function():
     assert "tl.where" in sparse_kernel.triton_rule("where(q_idx > 3, kv_idx < 2, kv_idx > 5)")
 
 
-def test_untraceable_mask_fn_and_bad_options_raise():
+def test_untraceable_mask_fn_and_bad_arguments_raise():
+    """The op's own errors name its arguments (the pass words them as tokred options)."""
     table = torch.tensor([1, 0, 1])
-    with pytest.raises(ValueError, match="sparse_attention.pattern.mask_fn"):
+    with pytest.raises(ValueError, match="sparse attention mask_fn") as error:
         sparse_rule.rule_from_mask_fn(lambda b, h, q_idx, kv_idx: q_idx.float() > 0.5 * kv_idx.float())
-    with pytest.raises(ValueError, match="sparse_attention.pattern.mask_fn"):
+    assert "tokred option" not in str(error.value)
+    with pytest.raises(ValueError, match="sparse attention mask_fn"):
         sparse_rule.rule_from_mask_fn(lambda b, h, q_idx, kv_idx: table[kv_idx] > 0)
-    with pytest.raises(ValueError, match="sparse_attention.pattern.kind"):
+    with pytest.raises(ValueError, match="sparse attention pattern: kind") as error:
         SparsePattern("strided")
-    with pytest.raises(ValueError, match="sparse_attention.pattern.window"):
+    assert "tokred option" not in str(error.value)
+    with pytest.raises(ValueError, match="sparse attention pattern: window"):
         SparsePattern("sink_window", window=-1)
-    with pytest.raises(ValueError, match="sparse_attention.pattern.mask_fn"):
+    with pytest.raises(ValueError, match="sparse attention pattern: mask_fn"):
         SparsePattern("mask")
     with pytest.raises(ValueError, match="sparse attention rule"):
         sparse_rule.check_rule("__import__('os')")
+    with pytest.raises(ValueError, match="sparse_attention: pattern must be a SparsePattern"):
+        sparse_attention(*qkv(1, 2, 2, 4, 4), {"pattern": "sink_window"})
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+def test_pattern_mask_mod_decides_like_the_element_rule(name):
+    """The pattern's flex mask_mod (and_masks/or_masks of its parts) and its rule string (what the
+    kernels read) allow the same pairs, at absolute positions shifted by q_offset."""
+    pattern = PATTERNS[name]
+    b, h = torch.arange(2).view(2, 1, 1, 1), torch.arange(3).view(1, 3, 1, 1)
+    rows, kv_idx = torch.arange(13).view(1, 1, 13, 1), torch.arange(40).view(1, 1, 1, 40)
+    rule = sparse_module.element_rule(pattern)
+    for q_offset in (0, 27):
+        by_rule = sparse_rule.eval_rule_torch(rule, b, h, rows + q_offset, kv_idx)
+        by_rule = torch.ones((), dtype=torch.bool) if by_rule is None else by_rule
+        by_mask_mod = sparse_module.pattern_mask_mod(pattern, q_offset)(b, h, rows, kv_idx)
+        assert torch.equal(by_mask_mod.expand(2, 3, 13, 40), by_rule.expand(2, 3, 13, 40))
+
+
+def test_sparse_modules_import_one_way():
+    """No cycle among the sparse attention modules, and none but the dispatcher imports it
+    (lazy imports inside functions count)."""
+    import ast
+    import graphlib
+    import pathlib
+
+    folder = pathlib.Path(sparse_module.__file__).parent
+    imports = {}
+    for path in folder.glob("sparse_*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "tokred.triton_ops":
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tokred.triton_ops."):
+                names.add(node.module.rsplit(".", 1)[1])
+            elif isinstance(node, ast.Import):
+                names |= {alias.name.rsplit(".", 1)[1] for alias in node.names
+                          if alias.name.startswith("tokred.triton_ops.")}
+        imports[path.stem] = {name for name in names if name.startswith("sparse_")}
+    list(graphlib.TopologicalSorter(imports).static_order())  # raises CycleError on a cycle
+    assert [name for name, used in imports.items() if "sparse_attention" in used] == []
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from tokred.triton_ops import sparse_attention as sparse_module
+from tokred.triton_ops import sparse_layout
 from tokred.triton_ops.sparse_attention import (
     SparsePattern,
     additive_mask,
@@ -55,15 +56,15 @@ def by_head(b, h, q_idx, kv_idx):
 @pytest.fixture
 def builds(monkeypatch):
     """An empty layout cache and a counter of layouts built from scratch (key: spec kind, for_flex)."""
-    monkeypatch.setattr(sparse_module, "_STATIC_LAYOUTS", collections.OrderedDict())
+    monkeypatch.setattr(sparse_layout, "_STATIC_LAYOUTS", collections.OrderedDict())
     counter = collections.Counter()
-    build = sparse_module.build_static_layout
+    build = sparse_layout.build_static_layout
 
     def counting_build(spec, *args, **kwargs):
         counter[spec[0]] += 1
         return build(spec, *args, **kwargs)
 
-    monkeypatch.setattr(sparse_module, "build_static_layout", counting_build)
+    monkeypatch.setattr(sparse_layout, "build_static_layout", counting_build)
     return counter
 
 
@@ -155,7 +156,7 @@ def test_mask_rule_not_reading_heads_shares_one_layout_across_heads(builds):
 
 
 def test_cache_is_bounded_least_recently_used_first(builds, monkeypatch):
-    monkeypatch.setattr(sparse_module, "STATIC_LAYOUT_CACHE_SIZE", 2)
+    monkeypatch.setattr(sparse_layout, "STATIC_LAYOUT_CACHE_SIZE", 2)
     pattern = SparsePattern("sink_window", sinks=1, window=5, block=8)
     spec = static_layout_spec(pattern, element_rule(pattern))
     tensors = {n: qkv(1, 2, 1, n, n)[:2] for n in (16, 24, 32)}
@@ -163,7 +164,7 @@ def test_cache_is_bounded_least_recently_used_first(builds, monkeypatch):
     static_layout(*tensors[24], 0, spec, False)
     static_layout(*tensors[16], 0, spec, False)  # 16 used last: 24 is the one to drop
     static_layout(*tensors[32], 0, spec, False)
-    assert len(sparse_module._STATIC_LAYOUTS) == 2 and builds["sink_window"] == 3
+    assert len(sparse_layout._STATIC_LAYOUTS) == 2 and builds["sink_window"] == 3
     static_layout(*tensors[16], 0, spec, False)
     assert builds["sink_window"] == 3
     static_layout(*tensors[24], 0, spec, False)
@@ -188,7 +189,7 @@ def test_compiled_static_shapes_hold_the_layout_as_graph_constants(fresh_dynamo,
     torch.testing.assert_close(compiled(q, k, v), sparse_attention_reference(q, k, v, pattern), **TOL)
     built = sum(builds.values())
     assert built >= 1
-    sparse_module._STATIC_LAYOUTS.clear()
+    sparse_layout._STATIC_LAYOUTS.clear()
     for seed in (1, 2):
         q, k, v = qkv(2, 4, 2, num_queries, 37, seed=seed)
         torch.testing.assert_close(compiled(q, k, v), sparse_attention_reference(q, k, v, pattern), **TOL)

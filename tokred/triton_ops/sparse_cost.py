@@ -34,7 +34,11 @@ import math
 import torch
 from torch import Tensor
 
+from tokred.compat.torch_api import disable_current_modes, is_fake
 from tokred.triton_ops import common, sparse_rule
+from tokred.triton_ops.sparse_blocks import dense_rule_mask, kept_from_layout, without_broadcast
+from tokred.triton_ops.sparse_layout import kept_blocks
+from tokred.triton_ops.sparse_pattern import CAUSAL_RULE, element_rule, interval_rule, layout_blocks
 
 
 def overlap(a0: Tensor, a1: Tensor, b0: Tensor, b1: Tensor) -> Tensor:
@@ -71,8 +75,6 @@ def mask_tile_pairs(rule: str, batch: int, heads: int, num_queries: int, num_key
                     block_m: int, block_n: int) -> Tensor:
     """Allowed pairs per tile of any rule, from the rule evaluated on every pair:
     int64 [B or 1, H or 1, NQB, NKB] (B, H where the rule reads b, h)."""
-    from tokred.triton_ops.sparse_attention import dense_rule_mask
-
     names = sparse_rule.rule_names(rule)
     mask = dense_rule_mask(rule, batch if "b" in names else 1, heads if "h" in names else 1, num_queries,
                            num_keys, q_offset, "cpu")
@@ -87,8 +89,6 @@ def mask_tile_pairs(rule: str, batch: int, heads: int, num_queries: int, num_key
 
 def rule_is_causal(rule: str) -> bool:
     """Whether the element rule holds causality (``pattern_rule`` writes it as the first term)."""
-    from tokred.triton_ops.sparse_attention import CAUSAL_RULE, interval_rule
-
     intervals = interval_rule(rule)
     if intervals is not None:
         return intervals[2]
@@ -98,8 +98,6 @@ def rule_is_causal(rule: str) -> bool:
 def tile_pairs(rule: str, batch: int, heads: int, num_queries: int, num_keys: int, q_offset: int,
                block_m: int, block_n: int) -> Tensor:
     """Pairs the rule allows per tile: int64 [B or 1, H or 1, NQB, NKB]."""
-    from tokred.triton_ops.sparse_attention import interval_rule
-
     intervals = interval_rule(rule)
     if intervals is None:
         return mask_tile_pairs(rule, batch, heads, num_queries, num_keys, q_offset, block_m, block_n)
@@ -133,9 +131,6 @@ def op_flops(q, k, v, kv_count, kv_index, bias, scale, q_offset, block_m, block_
     blocks the layout lists. A fake layout (a count under FakeTensorMode) has no values: every
     block is taken as kept, which is exact for sink_window and mask rules (their layouts are the
     blocks the rule meets) and the dense count of block_topk's causal rule (an upper bound)."""
-    from tokred.compat.torch_api import disable_current_modes, is_fake
-    from tokred.triton_ops.sparse_attention import kept_from_layout, without_broadcast
-
     num_k_blocks = common.cdiv(k.shape[2], block_n)
     with disable_current_modes():  # plain tensors here, even when the op ran under FakeTensorMode
         if is_fake(kv_count) or is_fake(kv_index):
@@ -157,9 +152,6 @@ def pattern_attention_flops(pattern, q_shape, k_shape, v_shape, q_offset: int | 
     """The op's FLOPs over the layout the entry point would build at these sizes (block_topk: see
     the module docstring); equal to :func:`dense_flops` exactly when the pattern keeps every pair
     of the site's causal (or full) attention."""
-    from tokred.compat.torch_api import disable_current_modes
-    from tokred.triton_ops.sparse_attention import element_rule, kept_blocks, layout_blocks
-
     batch, heads, num_queries, _ = (int(s) for s in q_shape)
     num_keys = int(k_shape[2])
     q_offset = num_keys - num_queries if q_offset is None else q_offset

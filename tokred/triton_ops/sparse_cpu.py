@@ -42,6 +42,7 @@ CAPABILITY_FLAGS = {
 
 
 def compile_flags() -> list[str]:
+    """g++ flags of the build: -O3, OpenMP and the SIMD level torch detected (``CAPABILITY_FLAGS``)."""
     flags = ["-O3", "-fopenmp"]
     return flags + CAPABILITY_FLAGS.get(torch.backends.cpu.get_cpu_capability(), [])
 

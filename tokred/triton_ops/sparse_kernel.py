@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from tokred.triton_ops import common, sparse_rule
+from tokred.triton_ops.sparse_args import check_layout, check_qkv
 
 LOG2E = 1.4426950408889634
 
@@ -167,9 +168,11 @@ def tile_size(layout: int, rows: int) -> int:
 def sparse_attention_triton(q: Tensor, k: Tensor, v: Tensor, kv_count: Tensor, kv_index: Tensor,
                             bias: Tensor | None, scale: float, q_offset: int, block_m: int, block_n: int,
                             rule: str, num_warps: int | None = None, num_stages: int | None = None) -> Tensor:
-    """Launch the generated kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1): [B, H, Nq, Dv]."""
-    from tokred.triton_ops.sparse_attention import check_layout, check_qkv
+    """Launch the generated kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1): [B, H, Nq, Dv].
 
+    q [B, H, Nq, D], k/v [B, Hkv, Nk, D/Dv]; kv_count [B, H, NQB] and kv_index [B, H, NQB, MAXK]
+    int32 (the op's layout, sparse_blocks.py); bias additive, broadcast to [B, H, Nq, Nk], or None.
+    """
     common.require_triton("sparse_attention")
     check_qkv(q, k, v)
     check_layout(q, kv_count, kv_index, block_m)

@@ -55,17 +55,17 @@ _NOT_METHODS = {"__invert__", "logical_not", "bitwise_not"}
 def rule_from_mask_fn(mask_fn: Callable) -> str:
     """Trace ``mask_fn(b, h, q_idx, kv_idx)`` with torch.fx into a rule expression (see module doc).
 
-    Raises ValueError (naming ``sparse_attention.pattern.mask_fn``) for an op outside the rule
-    language, e.g. indexing a captured tensor.
+    Raises ValueError (``sparse attention mask_fn ...``) for an op outside the rule language,
+    e.g. indexing a captured tensor.
     """
     try:
         graph = torch.fx.symbolic_trace(mask_fn, concrete_args=None).graph
     except Exception as error:  # fx raises many types for untraceable code
-        raise ValueError(f"tokred option 'sparse_attention.pattern.mask_fn' could not be traced by torch.fx: {error}") \
+        raise ValueError(f"sparse attention mask_fn could not be traced by torch.fx: {error}") \
             from error
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     if len(placeholders) != 4:
-        raise ValueError("tokred option 'sparse_attention.pattern.mask_fn' must take (b, h, q_idx, kv_idx), "
+        raise ValueError("sparse attention mask_fn must take (b, h, q_idx, kv_idx), "
                          f"got {len(placeholders)} arguments")
     exprs: dict[torch.fx.Node, str] = {node: name for node, name in zip(placeholders, RULE_NAMES)}
 
@@ -76,11 +76,11 @@ def rule_from_mask_fn(mask_fn: Callable) -> str:
             return "True" if value else "False"
         if isinstance(value, int):
             return f"({value})"
-        raise ValueError(f"tokred option 'sparse_attention.pattern.mask_fn': constant {value!r} is not an integer "
+        raise ValueError(f"sparse attention mask_fn: constant {value!r} is not an integer "
                          "or boolean (the rule language has no floats)")
 
     def unsupported(node) -> ValueError:
-        return ValueError(f"tokred option 'sparse_attention.pattern.mask_fn': {node.op} {node.target} is not "
+        return ValueError(f"sparse attention mask_fn: {node.op} {node.target} is not "
                           "supported in a traced mask rule (use comparisons, & | ~, + - * // %, where, "
                           "minimum, maximum, abs on b, h, q_idx, kv_idx)")
 
@@ -107,7 +107,7 @@ def rule_from_mask_fn(mask_fn: Callable) -> str:
         else:
             raise unsupported(node)
     if output is None:
-        raise ValueError("tokred option 'sparse_attention.pattern.mask_fn' returned nothing")
+        raise ValueError("sparse attention mask_fn returned nothing")
     return output
 
 
@@ -147,7 +147,7 @@ _TORCH_CALLS = {"where": torch.where, "minimum": torch.minimum, "maximum": torch
 
 # rule -> a Python function (b, h, q_idx, kv_idx) -> tensor, built once by ``torch_rule_fn``. A plain
 # dict lookup, so Dynamo traces ``eval_rule_torch`` (into the generated function's bytecode) once
-# the rule was built eagerly (``sparse_attention.element_rule`` does that at trace time).
+# the rule was built eagerly (``sparse_pattern.element_rule`` does that at trace time).
 _RULE_FNS: dict[str, Callable] = {}
 
 
