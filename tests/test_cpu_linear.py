@@ -75,8 +75,8 @@ def packed_counts(backend) -> list[tuple[int, int]]:
 
 
 def test_options():
-    assert parse_options({"cpu_linear": "onednn"}).passes["cpu_linear"] == {"kernel": "onednn", "min_rows": 2}
-    assert parse_options({"cpu_linear": {"min_rows": 1}}).passes["cpu_linear"]["min_rows"] == 1
+    assert parse_options({"cpu_linear": "onednn"}).passes["cpu_linear"] == cpu_linear.CpuLinearOptions("onednn", 2)
+    assert parse_options({"cpu_linear": {"min_rows": 1}}).passes["cpu_linear"].min_rows == 1
     assert "cpu_linear" not in parse_options({"cpu_linear": None}).passes
     for bad, name in (("mkl", "cpu_linear.kernel"), ({"kernel": "x"}, "cpu_linear.kernel"), (3, "cpu_linear"),
                       ({"min_rows": 0}, "cpu_linear.min_rows"), ({"min_rows": True}, "cpu_linear.min_rows"),

@@ -184,8 +184,11 @@ def test_layers_that_select_nothing_say_so(fresh_dynamo):
 
 def test_unchanged_reason_reads_the_sites_of_any_pass():
     def site(status, reason, passes):
-        return SiteRecord(module="m", layer=0, kind="sdpa", q_shape=(), kv_shape=(), heads=1, kv_heads=1,
-                          head_dim=1, causal=True, has_mask=False, status=status, reason=reason, passes=passes)
+        record = SiteRecord(module="m", layer=0, kind="sdpa", q_shape=(), kv_shape=(), heads=1, kv_heads=1,
+                            head_dim=1, causal=True, has_mask=False)
+        for name in passes:
+            record.mark(status, reason, name)
+        return record
 
     assert unchanged_reason(Report(), "merge") == "the graph has no attention sites"
     causal = "merge: causal attention: merging would mix later tokens into earlier ones"

@@ -6,8 +6,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import logging
 from typing import Any, Callable
 
@@ -18,20 +16,20 @@ from tokred.passes import cpu_linear, merge, prune, sparse_attention
 from tokred.rewriter import analysis
 from tokred.rewriter.flops import graph_flops
 from tokred.rewriter.options import Options, parse_options, register_pass_options
-from tokred.rewriter.report import Report, note_unchanged, unchanged_reason
+from tokred.rewriter.driver import failure_line, run_pass, unguarded
+from tokred.rewriter.report import Report
 from tokred.triton_ops.common import kernel_settings
 
 log = logging.getLogger(__name__)
 
-# The pass table (option name -> pass module, in the order they run: the token-reducing passes,
+# The pass table (option name -> pass class, in the order they run: the token-reducing passes,
 # then sparse attention on the attention left, then the CPU linear kernels on the projections
-# that are left: it runs last because it replaces projection nodes the others read). rewriter/ never imports it.
-# A pass module has ``validate(value) -> dict`` (its options) and
-# ``apply(gm, facts, opts, report, options, example_inputs)``.
-PASSES: dict[str, Any] = {prune.NAME: prune, merge.NAME: merge, sparse_attention.NAME: sparse_attention,
-                          cpu_linear.NAME: cpu_linear}
-for _name, _module in PASSES.items():
-    register_pass_options(_name, _module.validate)
+# that are left: it runs last because it replaces projection nodes the others read). rewriter/
+# never imports it. Every pass follows rewriter.driver's protocol (options -> match -> plan -> apply).
+PASSES: dict[str, type] = {p.name: p for p in (prune.Prune, merge.Merge, sparse_attention.SparseAttention,
+                                               cpu_linear.CpuLinear)}
+for _name, _pass in PASSES.items():
+    register_pass_options(_name, _pass.Options.parse)
 
 
 def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.GraphModule, Report]:
@@ -54,78 +52,12 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
     report = facts.to_report()
     with unguarded(example_inputs):
         report.flops_before = graph_flops(gm)
-    for name, module in PASSES.items():
+    for name, pass_type in PASSES.items():
         if name in options.passes:
-            _apply_pass(name, module, gm, facts, report, options, example_inputs)
-    if report.changed:
-        gm.graph.lint()
-        gm.recompile()
+            run_pass(pass_type, gm, facts, options.passes[name], report, options, example_inputs)
     with unguarded(example_inputs):
         report.flops_after = graph_flops(gm) if report.changed else report.flops_before
     return gm, report
-
-
-def _apply_pass(name: str, module, gm: fx.GraphModule, facts, report: Report, options: Options,
-                example_inputs) -> None:
-    """Run one pass; where it raises, put the graph and the site statuses back as they were."""
-    saved_nodes = list(gm.graph.nodes)
-    saved_graph = _copy_graph(gm.graph)
-    saved_sites = [(s.status, s.reason, list(s.passes)) for s in report.attention_sites]
-    try:
-        module.apply(gm, facts, options.passes[name], report, options, example_inputs)
-        if name != cpu_linear.NAME:  # cpu_linear notes its own counts
-            reason = unchanged_reason(report, name)
-            if reason is not None:
-                note_unchanged(report, name, reason)  # an option that changed nothing says so
-    except Exception as error:
-        if options.strict or _is_option_error(error):
-            raise
-        log.debug("tokred: pass %s failed", name, exc_info=True)
-        _keep_node_attributes(saved_nodes, saved_graph)
-        gm.graph = saved_graph
-        gm.recompile()
-        for site, (status, reason, passes) in zip(report.attention_sites, saved_sites):
-            site.status, site.reason, site.passes = status, reason, passes
-        report.note(f"{name}: not applied, the graph is left as it was: {failure_line(error)}")
-
-
-def _is_option_error(error: BaseException) -> bool:
-    """A bad option found while a pass runs (a per-block list longer than the model's blocks):
-    the user's error, raised as the options' own errors are, naming the option."""
-    return isinstance(error, ValueError) and "option '" in str(error)
-
-
-def _keep_node_attributes(originals: list, copies: fx.Graph) -> None:
-    """Give each copied node the attributes Dynamo set on the original node object, outside its
-    meta (``_dynamo_source`` on placeholders, which aot_autograd reads)."""
-    for original, copied in zip(originals, copies.nodes):
-        for attr, value in vars(original).items():
-            if attr not in vars(copied):
-                setattr(copied, attr, value)
-
-
-def _copy_graph(graph: fx.Graph) -> fx.Graph:
-    """A node-for-node copy of ``graph`` (fx copies each node's metadata shallowly: cheap)."""
-    return copy.deepcopy(graph)
-
-
-def failure_line(error: BaseException, limit: int = 300) -> str:
-    """An exception as one line: its type and the first line of its message."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:limit] if lines else 'no message'}"
-
-
-def unguarded(example_inputs):
-    """A context in which evaluating the graph's symbolic sizes adds no guard.
-
-    For figures of the report only (FLOPs of a dynamic graph, taken at the sizes it was captured
-    with): a guard there would pin each symbolic size to its example value, and Dynamo would
-    recompile the graph for every other value (e.g. at each decode step of a growing KV cache).
-    Never wrap code whose rewrite depends on a size: that must guard.
-    """
-    fake_mode = torch_api.detect_fake_mode(example_inputs)
-    shape_env = getattr(fake_mode, "shape_env", None)
-    return shape_env.suppress_guards() if shape_env is not None else contextlib.nullcontext()
 
 
 def inner_compile(gm: fx.GraphModule, example_inputs, inner: str, mode: str | None = None) -> Callable:

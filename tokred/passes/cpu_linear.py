@@ -42,6 +42,7 @@ import math
 import warnings
 import weakref
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -50,6 +51,8 @@ from torch import fx
 from tokred.compat import torch_api
 from tokred.compat.torch_api import FakeTensor, FakeTensorMode
 from tokred.rewriter.analysis.graph import LINEAR_TARGETS, example_value, is_state, shape_of
+from tokred.rewriter.driver import GraphPass, Skip
+from tokred.rewriter.surgery import RewriteError
 
 NAME = "cpu_linear"
 KERNELS = ("onednn",)
@@ -58,30 +61,37 @@ PACKED_PREFIX = "_tokred_cpu_linear_"
 
 # ----------------------------------------------------------------------------- options
 
-def validate(value: Any) -> dict:
-    """``"onednn"`` or ``{"kernel": "onednn", "min_rows": int}`` -> the normalised dict.
-
+@dataclass(frozen=True)
+class CpuLinearOptions:
+    """kernel: "onednn" (the one kernel so far).
     min_rows: a projection whose rows (the product of its input's leading dims) are a static number
               below this is kept as it is (default 2: a graph specialised to one token, the plain
               decode step, keeps MKL's single-row kernel, which oneDNN does not beat; graphs with
               a dynamic or larger token count are packed). 1 packs every site.
     """
-    if isinstance(value, str):
-        value = {"kernel": value}
-    if not isinstance(value, dict):
-        raise ValueError(f"tokred option 'cpu_linear' must be one of {KERNELS} or a dict like "
-                         f"{{'kernel': 'onednn'}}, got {value!r}")
-    known = {"kernel", "min_rows"}
-    for key in value:
-        if key not in known:
-            raise ValueError(f"unknown tokred option 'cpu_linear.{key}'; known: {', '.join(sorted(known))}")
-    kernel = value.get("kernel", "onednn")
-    if kernel not in KERNELS:
-        raise ValueError(f"tokred option 'cpu_linear.kernel' must be one of {KERNELS}, got {kernel!r}")
-    min_rows = value.get("min_rows", 2)
-    if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
-        raise ValueError(f"tokred option 'cpu_linear.min_rows' must be an int >= 1, got {min_rows!r}")
-    return {"kernel": kernel, "min_rows": min_rows}
+
+    kernel: str = "onednn"
+    min_rows: int = 2
+
+    @classmethod
+    def parse(cls, value: Any) -> "CpuLinearOptions":
+        """``"onednn"`` or ``{"kernel": "onednn", "min_rows": int}``; a bad value raises naming the option."""
+        if isinstance(value, str):
+            value = {"kernel": value}
+        if not isinstance(value, dict):
+            raise ValueError(f"tokred option 'cpu_linear' must be one of {KERNELS} or a dict like "
+                             f"{{'kernel': 'onednn'}}, got {value!r}")
+        known = {"kernel", "min_rows"}
+        for key in value:
+            if key not in known:
+                raise ValueError(f"unknown tokred option 'cpu_linear.{key}'; known: {', '.join(sorted(known))}")
+        kernel = value.get("kernel", "onednn")
+        if kernel not in KERNELS:
+            raise ValueError(f"tokred option 'cpu_linear.kernel' must be one of {KERNELS}, got {kernel!r}")
+        min_rows = value.get("min_rows", 2)
+        if isinstance(min_rows, bool) or not isinstance(min_rows, int) or min_rows < 1:
+            raise ValueError(f"tokred option 'cpu_linear.min_rows' must be an int >= 1, got {min_rows!r}")
+        return cls(kernel=kernel, min_rows=min_rows)
 
 
 # ----------------------------------------------------------------------------- availability
@@ -124,53 +134,89 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Te
     return torch_api.onednn_linear_op()(x, packed, bias, "none", [], "")
 
 
-# ----------------------------------------------------------------------------- the rewrite
+# ----------------------------------------------------------------------------- the pass
 
-def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs) -> None:
-    """Replace every eligible projection of ``facts.projections`` by a packed oneDNN linear; report
-    how many were packed and why the others were not."""
-    sites = facts.projections
-    if not sites:
-        report.note("cpu_linear: no projections found; nothing packed")
-        return
-    unavailable = onednn_unavailable()
-    if options.inner == "inductor":
-        # Inductor lowers mkldnn._linear_pointwise only for weights that are graph constants
-        # (freezing), and with freezing it packs fp32 weights for MKL itself.
-        unavailable = ("the inner compiler is inductor, which runs oneDNN linears only on frozen weights; "
-                       "use inner='eager' or 'aot_eager' with cpu_linear")
-        warnings.warn(f"tokred cpu_linear: {unavailable}", stacklevel=2)
-    if unavailable:
-        _skip(report, options, f"{unavailable}; {len(sites)} projections left as they are")
-        return
-    values = _state_values(gm, example_inputs)
-    packed, kept, skipped = Counter(), Counter(), {}
-    for site in sites:
-        if getattr(site.node, "_erased", False):
-            skipped.setdefault("an earlier pass removed it", Counter())[site.role] += 1
-            continue
-        rows = static_rows(site)
-        if rows is not None and rows < opts["min_rows"]:
-            kept[site.role] += 1
-            continue
-        plan = plan_site(site, values)
-        if isinstance(plan, str):
-            skipped.setdefault(plan, Counter())[site.role] += 1
-            continue
-        x, weight, transpose, bias = plan
-        _rewrite(gm, site.node, x, shared_pack(weight, transpose), bias, options.verify)
-        packed[site.role] += 1
-    if packed:
-        gm.graph.lint()
-        gm.recompile()
-    total = sum(packed.values())
-    report.note(f"cpu_linear: {total} of {len(sites)} projections packed for oneDNN "
-                f"({_counts_text(packed) or 'none'})")
-    if kept:
-        report.note(f"cpu_linear: {sum(kept.values())} projections ({_counts_text(kept)}) kept as they are: "
-                    f"fewer than min_rows={opts['min_rows']} rows in this graph")
-    for reason, roles in skipped.items():
-        _skip(report, options, f"{sum(roles.values())} projections ({_counts_text(roles)}) left as they are: {reason}")
+@dataclass(frozen=True)
+class LinearPlan:
+    """One projection to pack: its input node, the weight tensor ([out, in]; [in, out] with
+    ``transpose``) and the bias node (or None)."""
+
+    x: fx.Node
+    weight: torch.Tensor
+    transpose: bool
+    bias: Optional[fx.Node]
+
+
+class CpuLinear(GraphPass):
+    """Every eligible projection of ``facts.projections`` becomes a packed oneDNN linear; the
+    report says how many were packed and why the others were not."""
+
+    name, Options = NAME, CpuLinearOptions
+    marks_sites = False  # projections have no report row: counts go to the notes
+    # each packed linear is checked to give its node's shape and dtype, and takes its metadata;
+    # (fake propagation could not run the op on the real packed buffer anyway)
+    propagates = True
+
+    def precondition(self) -> str:
+        if not self.facts.projections:
+            return ""  # finish() says so
+        unavailable = onednn_unavailable()
+        if self.options.inner == "inductor":
+            # Inductor lowers mkldnn._linear_pointwise only for weights that are graph constants
+            # (freezing), and with freezing it packs fp32 weights for MKL itself.
+            unavailable = ("the inner compiler is inductor, which runs oneDNN linears only on frozen weights; "
+                           "use inner='eager' or 'aot_eager' with cpu_linear")
+            warnings.warn(f"tokred cpu_linear: {unavailable}", stacklevel=2)
+        if unavailable:
+            return f"{unavailable}; {len(self.facts.projections)} projections left as they are"
+        return ""
+
+    def match(self) -> list:
+        """Every projection, except those whose rows the graph fixes below ``min_rows`` (noted)."""
+        self.values = _state_values(self.gm, self.example_inputs)
+        self.kept = Counter()
+        sites = []
+        for site in self.facts.projections:
+            rows = static_rows(site)
+            if rows is not None and rows < self.opts.min_rows:
+                self.kept[site.role] += 1
+            else:
+                sites.append(site)
+        return sites
+
+    def plan(self, site):
+        plan = plan_site(site, self.values)
+        return Skip(plan) if isinstance(plan, str) else LinearPlan(*plan)
+
+    def apply(self, site, plan: LinearPlan) -> str:
+        _rewrite(self.gm, site.node, plan.x, shared_pack(plan.weight, plan.transpose), plan.bias, self.options.verify)
+        return f"packed {site.role}"
+
+    def label(self, site) -> str:
+        return f"{site.role} projection {site.node.name}"
+
+    def skip(self, site, reason: str) -> None:
+        self.skipped.append((site, reason))  # strict raises in finish(), after every site is counted
+
+    def finish(self) -> None:
+        sites = len(self.facts.projections)
+        if not sites:
+            self.report.note("cpu_linear: no projections found; nothing packed")
+            return
+        packed = Counter(site.role for site, _ in self.rewritten)
+        self.report.note(f"cpu_linear: {sum(packed.values())} of {sites} projections packed for oneDNN "
+                         f"({_counts_text(packed) or 'none'})")
+        if self.kept:
+            self.report.note(f"cpu_linear: {sum(self.kept.values())} projections ({_counts_text(self.kept)}) "
+                             f"kept as they are: fewer than min_rows={self.opts.min_rows} rows in this graph")
+        skipped: dict = {}
+        for site, reason in self.skipped:
+            skipped.setdefault(reason, Counter())[site.role] += 1
+        for reason, roles in skipped.items():
+            line = f"cpu_linear: {sum(roles.values())} projections ({_counts_text(roles)}) left as they are: {reason}"
+            self.report.note(line)
+            if self.options.strict:
+                raise ValueError(f"tokred strict: {line}")
 
 
 def static_rows(site) -> Optional[int]:
@@ -242,7 +288,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node, x: fx.Node, packed: torch.Tensor
         weight = graph.get_attr(name)
         weight.meta["example_value"] = fake_mode.from_tensor(packed, static_shapes=True)
         new = graph.call_function(torch_api.onednn_linear_op(), (x, weight, bias, "none", [], ""))
-    if verify:
+    if verify:  # a mismatch is a RewriteError: the driver undoes this site (strict: raises)
         check_same_result_type(node, x, weight, bias, fake_mode)
     new.meta = dict(node.meta)  # same output; keeps nn_module_stack for the report
     node.replace_all_uses_with(new)
@@ -257,7 +303,7 @@ def check_same_result_type(node: fx.Node, x: fx.Node, weight: fx.Node, bias, fak
         got = packed_linear(example_value(x), example_value(weight), example_value(bias) if bias is not None else None)
     same = got.dtype == expected.dtype and [str(d) for d in got.shape] == [str(d) for d in expected.shape]
     if not same:
-        raise ValueError(f"cpu_linear: the packed linear for {node.name} gives {got.dtype} "
+        raise RewriteError(f"the packed linear for {node.name} gives {got.dtype} "
                          f"{list(got.shape)}, the graph had {expected.dtype} {list(expected.shape)}")
 
 
@@ -293,12 +339,6 @@ def _free_name(gm: fx.GraphModule, base: str) -> str:
     while hasattr(gm, name):
         name, i = f"{base}_{i}", i + 1
     return name
-
-
-def _skip(report, options, line: str) -> None:
-    report.note(f"cpu_linear: {line}")
-    if options.strict:
-        raise ValueError(f"tokred strict: cpu_linear: {line}")
 
 
 def _counts_text(counts: Counter) -> str:

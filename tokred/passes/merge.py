@@ -35,6 +35,7 @@ add; the residual stream keeps all tokens. ``protect`` applies there too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -47,7 +48,8 @@ from tokred.triton_ops.tome_merge import tome_merge_reference
 from tokred.rewriter import tokens
 from tokred.rewriter.analysis.graph import shape_of
 from tokred.rewriter.analysis.sites import is_projection_node, projection_input, site_mask
-from tokred.rewriter.report import REWRITTEN, SKIPPED
+from tokred.rewriter.driver import GraphPass, Keep, Skip
+from tokred.rewriter.report import SKIPPED
 from tokred.rewriter.surgery import Reduction, RewriteError, cut_tokens, record_each_run
 from tokred.rewriter.verify import propagate_shapes
 
@@ -59,39 +61,54 @@ PROTECT = ("tome", "set_aside")
 
 # ----------------------------------------------------------------------------- options
 
-def validate(value: Any) -> dict:
-    """``{"r": int | list[int], "schedule", "prop_attn", "mode", "protect", "trace_source"}``; an int is r."""
-    if isinstance(value, bool) or not isinstance(value, (int, dict)):
-        raise ValueError(f"tokred option 'merge' must be a dict like {{'r': 8}} or an int r, got {value!r}")
-    if isinstance(value, int):
-        value = {"r": value}
-    known = {"r", "schedule", "prop_attn", "mode", "protect", "trace_source"}
-    for key in value:
-        if key not in known:
-            raise ValueError(f"unknown tokred option 'merge.{key}'; known: {', '.join(sorted(known))}")
-    r = value.get("r", 0)
-    if isinstance(r, bool) or not (isinstance(r, int) or (isinstance(r, (list, tuple)) and
-                                                          all(isinstance(x, int) and not isinstance(x, bool) for x in r))):
-        raise ValueError(f"tokred option 'merge.r' must be an int or a list of ints (one per block), got {r!r}")
-    if any(x < 0 for x in (r if isinstance(r, (list, tuple)) else [r])):
-        raise ValueError(f"tokred option 'merge.r' must be >= 0, got {r!r}")
-    schedule = value.get("schedule", "constant")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"tokred option 'merge.schedule' must be one of {SCHEDULES}, got {schedule!r}")
-    if isinstance(r, (list, tuple)) and "schedule" in value:
-        raise ValueError("tokred option 'merge.schedule' applies to an int r, not to a per-block list")
-    mode = value.get("mode", "global")
-    if mode not in MODES:
-        raise ValueError(f"tokred option 'merge.mode' must be one of {MODES}, got {mode!r}")
-    protect = value.get("protect", "tome")
-    if protect not in PROTECT:
-        raise ValueError(f"tokred option 'merge.protect' must be one of {PROTECT}, got {protect!r}")
-    for flag in ("prop_attn", "trace_source"):
-        if flag in value and not isinstance(value[flag], bool):
-            raise ValueError(f"tokred option 'merge.{flag}' must be True or False, got {value[flag]!r}")
-    return {"r": list(r) if isinstance(r, (list, tuple)) else r, "schedule": schedule, "mode": mode,
-            "protect": protect, "prop_attn": value.get("prop_attn", mode == "global"),
-            "trace_source": value.get("trace_source", False)}
+@dataclass(frozen=True)
+class MergeOptions:
+    """r: tokens merged per block (an int, spread by ``schedule``, or one per block); mode:
+    "global" (ToMe) or "local" (tomesd); protect: "tome" or "set_aside" (module docstring);
+    prop_attn: proportional attention (default: on in global mode); trace_source: record where
+    each original token went (tokred.explain)."""
+
+    r: Any = 0
+    schedule: str = "constant"
+    mode: str = "global"
+    protect: str = "tome"
+    prop_attn: bool = True
+    trace_source: bool = False
+
+    @classmethod
+    def parse(cls, value: Any) -> "MergeOptions":
+        """``{"r": int | list[int], "schedule", "prop_attn", "mode", "protect", "trace_source"}``; an int is r."""
+        if isinstance(value, bool) or not isinstance(value, (int, dict)):
+            raise ValueError(f"tokred option 'merge' must be a dict like {{'r': 8}} or an int r, got {value!r}")
+        if isinstance(value, int):
+            value = {"r": value}
+        known = {"r", "schedule", "prop_attn", "mode", "protect", "trace_source"}
+        for key in value:
+            if key not in known:
+                raise ValueError(f"unknown tokred option 'merge.{key}'; known: {', '.join(sorted(known))}")
+        r = value.get("r", 0)
+        if isinstance(r, bool) or not (isinstance(r, int) or (isinstance(r, (list, tuple)) and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in r))):
+            raise ValueError(f"tokred option 'merge.r' must be an int or a list of ints (one per block), got {r!r}")
+        if any(x < 0 for x in (r if isinstance(r, (list, tuple)) else [r])):
+            raise ValueError(f"tokred option 'merge.r' must be >= 0, got {r!r}")
+        schedule = value.get("schedule", "constant")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"tokred option 'merge.schedule' must be one of {SCHEDULES}, got {schedule!r}")
+        if isinstance(r, (list, tuple)) and "schedule" in value:
+            raise ValueError("tokred option 'merge.schedule' applies to an int r, not to a per-block list")
+        mode = value.get("mode", "global")
+        if mode not in MODES:
+            raise ValueError(f"tokred option 'merge.mode' must be one of {MODES}, got {mode!r}")
+        protect = value.get("protect", "tome")
+        if protect not in PROTECT:
+            raise ValueError(f"tokred option 'merge.protect' must be one of {PROTECT}, got {protect!r}")
+        for flag in ("prop_attn", "trace_source"):
+            if flag in value and not isinstance(value[flag], bool):
+                raise ValueError(f"tokred option 'merge.{flag}' must be True or False, got {value[flag]!r}")
+        return cls(r=tuple(r) if isinstance(r, (list, tuple)) else r, schedule=schedule, mode=mode,
+                   protect=protect, prop_attn=value.get("prop_attn", mode == "global"),
+                   trace_source=value.get("trace_source", False))
 
 
 def r_per_block(r, schedule: str, blocks: int) -> list:
@@ -100,7 +117,7 @@ def r_per_block(r, schedule: str, blocks: int) -> list:
     "constant": r in every block. "decreasing": linearly from 2r down to 0 (the same total as
     constant, more merging early where tokens are most redundant).
     """
-    if isinstance(r, list):
+    if isinstance(r, (list, tuple)):
         if len(r) != blocks:
             raise ValueError(f"tokred option 'merge.r' lists {len(r)} values but the model has {blocks} blocks")
         return list(r)
@@ -268,59 +285,109 @@ def compose_dest(total: Optional[torch.Tensor], dest: torch.Tensor) -> torch.Ten
 
 # ----------------------------------------------------------------------------- the pass
 
-def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs) -> None:
-    """Merge tokens in every block that can take it; report every site."""
-    blocks = facts.blocks
-    if not blocks:
-        report.note("merge: no transformer blocks found; nothing merged")
-        return
-    rs = r_per_block(opts["r"], opts["schedule"], len(blocks))
-    if opts["mode"] == "local":
-        _apply_local(gm, facts, rs, opts["protect"], report, options, example_inputs)
-        return
-    prefix = facts.protected_tokens
-    state = {"size": None, "group": None, "merges": 0, "source": None}
-    sizes_before = {}  # block index -> the size node its attention reads (proportional attention)
-    for block, r in zip(blocks, rs):
-        site, record = block.attention, block.attention.record
-        if state["size"] is not None:
-            sizes_before[block.index] = state["size"]
-        reason = _cannot_merge(block, site) or _blocked_after(blocks[block.index + 1:])
+@dataclass(frozen=True)
+class MergePlan:
+    """One block's merge: ``r`` of its ``n`` tokens (global mode), or, in local mode, each branch
+    as ``(name, n, r)``; ``prefix`` leading tokens protected."""
+
+    block: int
+    r: int
+    n: int
+    prefix: int
+    branches: tuple = ()
+
+
+@dataclass
+class MergeReduction(Reduction):
+    """A ToMe merge at a block's mid point, with what the next block's merge reads: the token
+    sizes [B, M, 1], matching groups [B, M] and (trace_source) the map from original positions."""
+
+    size: Optional[fx.Node] = None
+    group: Optional[fx.Node] = None
+    source: Optional[fx.Node] = None
+
+
+class Merge(GraphPass):
+    """Merge tokens in every block that can take it; every site is reported."""
+
+    name, Options = NAME, MergeOptions
+    propagates = True  # cut_tokens propagates the shapes after each merge
+
+    def match(self) -> list:
+        blocks = self.facts.blocks
+        self.rs = r_per_block(self.opts.r, self.opts.schedule, len(blocks))
+        self.prefix = self.facts.protected_tokens
+        self.last: Optional[MergeReduction] = None  # the latest merge (sizes, groups, sources)
+        self.sizes_before = {}  # block index -> the size node its attention reads (prop_attn)
+        return list(blocks)
+
+    def plan(self, block):
+        site = block.attention
+        if self.last is not None:
+            self.sizes_before[block.index] = self.last.size
+        reason = _cannot_merge(block, site)
+        if self.opts.mode == "local":
+            reason = reason or ("the query projection was not found" if site.q_proj is None else "")
+            if reason:
+                return Skip(f"(local) {reason}")
+            branches = tuple((name, shape_of(start)[1], min(self.rs[block.index], (shape_of(start)[1] - self.prefix) // 2))
+                             for name, start, _ in _local_branches(block, site))
+            branches = tuple(b for b in branches if b[2] > 0)
+            return MergePlan(block.index, 0, 0, self.prefix, branches) if branches else Keep("r=0 at this block")
+        reason = reason or _blocked_after(self.facts.blocks[block.index + 1:])
         if reason:
-            record.mark(SKIPPED, f"merge: {reason}", NAME)
-            _fail(options, record)
-            continue
+            return Skip(reason)
         n = shape_of(block.mid)[1]
-        r_eff = min(r, (n - prefix) // 2)  # at most half of the unprotected tokens
-        if r_eff <= 0:
-            record.mark(record.status, record.reason or f"merge: r=0 at this block ({n} tokens)", NAME)
-            continue
-        try:
-            make = _global_reduction(site, r_eff, prefix, opts["protect"], state, opts["trace_source"])
-            cut_tokens(gm, facts, block.mid, blocks[-1].output, make, n - r_eff, example_inputs, options.verify)
-        except RewriteError as exc:
-            record.mark(SKIPPED, f"merge: {exc}", NAME)
-            _fail(options, record)
-            continue
-        state["merges"] += 1
-        state["size"], state["group"], state["source"] = state.pop("pending")
-        record.mark(REWRITTEN, f"merge r={r_eff}: {n} -> {n - r_eff} tokens after attention", NAME)
-    if opts["prop_attn"] and sizes_before:
-        for block in blocks:
-            size = sizes_before.get(block.index)
-            if size is not None and block.attention.record.status != SKIPPED:
-                _add_size_bias(gm, block.attention, size)
-        gm.graph.lint()
-        gm.recompile()
-        if example_inputs is not None:
-            propagate_shapes(gm, example_inputs)
-    if opts["trace_source"] and state["source"] is not None:
-        report.sources = record_each_run(gm, state["source"], "tokred_merge_sources")
-        if options.inner != "eager":
-            report.note("merge: trace_source records only when the graph runs eagerly (tokred.explain)")
-    if state["merges"]:
-        report.note(f"merge: {state['merges']} blocks merged, prop_attn={'on' if opts['prop_attn'] else 'off'}, "
-                    f"{prefix} protected leading tokens (protect={opts['protect']})")
+        r = min(self.rs[block.index], (n - self.prefix) // 2)  # at most half of the unprotected tokens
+        return MergePlan(block.index, r, n, self.prefix) if r > 0 else Keep(f"r=0 at this block ({n} tokens)")
+
+    def apply(self, block, plan: MergePlan) -> str:
+        if self.opts.mode == "local":
+            return self._apply_local(block, plan)
+        make = _global_reduction(block.attention, plan.r, plan.prefix, self.opts.protect, self.last,
+                                 self.opts.trace_source)
+        cut = cut_tokens(self.gm, self.facts, block.mid, self.facts.blocks[-1].output, make, plan.n - plan.r,
+                         self.example_inputs, self.options.verify)
+        self.last = cut.reduction
+        return f"merge r={plan.r}: {plan.n} -> {plan.n - plan.r} tokens after attention"
+
+    def _apply_local(self, block, plan: MergePlan) -> str:
+        """tomesd: merge each branch input, unmerge the branch output before its residual add."""
+        mask = site_mask(block.attention)  # read before the attention branch's cut gathers it
+        ends = {name: (start, end) for name, start, end in _local_branches(block, block.attention)}
+        for name, n, r in plan.branches:
+            start, end = ends[name]
+            try:
+                cut_tokens(self.gm, self.facts, start, end, _local_reduction(mask, r, plan.prefix, self.opts.protect),
+                           n - r, self.example_inputs, self.options.verify)
+            except RewriteError as exc:
+                raise RewriteError(f"(local, {name}): {exc}") from exc
+        return "merge (local) " + ", ".join(f"{name} {n}->{n - r}" for name, n, r in plan.branches)
+
+    def finish(self) -> None:
+        opts, gm = self.opts, self.gm
+        if not self.facts.blocks:
+            self.report.note("merge: no transformer blocks found; nothing merged")
+            return
+        if opts.mode == "local":
+            return
+        merged = {block.index for block, _ in self.rewritten}
+        if opts.prop_attn and self.sizes_before:
+            for block in self.facts.blocks:
+                size = self.sizes_before.get(block.index)
+                if size is not None and block.attention.record.status_of(NAME) != SKIPPED:
+                    _add_size_bias(gm, block.attention, size)
+            gm.graph.lint()
+            gm.recompile()
+            if self.example_inputs is not None:
+                propagate_shapes(gm, self.example_inputs)
+        if opts.trace_source and self.last is not None and self.last.source is not None:
+            self.report.sources = record_each_run(gm, self.last.source, "tokred_merge_sources")
+            if self.options.inner != "eager":
+                self.report.note("merge: trace_source records only when the graph runs eagerly (tokred.explain)")
+        if merged:
+            self.report.note(f"merge: {len(merged)} blocks merged, prop_attn={'on' if opts.prop_attn else 'off'}, "
+                             f"{self.prefix} protected leading tokens (protect={opts.protect})")
 
 
 def _cannot_merge(block, site) -> str:
@@ -342,25 +409,18 @@ def _blocked_after(later) -> str:
     return f"block {blocked.module or blocked.index} after it: {blocked.unsupported}" if blocked else ""
 
 
-def _fail(options, record) -> None:
-    if options.strict:
-        raise ValueError(f"tokred strict: {record.module}: {record.reason}")
+def _global_reduction(site, r: int, prefix: int, protect: str, last: Optional[MergeReduction], trace: bool):
+    """make_reduction for one ToMe merge at a block's mid point; ``last``: the previous merge."""
 
-
-def _global_reduction(site, r: int, prefix: int, protect: str, state: dict, trace: bool):
-    """make_reduction for one ToMe merge at a block's mid point."""
-
-    def make(graph: fx.Graph, stream: fx.Node) -> Reduction:
+    def make(graph: fx.Graph, stream: fx.Node) -> MergeReduction:
         metric = graph.call_function(head_mean, (site.k,))
-        group = state["group"]
-        if group is None:
-            group = graph.call_function(merge_groups, (stream, site_mask(site)))
-        step = graph.call_function(tome_step, (stream, metric, state["size"], group, r, prefix, protect))
+        group = last.group if last is not None else graph.call_function(merge_groups, (stream, site_mask(site)))
+        size = last.size if last is not None else None
+        step = graph.call_function(tome_step, (stream, metric, size, group, r, prefix, protect))
         merged, size, new_group, rep, dest = (graph.call_function(getitem, (step, i)) for i in range(5))
-        source = graph.call_function(compose_dest, (state["source"], dest)) if trace else None
-        state["pending"] = (size, new_group, source)
+        source = graph.call_function(compose_dest, (last.source if last is not None else None, dest)) if trace else None
         restore = lambda g, cut_stream, end: g.call_function(tokens.gather_stream, (end, dest))
-        return Reduction(stream=merged, index=rep, restore=restore)
+        return MergeReduction(stream=merged, index=rep, restore=restore, size=size, group=new_group, source=source)
 
     return make
 
@@ -384,39 +444,6 @@ def _add_size_bias(gm: fx.GraphModule, site, size: fx.Node) -> None:
             logits = site.softmax.args[0]
             biased = graph.call_function(torch.add, (logits, bias))
             site.softmax.replace_input_with(logits, biased)
-
-
-def _apply_local(gm, facts, rs, protect: str, report, options, example_inputs) -> None:
-    """tomesd: merge each branch input, unmerge the branch output before its residual add."""
-    prefix = facts.protected_tokens
-    for block, r in zip(facts.blocks, rs):
-        site = block.attention
-        record = site.record
-        reason = _cannot_merge(block, site)
-        if not reason and site.q_proj is None:
-            reason = "the query projection was not found"
-        if reason:
-            record.mark(SKIPPED, f"merge (local): {reason}", NAME)
-            _fail(options, record)
-            continue
-        done = []
-        mask = site_mask(site)  # read before the attention branch's cut gathers it
-        for branch, start, end in _local_branches(block, site):
-            n = shape_of(start)[1]
-            r_eff = min(r, (n - prefix) // 2)
-            if r_eff <= 0:
-                continue
-            try:
-                cut_tokens(gm, facts, start, end, _local_reduction(mask, r_eff, prefix, protect), n - r_eff,
-                           example_inputs, options.verify)
-                done.append(f"{branch} {n}->{n - r_eff}")
-            except RewriteError as exc:
-                record.mark(SKIPPED, f"merge (local, {branch}): {exc}", NAME)
-                _fail(options, record)
-                break
-        else:
-            if done:
-                record.mark(REWRITTEN, "merge (local) " + ", ".join(done), NAME)
 
 
 def _local_branches(block, site) -> list:

@@ -28,6 +28,7 @@ kept tokens (their keys rotated at their original positions) and decode steps at
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -43,7 +44,7 @@ from tokred.triton_ops.prune import (
 from tokred.rewriter import tokens
 from tokred.rewriter.analysis.graph import shape_of
 from tokred.rewriter.analysis.sites import site_mask
-from tokred.rewriter.report import REWRITTEN, SKIPPED
+from tokred.rewriter.driver import GraphPass, Skip
 from tokred.rewriter.surgery import KVOutputs, Reduction, RewriteError, cut_tokens, record_each_run
 
 NAME = "prune"
@@ -99,7 +100,34 @@ def _check_query(value) -> Optional[tuple]:
     return tuple(value)
 
 
-def validate(value: Any) -> dict:
+@dataclass(frozen=True)
+class PruneOptions:
+    """keep: per cut, a fraction of the prunable tokens or a count; at: the blocks cut after
+    (sorted); score: how tokens are ranked (None: "query" on causal models, else "cls"); fuse:
+    the pruned tokens' weighted mean is kept as one token (EViT); range / prunable_ids /
+    protect_last: which tokens may be pruned; query: score 'query''s rows; accumulate: blocks whose
+    scores are summed; pool: an odd window the scores are averaged over; seed: score 'random''s;
+    trace_source: record each token's exit block (tokred.explain)."""
+
+    keep: tuple = (0.5,)
+    at: tuple = (1,)
+    score: Optional[str] = None
+    fuse: bool = False
+    range: Optional[tuple] = None
+    prunable_ids: Optional[tuple] = None
+    trace_source: bool = False
+    protect_last: int = 0
+    query: Optional[tuple] = None
+    accumulate: int = 1
+    pool: int = 1
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, value: Any) -> "PruneOptions":
+        return cls(**_parse(value))
+
+
+def _parse(value: Any) -> dict:
     """``{"keep", "at", "score", "fuse", "range", "prunable_ids", "protect_last", "query", "accumulate",
     "pool", "seed", "trace_source"}``; a float is keep."""
     if isinstance(value, float):
@@ -160,7 +188,7 @@ def validate(value: Any) -> dict:
                 f"at or before the earlier cut after block {previous}"
             raise _error("accumulate", f"{accumulate} blocks ending at block {cut} start at block "
                          f"{cut - accumulate + 1}, {where}")
-    return {"keep": [keeps[i] for i in order], "at": [at[i] for i in order], "score": score,
+    return {"keep": tuple(keeps[i] for i in order), "at": tuple(at[i] for i in order), "score": score,
             "fuse": value.get("fuse", False), "range": _check_pair("range", value.get("range")),
             "prunable_ids": ids, "trace_source": value.get("trace_source", False),
             "protect_last": protect_last, "query": query, "accumulate": accumulate, "pool": pool, "seed": seed}
@@ -391,88 +419,131 @@ def getitem(t, i):
 
 # ----------------------------------------------------------------------------- the pass
 
-def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs) -> None:
-    """Prune after each block in ``opts['at']``; report every site."""
-    blocks = facts.blocks
-    if not blocks:
-        report.note("prune: no transformer blocks found; nothing pruned")
-        return
-    for at in opts["at"]:
-        if at >= len(blocks) - 1:
-            raise _error("at", f"block {at} is not followed by another block (the model has {len(blocks)} "
-                         f"blocks: prune after 0..{len(blocks) - 2})")
-    causal = any(b.attention.causal for b in blocks)
-    score = opts["score"] or ("query" if causal else "cls")
-    protected = facts.protected_tokens
-    fused_tokens = 0  # fused tokens appended by earlier cuts stay at the end, never pruned
-    start = end = None
-    candidates = None  # prunable_ids: the candidates node [B, N] after the last cut
-    trace = {"exits": None, "origin": None}  # trace_source: exit block per original token
-    reduced = {}  # stream node at a cut -> the reduced stream that replaced it for later blocks
-    done = 0
-    for at, keep in zip(opts["at"], opts["keep"]):
-        block = blocks[at]
-        record = block.attention.record
-        n = shape_of(block.output)[1] if shape_of(block.output) is not None else None
-        reason = _cannot_prune(block, score, opts["fuse"], causal, protected, blocks[at + 1:])
+@dataclass(frozen=True)
+class PrunePlan:
+    """One cut after block ``at``: ``n`` tokens, of which the ``count`` prunable ones (positions
+    ``start..end-1``, or the prunable_ids tokens) keep ``k``; ``m`` tokens leave the cut."""
+
+    at: int
+    keep: Any
+    n: int
+    start: int
+    end: int
+    count: int
+    k: int
+    m: int
+    by_ids: bool = False
+
+
+@dataclass
+class PruneReduction(Reduction):
+    """A pruning cut, with what the next cut reads: the candidates node it read [B, N] and the
+    exit tracking (trace_source) it extended."""
+
+    candidates: Optional[fx.Node] = None
+    exits: Optional[fx.Node] = None
+    origin: Optional[fx.Node] = None
+
+
+class Prune(GraphPass):
+    """Prune after each block of ``at``; every site is reported."""
+
+    name, Options = NAME, PruneOptions
+    propagates = True  # cut_tokens propagates the shapes after each cut
+
+    def match(self) -> list:
+        blocks = self.facts.blocks
+        for at in self.opts.at:
+            if blocks and at >= len(blocks) - 1:
+                raise _error("at", f"block {at} is not followed by another block (the model has {len(blocks)} "
+                             f"blocks: prune after 0..{len(blocks) - 2})")
+        self.causal = any(b.attention.causal for b in blocks)
+        self.score = self.opts.score or ("query" if self.causal else "cls")
+        self.protected = self.facts.protected_tokens
+        self.fused_tokens = 0  # fused tokens appended by earlier cuts stay at the end, never pruned
+        self.interval = None  # (start, end) of the prunable tokens, fixed at the first cut
+        self.candidates = None  # the candidates node [B, N] after the last cut (prunable_ids)
+        self.ids_input = None  # prunable_ids: the input ids node and each row's count
+        self.last: Optional[PruneReduction] = None
+        self.reduced = {}  # stream node at a cut -> the reduced stream that replaced it for later blocks
+        self.cache_outputs = frozenset()
+        self.keeps = dict(zip(self.opts.at, self.opts.keep))
+        return [blocks[at] for at in self.opts.at] if blocks else []
+
+    def plan(self, block):
+        opts, blocks, at = self.opts, self.facts.blocks, block.index
+        shape = shape_of(block.output)
+        n = shape[1] if shape is not None else None
+        reason = _cannot_prune(block, self.score, opts.fuse, self.causal, self.protected, blocks[at + 1:])
         if n is None:
             reason = reason or "the residual stream at the block output has no known shape"
-        if start is None and not reason:
-            start, end = prunable_interval(n - fused_tokens, protected, opts["range"], opts["protect_last"])
-            if opts["prunable_ids"] is not None:
-                try:
-                    candidates, end = _token_candidates(gm, opts["prunable_ids"], start, end, n, example_inputs)
-                except RewriteError as exc:
-                    reason = str(exc)
-        if not reason and end - start == 0:
-            reason = "no prunable tokens (protected, range, prunable_ids and protect_last cover all)"
         if reason:
-            record.mark(SKIPPED, f"prune: {reason}", NAME)
-            _fail(options, record)
-            continue
+            return Skip(reason)
+        if self.interval is None:
+            start, end = prunable_interval(n - self.fused_tokens, self.protected, opts.range, opts.protect_last)
+            if opts.prunable_ids is not None:
+                try:
+                    input_ids, count = _count_candidates(self.gm, opts.prunable_ids, start, end, n, self.example_inputs)
+                except RewriteError as exc:
+                    return Skip(str(exc))
+                self.ids_input = (input_ids, end, count)  # the tokens of those ids in [start, end)
+                end = start + count
+            self.interval = (start, end)
+        start, end = self.interval
+        if end - start == 0:
+            return Skip("no prunable tokens (protected, range, prunable_ids and protect_last cover all)")
         p = end - start  # prunable tokens per row
-        k = kept_count(keep, p)
-        m = n - p + k + (1 if opts["fuse"] else 0)
-        lo, hi = start, end
-        cut = {"k": k, "n": n, "count": p, "trace": trace,
-               "sources": [(reduced.get(b.input, b.input), b) for b in blocks[at - opts["accumulate"] + 1:at + 1]],
-               "candidates": candidates if candidates is not None else
-               (lambda g, stream: g.call_function(interval_candidates, (stream, lo, hi)))}
-        try:
-            make = _reduction(gm, block, score, opts, cut)
-            token_cut = cut_tokens(gm, facts, block.output, blocks[-1].output, make, m, example_inputs,
-                                   options.verify, kv_outputs=_kv_outputs(blocks[at + 1:]))
-        except RewriteError as exc:
-            record.mark(SKIPPED, f"prune: {exc}", NAME)
-            _fail(options, record)
-            continue
-        where = f"prunable {start}..{end - 1}" if candidates is None else f"{p} prunable_ids tokens per row"
-        how = "".join(f" {key}={opts[key]}" for key in ("accumulate", "pool") if opts[key] > 1)
-        record.mark(REWRITTEN, f"prune score={score}{how} keep={keep}: {n} -> {m} tokens after block {at} "
-                    f"({where})", NAME)
-        done += 1
-        reduced[token_cut.stream] = token_cut.gathered
-        fused_tokens += 1 if opts["fuse"] else 0
-        if candidates is not None:  # the kept candidates, wherever the cut put them
-            with gm.graph.inserting_after(cut["index"]):
-                candidates = gm.graph.call_function(next_candidates, (cut["candidates"], cut["index"],
-                                                                      opts["fuse"]))
-            end = start + k  # (only the count end - start is read from here on)
-        else:  # the kept candidates are contiguous again: [start, start + k); fused tokens go last
-            end = start + k
-    if done and opts["trace_source"]:
-        report.sources = record_each_run(gm, trace["exits"], "tokred_prune_exits")
-        if options.inner != "eager":
-            report.note("prune: trace_source records only when the graph runs eagerly (tokred.explain)")
-    if done:
-        gm.graph.eliminate_dead_code()  # e.g. the candidates after the last cut
-        report.note(f"prune: {done} cut(s), score={score}, {protected} protected leading tokens, "
-                    f"pruned tokens exit early")
+        k = kept_count(self.keeps[at], p)
+        return PrunePlan(at=at, keep=self.keeps[at], n=n, start=start, end=end, count=p, k=k,
+                         m=n - p + k + (1 if opts.fuse else 0), by_ids=opts.prunable_ids is not None)
+
+    def apply(self, block, plan: PrunePlan) -> str:
+        opts, blocks, graph = self.opts, self.facts.blocks, self.gm.graph
+        if plan.by_ids and self.candidates is None:  # the first cut marks the prunable_ids tokens
+            input_ids, end, count = self.ids_input
+            with graph.inserting_before(next(iter(input_ids.users))):
+                self.candidates = graph.call_function(token_candidates, (input_ids, opts.prunable_ids, plan.start,
+                                                                         end, count))
+        lo, hi = plan.start, plan.end
+        candidates = self.candidates if plan.by_ids else \
+            (lambda g, stream: g.call_function(interval_candidates, (stream, lo, hi)))
+        sources = [(self.reduced.get(b.input, b.input), b) for b in blocks[plan.at - opts.accumulate + 1:plan.at + 1]]
+        make = _reduction(block, self.score, opts, plan, candidates, sources, self.last)
+        cut = cut_tokens(self.gm, self.facts, block.output, blocks[-1].output, make, plan.m, self.example_inputs,
+                         self.options.verify, kv_outputs=_kv_outputs(blocks[plan.at + 1:]))
+        self.last = cut.reduction
+        self.cache_outputs |= cut.cache_outputs
+        self.reduced[cut.stream] = cut.gathered
+        self.fused_tokens += 1 if opts.fuse else 0
+        if plan.by_ids:  # the kept candidates, wherever the cut put them
+            with graph.inserting_after(cut.index):
+                self.candidates = graph.call_function(next_candidates, (cut.reduction.candidates, cut.index, opts.fuse))
+        # the kept candidates are contiguous again: [start, start + k) (with prunable_ids only the
+        # count end - start is read from here on); fused tokens go last
+        self.interval = (plan.start, plan.start + plan.k)
+        where = f"prunable {plan.start}..{plan.end - 1}" if not plan.by_ids else f"{plan.count} prunable_ids tokens per row"
+        how = "".join(f" {key}={getattr(opts, key)}" for key in ("accumulate", "pool") if getattr(opts, key) > 1)
+        return (f"prune score={self.score}{how} keep={plan.keep}: {plan.n} -> {plan.m} tokens after block "
+                f"{plan.at} ({where})")
+
+    def finish(self) -> None:
+        if not self.facts.blocks:
+            self.report.note("prune: no transformer blocks found; nothing pruned")
+            return
+        if not self.rewritten:
+            return
+        if self.opts.trace_source:
+            self.report.sources = record_each_run(self.gm, self.last.exits, "tokred_prune_exits")
+            if self.options.inner != "eager":
+                self.report.note("prune: trace_source records only when the graph runs eagerly (tokred.explain)")
+        self.gm.graph.eliminate_dead_code()  # e.g. the candidates after the last cut
+        self.report.note(f"prune: {len(self.rewritten)} cut(s), score={self.score}, {self.protected} protected "
+                         f"leading tokens, pruned tokens exit early")
 
 
-def _token_candidates(gm: fx.GraphModule, ids: tuple, start: int, end: int, n: int, example_inputs) -> tuple:
-    """The node marking the prunable_ids tokens [B, N] and the end of an interval holding as many
-    positions as each row has such tokens (the count is read from the example input)."""
+def _count_candidates(gm: fx.GraphModule, ids: tuple, start: int, end: int, n: int, example_inputs) -> tuple:
+    """(the token ids input node [B, N], how many prunable_ids tokens each row holds in [start,
+    end)); the count is read from the example input and must be the same in every row."""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     found = [(i, node) for i, node in enumerate(placeholders)
              if shape_of(node) is not None and len(shape_of(node)) == 2 and shape_of(node)[1] == n
@@ -488,11 +559,7 @@ def _token_candidates(gm: fx.GraphModule, ids: tuple, start: int, end: int, n: i
     if rows.numel() == 0 or (rows != rows[0]).any():
         raise RewriteError(f"option 'prune.prunable_ids': the rows of the example input hold different numbers "
                            f"of those tokens ({rows.tolist()}); every row must hold the same number")
-    count = int(rows[0])
-    first_reader = next(iter(input_ids.users))
-    with gm.graph.inserting_before(first_reader):
-        node = gm.graph.call_function(token_candidates, (input_ids, ids, start, end, count))
-    return node, start + count
+    return input_ids, int(rows[0])
 
 
 def _cannot_prune(block, score: str, fuse: bool, causal: bool, protected: int, later=()) -> str:
@@ -530,15 +597,10 @@ def _kv_outputs(later_blocks) -> KVOutputs:
     return KVOutputs(True)
 
 
-def _fail(options, record) -> None:
-    if options.strict:
-        raise ValueError(f"tokred strict: {record.module}: {record.reason}")
-
-
-def _query_rows(score: str, opts: dict, n: int) -> tuple:
+def _query_rows(score: str, opts: PruneOptions, n: int) -> tuple:
     if score == "cls":
         return (0,)
-    lo, hi = opts["query"] or (-1, n)
+    lo, hi = opts.query or (-1, n)
     lo, hi = (n if v is None else v + n if v < 0 else v for v in (lo, hi))
     if not 0 <= lo < hi <= n:
         raise RewriteError(f"option 'prune.query' {opts['query']} is outside the {n} tokens")
@@ -550,14 +612,14 @@ def _scale(site) -> float:
     return site.scale if site.scale is not None else site.head_dim ** -0.5
 
 
-def _select(gm: fx.GraphModule, graph: fx.Graph, block, score: str, opts: dict, stream: fx.Node,
-            cut: dict) -> tuple:
+def _select(graph: fx.Graph, block, score: str, opts: PruneOptions, stream: fx.Node, plan: PrunePlan,
+            cands: fx.Node, sources: list) -> tuple:
     """Insert the selection at the cut after ``block``: (kept [B, M, C], index [B, M], scores [B, N]
-    or None). ``cut``: the candidates node, their count per row, the kept count k, the tokens N."""
+    or None). ``cands``: the candidates node [B, N]; ``sources``: (input, block) of every block
+    whose scores are accumulated, the cut's last."""
     site = block.attention
-    cands, p, k, n = cut["candidates"], cut["count"], cut["k"], cut["n"]
-    sources = cut["sources"]  # (input, block) of every block whose scores are accumulated, the cut's last
-    pool = opts["pool"]
+    p, k, n = plan.count, plan.k, plan.n
+    pool = opts.pool
     if score in ATTENTION_SCORES and (len(sources) > 1 or pool > 1):
         # scores, pooling, then selection (the fused score + select + gather op scores one block
         # and selects at once)
@@ -587,7 +649,7 @@ def _select(gm: fx.GraphModule, graph: fx.Graph, block, score: str, opts: dict, 
             if pool > 1:
                 scores = graph.call_function(pooled_scores, (scores, pool))
         else:  # random: a seeded table per cut, a constant of the graph
-            table = torch.rand(n, generator=torch.Generator().manual_seed(opts["seed"]))
+            table = torch.rand(n, generator=torch.Generator().manual_seed(opts.seed))
             scores = graph.call_function(constant_scores, (stream, tuple(table.tolist())))
         if site_mask(site) is not None:
             scores = graph.call_function(demote_padding, (scores, site_mask(site)))
@@ -595,31 +657,32 @@ def _select(gm: fx.GraphModule, graph: fx.Graph, block, score: str, opts: dict, 
     return graph.call_function(tokens.gather_stream, (stream, index)), index, scores
 
 
-def _reduction(gm: fx.GraphModule, block, score: str, opts: dict, cut: dict):
-    """make_reduction for one pruning cut after ``block``; ``cut["candidates"]`` is a node, or a
-    function of the graph and the stream that inserts it; ``cut["index"]`` is set to the index node."""
+def _reduction(block, score: str, opts: PruneOptions, plan: PrunePlan, candidates, sources: list,
+               last: Optional[PruneReduction]):
+    """make_reduction for one pruning cut after ``block``; ``candidates`` is a node, or a function
+    of the graph and the stream that inserts it; ``last``: the previous cut (exit tracking)."""
 
-    def make(graph: fx.Graph, stream: fx.Node) -> Reduction:
-        if callable(cut["candidates"]):
-            cut["candidates"] = cut["candidates"](graph, stream)
-        kept, index, scores = _select(gm, graph, block, score, opts, stream, cut)
-        cut["index"] = index
-        if opts["fuse"]:
+    def make(graph: fx.Graph, stream: fx.Node) -> PruneReduction:
+        cands = candidates(graph, stream) if callable(candidates) else candidates
+        kept, index, scores = _select(graph, block, score, opts, stream, plan, cands, sources)
+        kept_index = index
+        if opts.fuse:
             weights = scores if score in ATTENTION_SCORES else graph.call_function(uniform_weights, (stream,))
             fused = graph.call_function(fuse_pruned, (stream, kept, index, weights))
-            kept, cut["index"] = (graph.call_function(getitem, (fused, i)) for i in range(2))
-        if opts["trace_source"]:
-            trace = cut["trace"]
-            exits = trace["exits"] if trace["exits"] is not None else graph.call_function(init_exits, (stream,))
-            tracked = graph.call_function(track_exits, (exits, trace["origin"], index, cut["index"], block.index))
-            trace["exits"], trace["origin"] = (graph.call_function(getitem, (tracked, i)) for i in range(2))
-        if not opts["fuse"]:
+            kept, kept_index = (graph.call_function(getitem, (fused, i)) for i in range(2))
+        exits = origin = None
+        if opts.trace_source:
+            exits = last.exits if last is not None else graph.call_function(init_exits, (stream,))
+            origin = last.origin if last is not None else None
+            tracked = graph.call_function(track_exits, (exits, origin, index, kept_index, block.index))
+            exits, origin = (graph.call_function(getitem, (tracked, i)) for i in range(2))
+        if not opts.fuse:
             restore = lambda g, cut_stream, end_node: g.call_function(tokens.scatter_stream,
                                                                       (cut_stream, index, end_node))
-            return Reduction(stream=kept, index=index, restore=restore)
-        # (fuse) the attention scores weighted the fused token's average (EViT), other scores a mean
-        restore = lambda g, cut_stream, end_node: g.call_function(restore_fused, (cut_stream, index, end_node))
-        return Reduction(stream=kept, index=cut["index"], restore=restore)
+        else:  # the attention scores weighted the fused token's average (EViT), other scores a mean
+            restore = lambda g, cut_stream, end_node: g.call_function(restore_fused, (cut_stream, index, end_node))
+        return PruneReduction(stream=kept, index=kept_index, restore=restore, candidates=cands, exits=exits,
+                              origin=origin)
 
     return make
 

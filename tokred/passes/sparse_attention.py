@@ -45,20 +45,19 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 from typing import Any, Optional
 
+import networkx as nx
 import torch
 from torch import fx
 
-from tokred.rewriter.analysis.graph import DROPOUT_FUNCS, arg, is_call, shape_of
+from tokred.rewriter.analysis.graph import DROPOUT_FUNCS, arg, is_call, shape_of, to_networkx
 from tokred.rewriter.analysis.sites import skip_layout
-from tokred.rewriter.report import REWRITTEN, SKIPPED, note_unchanged, unchanged_reason
-from tokred.rewriter.surgery import GraphUndo
-from tokred.rewriter.verify import (
-    check_output_contract,
-    output_signature,
-    propagate_shapes,
-)
+from tokred.rewriter.driver import GraphPass, Skip
+from tokred.rewriter.report import note_unchanged, unchanged_reason
+from tokred.rewriter.surgery import RewriteError
+from tokred.rewriter.verify import infer_node
 
 NAME = "sparse_attention"
 PATTERNS = ("sink_window", "block_topk", "mask")
@@ -85,35 +84,48 @@ def _int_option(value: dict, key: str, default: Optional[int], minimum: int) -> 
     return x
 
 
-def validate(value: Any) -> dict:
-    """``{"pattern": ..., <pattern's keys>, "layers": [...]}`` -> a normalised dict."""
-    if not isinstance(value, dict):
-        raise ValueError("tokred option 'sparse_attention' must be a dict like "
-                         f"{{'pattern': 'sink_window', 'sinks': 4, 'window': 1024}}, got {value!r}")
-    pattern = value.get("pattern")
-    if pattern not in PATTERNS:
-        raise ValueError(f"tokred option 'sparse_attention.pattern' must be one of {PATTERNS}, got {pattern!r}")
-    for key in value:
-        if key not in _KEYS[pattern]:
-            raise ValueError(f"unknown tokred option 'sparse_attention.{key}' for pattern {pattern!r}; "
-                             f"known: {', '.join(sorted(_KEYS[pattern]))}")
-    layers = value.get("layers")
-    if layers is not None:
-        if not isinstance(layers, (list, tuple)) or not all(
-                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
-            raise ValueError(f"tokred option 'sparse_attention.layers' must be a list of layer indices "
-                             f"(ints >= 0), got {layers!r}")
-        layers = sorted(set(layers))
-    out = {"pattern": pattern, "layers": layers}
-    if pattern == "sink_window":
-        out["sinks"] = _int_option(value, "sinks", 4, 0)
-        out["window"] = _int_option(value, "window", None, 1)
-    elif pattern == "block_topk":
-        out["block"] = _int_option(value, "block", 64, 1)
-        out["topk"] = _int_option(value, "topk", 16, 1)
-        out["sinks"] = _int_option(value, "sinks", 0, 0)
-        out["local"] = _int_option(value, "local", 1, 0)
-    else:
+@dataclass(frozen=True)
+class SparseOptions:
+    """pattern: "sink_window" (sinks, window), "block_topk" (block, topk, sinks, local) or "mask"
+    (mask: fn(b, h, q_idx, kv_idx) -> bool); layers: the attention layers to rewrite (None: all).
+    Keys of another pattern are None."""
+
+    pattern: str
+    layers: Optional[tuple] = None
+    sinks: Optional[int] = None
+    window: Optional[int] = None
+    block: Optional[int] = None
+    topk: Optional[int] = None
+    local: Optional[int] = None
+    mask: Any = None
+
+    @classmethod
+    def parse(cls, value: Any) -> "SparseOptions":
+        """``{"pattern": ..., <pattern's keys>, "layers": [...]}``; a bad value raises naming the option."""
+        if not isinstance(value, dict):
+            raise ValueError("tokred option 'sparse_attention' must be a dict like "
+                             f"{{'pattern': 'sink_window', 'sinks': 4, 'window': 1024}}, got {value!r}")
+        pattern = value.get("pattern")
+        if pattern not in PATTERNS:
+            raise ValueError(f"tokred option 'sparse_attention.pattern' must be one of {PATTERNS}, got {pattern!r}")
+        for key in value:
+            if key not in _KEYS[pattern]:
+                raise ValueError(f"unknown tokred option 'sparse_attention.{key}' for pattern {pattern!r}; "
+                                 f"known: {', '.join(sorted(_KEYS[pattern]))}")
+        layers = value.get("layers")
+        if layers is not None:
+            if not isinstance(layers, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+                raise ValueError(f"tokred option 'sparse_attention.layers' must be a list of layer indices "
+                                 f"(ints >= 0), got {layers!r}")
+            layers = tuple(sorted(set(layers)))
+        if pattern == "sink_window":
+            return cls(pattern, layers, sinks=_int_option(value, "sinks", 4, 0),
+                       window=_int_option(value, "window", None, 1))
+        if pattern == "block_topk":
+            return cls(pattern, layers, block=_int_option(value, "block", 64, 1),
+                       topk=_int_option(value, "topk", 16, 1), sinks=_int_option(value, "sinks", 0, 0),
+                       local=_int_option(value, "local", 1, 0))
         fn = value.get("mask")
         if not callable(fn):
             raise ValueError(f"tokred option 'sparse_attention.mask' must be a function "
@@ -124,22 +136,21 @@ def validate(value: Any) -> dict:
             rule_from_mask_fn(fn)
         except ValueError as exc:
             raise ValueError(f"tokred option 'sparse_attention.mask': {exc}") from exc
-        out["mask"] = fn
-    return out
+        return cls(pattern, layers, mask=fn)
 
 
-def make_pattern(opts: dict, causal: bool, window: Optional[int] = None, sinks: Optional[int] = None):
+def make_pattern(opts: SparseOptions, causal: bool, window: Optional[int] = None, sinks: Optional[int] = None):
     """The kernel's SparsePattern for the options (``window``/``sinks`` override sink_window's)."""
     from tokred.triton_ops.sparse_attention import SparsePattern
 
-    kind = opts["pattern"]
+    kind = opts.pattern
     if kind == "sink_window":
-        return SparsePattern(kind=kind, sinks=opts["sinks"] if sinks is None else sinks,
-                             window=opts["window"] if window is None else window, causal=True)
+        return SparsePattern(kind=kind, sinks=opts.sinks if sinks is None else sinks,
+                             window=opts.window if window is None else window, causal=True)
     if kind == "block_topk":
-        return SparsePattern(kind=kind, block=opts["block"], topk=opts["topk"], sinks=opts["sinks"],
-                             local=opts["local"], causal=causal)
-    return SparsePattern(kind=kind, mask_fn=opts["mask"], causal=causal)
+        return SparsePattern(kind=kind, block=opts.block, topk=opts.topk, sinks=opts.sinks,
+                             local=opts.local, causal=causal)
+    return SparsePattern(kind=kind, mask_fn=opts.mask, causal=causal)
 
 
 # ----------------------------------------------------------------------------- pattern arithmetic
@@ -174,56 +185,43 @@ def block_topk_density(n_q: int, n_k: int, pattern, causal: bool) -> float:
     return kept / total
 
 
-def pattern_density(opts: dict, n_q: int, n_k: int, causal: bool) -> Optional[float]:
+def pattern_density(opts: SparseOptions, n_q: int, n_k: int, causal: bool) -> Optional[float]:
     """The pattern's density at these sizes (None where it depends on the data or the function)."""
-    if opts["pattern"] == "sink_window":
-        return sink_window_density(n_q, n_k, opts["sinks"], opts["window"])
-    if opts["pattern"] == "block_topk":
+    if opts.pattern == "sink_window":
+        return sink_window_density(n_q, n_k, opts.sinks, opts.window)
+    if opts.pattern == "block_topk":
         return block_topk_density(n_q, n_k, make_pattern(opts, causal), causal)
     return None
 
 
-def describe(opts: dict, n: int, causal: bool, window: Optional[int] = None, sinks: Optional[int] = None) -> str:
+def describe(opts: SparseOptions, n: int, causal: bool, window: Optional[int] = None, sinks: Optional[int] = None) -> str:
     """A report reason like ``sink_window sinks=4 window=1024 (density 0.27 at N=4096)``."""
-    kind = opts["pattern"]
+    kind = opts.pattern
     if kind == "sink_window":
-        sinks = opts["sinks"] if sinks is None else sinks
-        window = opts["window"] if window is None else window
+        sinks = opts.sinks if sinks is None else sinks
+        window = opts.window if window is None else window
         head = f"sink_window sinks={sinks} window={window}"
         sizes = sorted({n, REPORT_TOKENS})
         dens = ", ".join(f"density {sink_window_density(m, m, sinks, window):.3g} at N={m}" for m in sizes)
         return f"{head} ({dens})"
     if kind == "block_topk":
-        head = (f"block_topk block={opts['block']} topk={opts['topk']} sinks={opts['sinks']} "
-                f"local={opts['local']}")
+        head = (f"block_topk block={opts.block} topk={opts.topk} sinks={opts.sinks} "
+                f"local={opts.local}")
         pattern = make_pattern(opts, causal)
         dens = ", ".join(f"density <= {block_topk_density(m, m, pattern, causal):.3g} at N={m}"
                          for m in sorted({n, REPORT_TOKENS}))
         return f"{head} ({dens})"
-    name = getattr(opts["mask"], "__name__", type(opts["mask"]).__name__)
+    name = getattr(opts.mask, "__name__", type(opts.mask).__name__)
     return f"mask {name}" + (" (causal)" if causal else "")
 
 
 # ----------------------------------------------------------------------------- the site's own mask
 
-def _placeholder_ancestors(node: fx.Node) -> tuple:
-    """(ancestors of ``node`` incl. itself, whether any of them is a placeholder)."""
-    seen, frontier, has_input = set(), [node], False
-    while frontier:
-        cur = frontier.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        if cur.op == "placeholder":
-            has_input = True
-        frontier.extend(cur.all_input_nodes)
-    return seen, has_input
-
-
-def evaluate_constant(gm: fx.GraphModule, node: fx.Node) -> Optional[torch.Tensor]:
+def evaluate_constant(gm: fx.GraphModule, node: fx.Node, nxg: Optional[nx.DiGraph] = None) -> Optional[torch.Tensor]:
     """The value of ``node`` when it depends on no graph input (a mask built from aranges), else None."""
-    ancestors, has_input = _placeholder_ancestors(node)
-    if has_input:
+    nxg = to_networkx(gm.graph) if nxg is None else nxg
+    ancestors = nx.ancestors(nxg, node) | {node}
+    if any(n.op == "placeholder" for n in ancestors):
         return None
     sub = fx.Graph()
     env: dict = {}
@@ -308,7 +306,7 @@ def _unscaled_query(q: fx.Node) -> fx.Node:
     return q
 
 
-def manual_mask_ops(site) -> Optional[list]:
+def manual_mask_ops(site, nxg: nx.DiGraph) -> Optional[list]:
     """The mask applications between the scores matmul and the softmax of a manual chain, as
     ``[(kind, mask_node)]`` with kind "add" (additive), "fill" (masked_fill: True = masked) or
     "keep" (where(mask, scores, x): True = kept). None if something else sits in between."""
@@ -324,10 +322,10 @@ def manual_mask_ops(site) -> Optional[list]:
             cur = cur.args[0]
         elif is_call(cur, operator.add, torch.add, "add"):
             a, b = cur.args[0], cur.args[1]
-            if _on_path(a, site.scores):
+            if _on_path(nxg, a, site.scores):
                 ops.append(("add", b))
                 cur = a
-            elif _on_path(b, site.scores):
+            elif _on_path(nxg, b, site.scores):
                 ops.append(("add", a))
                 cur = b
             else:
@@ -345,12 +343,9 @@ def manual_mask_ops(site) -> Optional[list]:
     return None
 
 
-def _on_path(node, target: fx.Node, depth: int = 8) -> bool:
-    if node is target:
-        return True
-    if not isinstance(node, fx.Node) or depth == 0:
-        return False
-    return any(_on_path(a, target, depth - 1) for a in node.all_input_nodes)
+def _on_path(nxg: nx.DiGraph, node, target: fx.Node) -> bool:
+    """Whether ``node`` is ``target`` or computed from it."""
+    return isinstance(node, fx.Node) and node in nxg and (node is target or nx.has_path(nxg, target, node))
 
 
 def _training_dropout(site) -> bool:
@@ -367,16 +362,25 @@ def _training_dropout(site) -> bool:
 
 # ----------------------------------------------------------------------------- planning one site
 
+@dataclass(frozen=True)
 class Plan:
-    """What replaces one site: the kernel call's arguments and the report line."""
+    """What replaces one site: the kernel call's arguments (q [B, H, Nq, D], k/v [B, Hkv, Nk, D]
+    nodes, the pattern, the scale, the mask passed on as ``(node, "bias" | "fill")`` or None) and
+    the report line; ``gqa``: the kernel groups the kv heads itself."""
 
-    def __init__(self, q, k, v, pattern, scale, bias, reason: str, gqa: bool):
-        self.q, self.k, self.v, self.pattern = q, k, v, pattern
-        self.scale, self.bias, self.reason, self.gqa = scale, bias, reason, gqa
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    pattern: Any
+    scale: Optional[float]
+    bias: Optional[tuple]
+    reason: str
+    gqa: bool
 
 
-def plan_site(gm: fx.GraphModule, site, opts: dict):
+def plan_site(gm: fx.GraphModule, site, opts: SparseOptions, nxg: Optional[nx.DiGraph] = None):
     """A :class:`Plan` for ``site``, or the reason (str) it cannot be rewritten."""
+    nxg = to_networkx(gm.graph) if nxg is None else nxg
     # lengths as the graph has them now: a token-reducing pass that ran before may have cut them
     q_shape, k_shape = shape_of(site.q), shape_of(site.k)
     if q_shape is None or k_shape is None or len(q_shape) != 4 or len(k_shape) != 4:
@@ -387,7 +391,7 @@ def plan_site(gm: fx.GraphModule, site, opts: dict):
     # would guard the compiled graph on it)
     symbolic = not (isinstance(n, int) and isinstance(n_k, int))
     if symbolic:
-        if opts["pattern"] == "mask":
+        if opts.pattern == "mask":
             return ("symbolic sequence length (dynamic shapes) with a mask rule: its CPU path "
                     "(flex_attention) does not compile with symbolic lengths; compile with dynamic=False")
         cached = attends_over_cache(site)
@@ -406,7 +410,7 @@ def plan_site(gm: fx.GraphModule, site, opts: dict):
         mask = arg(site.node, 3, "attn_mask")
         applied = [] if mask is None else [("bias", mask)]
     else:
-        applied = manual_mask_ops(site)
+        applied = manual_mask_ops(site, nxg)
         if applied is None:
             return "the softmax chain holds an op other than scale and mask"
     if len(applied) > 1:
@@ -421,14 +425,14 @@ def plan_site(gm: fx.GraphModule, site, opts: dict):
     # self-attention over a KV cache is causal with the queries last, whatever its mask shows (one
     # decoding query sees every key)
     causal = bool(site.causal) or cached
-    kind = opts["pattern"]
+    kind = opts.pattern
     # a constant mask: fold what the pattern expresses (causal, a narrower sliding window)
     window = sinks = None
     keep_bias = mask_node is not None
     note = ""
     if mask_node is not None:
         # a symbolic graph's mask is not folded: its value at one length says nothing of the others
-        value = None if symbolic else evaluate_constant(gm, mask_node)
+        value = None if symbolic else evaluate_constant(gm, mask_node, nxg)
         allowed = None
         if value is not None:
             allowed = (~value if value.dtype == torch.bool else None) if how == "fill" else allowed_from_bias(value)
@@ -437,16 +441,16 @@ def plan_site(gm: fx.GraphModule, site, opts: dict):
             causal = True
             if w >= n_k:
                 keep_bias, note = False, "; causal mask folded"
-            elif kind == "sink_window" and w <= opts["window"]:
+            elif kind == "sink_window" and w <= opts.window:
                 keep_bias, window, sinks = False, w, 0
-                note = f"; keeps its own sliding window {w} (narrower than {opts['window']})"
+                note = f"; keeps its own sliding window {w} (narrower than {opts.window})"
             else:
                 note = f"; the model's own sliding window {w} is kept as attn_bias"
         elif allowed is not None and bool(allowed.all()):
             keep_bias, note = False, "; all-true mask dropped"
     if kind == "sink_window" and not causal:
         return "sink_window needs causal attention (this site is bidirectional)"
-    if kind == "mask" and opts["mask"] is None:
+    if kind == "mask" and opts.mask is None:
         return "no mask function"
     pattern = make_pattern(opts, causal, window=window, sinks=sinks)
     if site.kind == "sdpa":
@@ -537,12 +541,12 @@ def identity_reason(plan: Plan) -> Optional[str]:
     return reason(plan.pattern, *shapes)
 
 
-def _unchanged(report, opts: dict) -> str:
+def _unchanged(report, opts: SparseOptions) -> str:
     """Why no site was rewritten, in words."""
-    sites, layers = report.attention_sites, opts["layers"]
+    sites, layers = report.attention_sites, opts.layers
     if sites and layers is not None and not any(s.layer in layers for s in sites):
         present = sorted({s.layer for s in sites if s.layer is not None})
-        return f"layers {layers} select none of the graph's attention layers {present}"
+        return f"layers {list(layers)} select none of the graph's attention layers {present}"
     return unchanged_reason(report, NAME) or "no site was rewritten"
 
 
@@ -592,7 +596,10 @@ def _insert_call(gm: fx.GraphModule, site, plan: Plan) -> fx.Node:
 
 
 def erase_dead(graph: fx.Graph, node: fx.Node) -> None:
-    """Erase ``node`` and, transitively, what only it used (the dead softmax chain, a folded mask)."""
+    """Erase ``node`` and, transitively, what only it used (the dead softmax chain, a folded mask).
+
+    Not ``graph.eliminate_dead_code()``: that erases every dead node of the graph, and Dynamo's
+    graphs hold dead in-place calls on inputs (a cache update) that fx cannot tell are impure."""
     frontier, erased = [node], set()
     while frontier:
         cur = frontier.pop()
@@ -605,66 +612,54 @@ def erase_dead(graph: fx.Graph, node: fx.Node) -> None:
         frontier.extend(inputs)
 
 
-def _fail(options, record) -> None:
-    if options.strict:
-        raise ValueError(f"tokred strict: {record.module}: {record.reason}")
+class SparseAttention(GraphPass):
+    """Every (selected) attention core becomes the sparse kernel; every site is reported."""
 
+    name, Options = NAME, SparseOptions
 
-def apply(gm: fx.GraphModule, facts, opts: dict, report, options, example_inputs) -> None:
-    """Replace every (selected) attention core by the sparse kernel; report every site."""
-    layers = opts["layers"]
-    contract = output_signature(gm)
-    replaced, patterns, identities = [], [], []
-    for site in facts.attention_sites:
-        record = site.record
-        if layers is not None and site.layer not in layers:
-            continue
-        plan = plan_site(gm, site, opts)
-        if isinstance(plan, str):
-            record.mark(SKIPPED, f"{NAME}: {plan}", NAME)
-            _fail(options, record)
-            continue
-        undo = GraphUndo(gm.graph)
-        call = _insert_call(gm, site, plan)
-        try:
-            gm.recompile()
-            if example_inputs is not None:
-                propagate_shapes(gm, example_inputs)
-                if options.verify:
-                    _check_site(call, site)
-                    check_output_contract(contract, output_signature(gm))
-        except Exception as exc:
-            undo.restore()
-            gm.recompile()
-            record.mark(SKIPPED, f"{NAME}: the rewritten graph does not check: {exc}", NAME)
-            _fail(options, record)
-            continue
-        replaced.append(site.node)
-        patterns.append(plan.pattern)
-        identities.append(identity_reason(plan))
-        record.mark(REWRITTEN, plan.reason + ("; GQA in the kernel" if plan.gqa else ""), NAME)
-    for node in replaced:
-        erase_dead(gm.graph, node)
-    if not replaced:
-        note_unchanged(report, NAME, _unchanged(report, opts))
-    elif all(identities):  # rewritten, but every site computes what the model did
-        note_unchanged(report, NAME, "; ".join(dict.fromkeys(identities)))
-    if replaced:
-        gm.graph.lint()
-        gm.recompile()
-        if example_inputs is not None:
-            propagate_shapes(gm, example_inputs)
-        layers_note = "all layers" if layers is None else f"layers {layers}"
-        on_cpu = example_inputs is not None and all(
-            t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+    def match(self) -> list:
+        layers = self.opts.layers
+        self.patterns, self.identities, self.replaced = [], [], []
+        return [s for s in self.facts.attention_sites if layers is None or s.layer in layers]
+
+    def plan(self, site):
+        plan = plan_site(self.gm, site, self.opts)
+        return Skip(plan) if isinstance(plan, str) else plan
+
+    def apply(self, site, plan: Plan) -> str:
+        call = _insert_call(self.gm, site, plan)
+        if self.options.verify:
+            _check_site(call, site)
+        self.replaced.append(site.node)
+        self.patterns.append(plan.pattern)
+        self.identities.append(identity_reason(plan))
+        return plan.reason + ("; GQA in the kernel" if plan.gqa else "")
+
+    def finish(self) -> None:
+        for node in self.replaced:
+            erase_dead(self.gm.graph, node)
+        if not self.replaced:
+            note_unchanged(self.report, NAME, _unchanged(self.report, self.opts))
+            return
+        if all(self.identities):  # rewritten, but every site computes what the model did
+            note_unchanged(self.report, NAME, "; ".join(dict.fromkeys(self.identities)))
+        layers = self.opts.layers
+        layers_note = "all layers" if layers is None else f"layers {list(layers)}"
+        inputs = self.example_inputs
+        on_cpu = inputs is not None and all(t.device.type == "cpu" for t in inputs if isinstance(t, torch.Tensor))
         from tokred.triton_ops.sparse_attention import cpu_runtime
 
-        runtime = f"; {cpu_runtime(patterns[0])}" if on_cpu else ""
-        report.note(f"{NAME}: {len(replaced)} sites use the {opts['pattern']} kernel ({layers_note}){runtime}")
+        runtime = f"; {cpu_runtime(self.patterns[0])}" if on_cpu else ""
+        self.report.note(f"{NAME}: {len(self.replaced)} sites use the {self.opts.pattern} kernel "
+                         f"({layers_note}){runtime}")
 
 
 def _check_site(call: fx.Node, site) -> None:
-    before, after = shape_of(site.node), shape_of(call)
+    """The kernel call gives the shape of the attention it replaces (fake tensors, this node only)."""
+    after = infer_node(call)
+    before = shape_of(site.node)
+    after = tuple(after.shape) if isinstance(after, torch.Tensor) else None
     if before is None or after is None or len(before) != len(after) or not all(
             _known(a == b) for a, b in zip(before, after)):
-        raise ValueError(f"{call.name} has shape {after}, the attention it replaces {before}")
+        raise RewriteError(f"the rewritten graph does not check: {call.name} has shape {after}, "
+                           f"the attention it replaces {before}")

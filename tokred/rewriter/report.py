@@ -21,7 +21,9 @@ class SiteRecord:
 
     module:  qualified module name, e.g. ``blocks.3.attn`` (``?`` when the graph has no module stack)
     q_shape / kv_shape: shapes of the query and key tensors ([B, H, N, D])
-    status:  found / rewritten / skipped; reason: why skipped (or what was rewritten)
+    history: what each pass (and the analysis) did to the site, in order: ``(pass, status, reason)``
+             with status found / rewritten / skipped; a site can be rewritten by merge and skipped
+             by sparse attention, and the report shows both
     """
 
     module: str
@@ -34,15 +36,44 @@ class SiteRecord:
     head_dim: int
     causal: bool
     has_mask: bool
-    status: str = FOUND
-    reason: str = ""
-    passes: list = field(default_factory=list)
+    history: list = field(default_factory=list)
 
     def mark(self, status: str, reason: str = "", pass_name: str | None = None) -> None:
-        self.status = status
-        self.reason = reason
-        if pass_name and pass_name not in self.passes:
-            self.passes.append(pass_name)
+        """Record what ``pass_name`` did (None: the analysis); a pass's later mark replaces its own."""
+        name = pass_name or ANALYSIS
+        self.history = [h for h in self.history if h[0] != name] + [(name, status, reason)]
+
+    @property
+    def status(self) -> str:
+        """rewritten if any pass rewrote the site, else skipped if any skipped it, else found."""
+        statuses = {status for _, status, _ in self.history}
+        return next((s for s in (REWRITTEN, SKIPPED) if s in statuses), FOUND)
+
+    @property
+    def reason(self) -> str:
+        """Every pass's reason, in the order they ran."""
+        return "; ".join(reason for _, _, reason in self.history if reason)
+
+    @property
+    def passes(self) -> list:
+        """The passes that marked the site."""
+        return [name for name, _, _ in self.history if name != ANALYSIS]
+
+    def status_of(self, pass_name: str) -> Optional[str]:
+        """What ``pass_name`` did to the site (None: it did not mark it)."""
+        return next((status for name, status, _ in self.history if name == pass_name), None)
+
+    def reason_of(self, pass_name: str) -> str:
+        return next((reason for name, _, reason in self.history if name == pass_name), "")
+
+    @property
+    def status_text(self) -> str:
+        """The status column: one status, or each pass's where they differ ("rewritten/skipped")."""
+        statuses = list(dict.fromkeys(status for _, status, _ in self.history))
+        return "/".join(statuses) if len(statuses) > 1 else self.status
+
+
+ANALYSIS = "analysis"
 
 
 @dataclass
@@ -67,6 +98,7 @@ class Report:
 
     @property
     def changed(self) -> bool:
+        """Whether any pass rewrote any site."""
         return any(s.status == REWRITTEN for s in self.attention_sites)
 
     def merge(self, other: "Report") -> None:
@@ -91,7 +123,7 @@ class Report:
         rows = [[s.module, "" if s.layer is None else str(s.layer), s.kind,
                  "x".join(map(str, s.q_shape)), "x".join(map(str, s.kv_shape)), str(s.heads),
                  str(s.kv_heads), str(s.head_dim), "yes" if s.causal else "no",
-                 "yes" if s.has_mask else "no", s.status, s.reason]
+                 "yes" if s.has_mask else "no", s.status_text, s.reason]
                 for s in self.attention_sites]
         widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
                   for i, h in enumerate(headers)]
@@ -137,9 +169,9 @@ def unchanged_reason(report: Report, name: str) -> Optional[str]:
     sites = report.attention_sites
     if not sites:
         return "the graph has no attention sites"
-    if any(s.status == REWRITTEN and name in s.passes for s in sites):
+    if any(s.status_of(name) == REWRITTEN for s in sites):
         return None
-    skipped = Counter(s.reason.removeprefix(f"{name}: ") for s in sites if name in s.passes and s.status == SKIPPED)
+    skipped = Counter(s.reason_of(name).removeprefix(f"{name}: ") for s in sites if s.status_of(name) == SKIPPED)
     if not skipped:
         return f"none of the {len(sites)} attention sites was selected"
     parts = [f"{reason} ({n} site{'s' if n > 1 else ''})" for reason, n in skipped.items()]

@@ -7,7 +7,7 @@ inserts, after ``block``'s output (or its mid point, between attention and MLP),
 ``M`` of the ``N`` tokens (``make_index(graph, stream) -> index node [B, M]``), and makes the rest of
 the graph valid for M tokens:
 
-- every literal N on a token dim of a shape argument downstream becomes M (DESIGN.md: token axis);
+- every literal N on a token dim of a shape argument downstream becomes M (ARCHITECTURE.md: token axis);
 - side inputs that carry the token axis (attention masks, rotary tables, position ids) are gathered
   with the same index where the reduced region reads them;
 - at the end of the last block the token axis is restored (``scatter_tokens`` into the stream as it
@@ -78,6 +78,7 @@ class TokenCut:
     literals: int  # literals rewritten
     token_dims: dict  # region node -> its token dims (from the analysis, before the rewrite)
     cache_outputs: frozenset = frozenset()  # positions of graph outputs that now hold M tokens (KV cache)
+    reduction: Optional[Reduction] = None  # what make_reduction gave (a pass reads its own fields back)
 
 
 def keep_index(make_index: Callable) -> Callable:
@@ -243,7 +244,7 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
     return TokenCut(stream=stream, gathered=gathered, index=index, restored=restored, region=region,
                     side_inputs=side, literals=rewritten,
                     token_dims={node: axes.of(node) for node in region},
-                    cache_outputs=_output_positions(graph, cache_nodes))
+                    cache_outputs=_output_positions(graph, cache_nodes), reduction=reduction)
 
 
 def _gather_side_input(graph: fx.Graph, inp: fx.Node, dims: list, reader: fx.Node, index: fx.Node) -> tuple:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from tokred.compat.torch_api import FakeTensorMode, detect_fake_mode, tree_leaves
+from tokred.compat.torch_api import FakeTensor, FakeTensorMode, detect_fake_mode, tree_leaves
 
 
 def _fake_mode(example_inputs) -> FakeTensorMode:
@@ -29,6 +29,22 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
     for node in gm.graph.nodes:
         if "val" in node.meta:
             node.meta["example_value"] = node.meta["val"]
+
+
+def infer_node(node: fx.Node):
+    """The fake value of one (new) node from its inputs' metadata, stored in its meta; the rest of
+    the graph is not propagated (the driver checks the whole graph once per pass)."""
+    def value(n: fx.Node):
+        return n.meta.get("example_value", n.meta.get("val"))
+
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+    # the inputs' own fake mode (Dynamo's, with its shape environment), not the tracing context's
+    modes = [v.fake_mode for v in tree_leaves((args, kwargs)) if isinstance(v, FakeTensor)]
+    mode = modes[0] if modes else FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        result = node.target(*args, **kwargs)
+    node.meta["example_value"] = node.meta["val"] = result
+    return result
 
 
 def output_signature(gm: fx.GraphModule) -> list:

@@ -1,4 +1,4 @@
-"""Facts about a captured graph, computed once and read by every pass (see DESIGN.md).
+"""Facts about a captured graph, computed once and read by every pass (see ARCHITECTURE.md).
 
     facts = analyze(gm)
     facts.attention_sites   AttentionSite per attention core (SDPA or softmax chain)
