@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
 from bench.common import write_results  # noqa: E402
-from tokred.demo import embed, fit_probe, load_minilm, load_wiki_topics, time_per_batch, tokenize  # noqa: E402
+from tokred.tools.demo import embed, fit_probe, load_minilm, load_wiki_topics, time_per_batch, tokenize  # noqa: E402
 
 CACHE = os.path.expanduser("~/.cache/tokred")
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

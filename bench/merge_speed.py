@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
-from tokred.demo import time_per_batch  # noqa: E402
+from tokred.tools.demo import time_per_batch  # noqa: E402
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
-from tokred.offline import load_causal_lm, wiki_token_ids  # noqa: E402
+from tokred.tools.offline import load_causal_lm, wiki_token_ids  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCORES = ["query", "transition", "diversity", "random"]

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
-from tokred.demo import embed, fit_probe, load_minilm, load_wiki_topics, tokenize  # noqa: E402
+from tokred.tools.demo import embed, fit_probe, load_minilm, load_wiki_topics, tokenize  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SCORES = ["cls", "query", "transition", "diversity", "random"]

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
 from bench.common import alternating_medians, write_results  # noqa: E402
-from tokred.offline import load_causal_lm, wiki_token_ids  # noqa: E402
+from tokred.tools.offline import load_causal_lm, wiki_token_ids  # noqa: E402
 from tokred.rewriter.report import REWRITTEN  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")

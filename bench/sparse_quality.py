@@ -37,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred
-from tokred.offline import load_causal_lm, wiki_token_ids
+from tokred.tools.offline import load_causal_lm, wiki_token_ids
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 REFERENCE_ATTENTION = "tokred_bench_sink_window_reference"
@@ -254,7 +254,7 @@ def make_cache(pattern, model):
         from transformers import DynamicCache
 
         return DynamicCache()
-    from tokred.streaming import StreamingCache
+    from tokred.runtime.streaming import StreamingCache
 
     return StreamingCache(sinks=pattern[0], window=pattern[1], model=model)
 

@@ -45,10 +45,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
 from tokred.compat.transformers_api import cache_argument  # noqa: E402
-from tokred.generate import generate  # noqa: E402
-from tokred.passes.speculative import EarlyExitDraft  # noqa: E402
-from tokred.speculative_runtime import crop_tail, model_config, new_cache, next_k, prompt_lookup  # noqa: E402
-from tokred.offline import load_causal_lm, wiki_texts  # noqa: E402
+from tokred.runtime.generate import generate  # noqa: E402
+from tokred.runtime.drafters import EarlyExitDraft  # noqa: E402
+from tokred.runtime.speculative import crop_tail, model_config, new_cache, next_k, prompt_lookup  # noqa: E402
+from tokred.tools.offline import load_causal_lm, wiki_texts  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 TASKS = {

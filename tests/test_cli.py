@@ -1,15 +1,16 @@
-"""The ``tokred`` command line and the model specs behind it (tokred.models)."""
+"""The ``tokred`` command line and the model specs behind it (tokred.tools.models)."""
 
 import importlib.metadata
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
 
-from tokred.cli import main, parse_option_args
-from tokred.models import load_spec
+from tokred.tools.cli import main, parse_option_args
+from tokred.tools.models import load_spec
 
 # One pre-norm transformer block (fused qkv projection, SDPA, MLP): x [B, N, 16] -> [B, N, 16].
 FACTORY_SOURCE = textwrap.dedent('''
@@ -232,7 +233,20 @@ def _installed_entry_points():
 def test_entry_points_are_declared():
     points = {(p.group, p.name): p.value for p in _installed_entry_points()}
     assert points[("torch_dynamo_backends", "tokred")] == "tokred.backend:tokred_backend"
-    assert points[("console_scripts", "tokred")] == "tokred.cli:main"
+    # pyproject.toml names tokred.tools.cli:main; an install made before the move still names the
+    # deprecated alias tokred.cli:main: either must load the same function.
+    import tomllib
+    from pathlib import Path
+
+    import tokred.tools.cli
+
+    declared = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    assert declared["tokred"] == "tokred.tools.cli:main"
+    script = next(p for p in _installed_entry_points() if (p.group, p.name) == ("console_scripts", "tokred"))
+    assert script.value in ("tokred.tools.cli:main", "tokred.cli:main")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert script.load() is tokred.tools.cli.main
 
 
 def test_torch_finds_the_backend_without_importing_tokred():
@@ -241,3 +255,4 @@ def test_torch_finds_the_backend_without_importing_tokred():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["True", "False"]
+

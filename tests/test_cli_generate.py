@@ -8,9 +8,9 @@ import ast
 import pytest
 import torch
 
-from tokred.cli import main
-from tokred.generate import generate
-from tokred.models import load_spec
+from tokred.tools.cli import main
+from tokred.runtime.generate import generate
+from tokred.tools.models import load_spec
 
 SPEC = "hf:llama?vocab_size=101"
 PROMPT = "abcabcab"

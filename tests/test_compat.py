@@ -193,7 +193,7 @@ def test_library_calls_leave_other_compiled_models_compiled(tmp_path):
     pytest.importorskip("onnxruntime")
     tokred.export_onnx(Net().eval(), (x,), tmp_path / "net.onnx")
     tf = pytest.importorskip("transformers")
-    from tokred.passes.speculative import slice_early_exit
+    from tokred.runtime.drafters import slice_early_exit
 
     lm = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=2,
                                             num_attention_heads=2, intermediate_size=32)).eval()
@@ -213,8 +213,9 @@ def test_explain_again_and_again_on_one_model():
 
 
 def test_importing_tokred_writes_no_environment_variable():
-    code = ("import os, sys; before = dict(os.environ); import tokred, tokred.offline, tokred.models, "
-            "tokred.demo, tokred.streaming, tokred.generate; changed = {k for k in set(before) | set(os.environ) "
+    code = ("import os, sys; before = dict(os.environ); import tokred, tokred.tools.offline, tokred.tools.models, "
+            "tokred.tools.demo, tokred.runtime.streaming, tokred.runtime.generate; "
+            "changed = {k for k in set(before) | set(os.environ) "
             "if before.get(k) != os.environ.get(k)}; sys.exit(f'changed: {changed}' if changed else 0)")
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)

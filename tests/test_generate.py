@@ -15,8 +15,8 @@ import functools
 import pytest
 import torch
 
-from tokred.generate import Draft, Drafter, DraftState, GenerateResult, generate
-from tokred.speculative_runtime import BatchedDecoder, crop_tail, next_k, prompt_lookup
+from tokred.runtime.generate import Draft, Drafter, DraftState, GenerateResult, generate
+from tokred.runtime.speculative import BatchedDecoder, crop_tail, next_k, prompt_lookup
 
 VOCAB = 97
 MAX_NEW = 10
@@ -143,7 +143,7 @@ DRAFTS = ["none", "prompt_lookup", "model", "random", "oracle", "early_exit", "e
 
 
 def make_draft(kind: str, arch: str):
-    from tokred.passes.speculative import EarlyExitDraft
+    from tokred.runtime.drafters import EarlyExitDraft
 
     return {"none": lambda: None, "prompt_lookup": lambda: "prompt_lookup", "model": draft_model,
             "random": RandomDrafter, "oracle": lambda: oracle(arch),

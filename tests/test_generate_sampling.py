@@ -17,9 +17,9 @@ import importlib
 import pytest
 import torch
 
-from tokred.generate import generate, warp_probs
-from tokred.passes.speculative import EarlyExitDraft
-from tokred.speculative_runtime import (
+from tokred.runtime.generate import generate, warp_probs
+from tokred.runtime.drafters import EarlyExitDraft
+from tokred.runtime.speculative import (
     accepted_prefix,
     pick_rows,
     sample,
@@ -33,7 +33,7 @@ NEW = 3
 ALPHA = 1e-3
 
 # The module, not the function: a package may re-export the function under the module's name.
-generate_module = importlib.import_module("tokred.generate")
+generate_module = importlib.import_module("tokred.runtime.generate")
 
 
 def _tiny(seed: int, sharpness: float) -> torch.nn.Module:

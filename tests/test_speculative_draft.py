@@ -1,4 +1,4 @@
-"""The early-exit draft (tokred.passes.speculative) against an independent reference.
+"""The early-exit draft (tokred.runtime.drafters) against an independent reference.
 
 Reference: the model run with ``output_hidden_states=True``; ``hidden_states[L]`` (the residual
 stream after L blocks) goes through the model's final norm and LM head, named here by their
@@ -15,9 +15,9 @@ import torch
 
 pytest.importorskip("transformers")
 
-from tokred.generate import DraftState, generate  # noqa: E402
+from tokred.runtime.generate import DraftState, generate  # noqa: E402
 from tokred.compat.transformers_api import cache_argument  # noqa: E402
-from tokred.passes.speculative import EarlyExitDraft, cached_slice  # noqa: E402
+from tokred.runtime.drafters import EarlyExitDraft, cached_slice  # noqa: E402
 
 LAYERS, VOCAB = 4, 128
 MODELS = ("llama", "qwen2", "gemma3", "gpt2")

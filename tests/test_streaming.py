@@ -1,4 +1,4 @@
-"""Streaming decode with a bounded cache (tokred.streaming) on a tiny random Llama.
+"""Streaming decode with a bounded cache (tokred.runtime.streaming) on a tiny random Llama.
 
 The model has max_position_embeddings 32; the streams below run past it. References are written
 here from the definitions: rotary embedding from the config's theta and head_dim applied to keys
@@ -12,7 +12,7 @@ import pytest
 import torch
 from sparse_reference import reference_attention
 
-from tokred.streaming import StreamingCache, rotate_keys, streaming_generate
+from tokred.runtime.streaming import StreamingCache, rotate_keys, streaming_generate
 from tokred.compat.transformers_api import cache_argument
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 4, 2, 16, 2

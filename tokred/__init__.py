@@ -1,19 +1,29 @@
-"""tokred: graph-level token reduction for transformer inference, as a torch.compile backend."""
+"""tokred: graph-level token reduction for transformer inference, as a torch.compile backend.
+
+Layout and import rule: ARCHITECTURE.md (compat < triton_ops < rewriter < passes < runtime <
+these entry points < tools).
+"""
 
 from tokred.backend import backend, rewrite
 from tokred.compat.transformers_api import cache_argument
 from tokred.explain import explain
-from tokred.generate import generate
 from tokred.rewriter.options import Options, parse_options
 from tokred.rewriter.report import Report, SiteRecord
+from tokred.runtime.generate import generate
 
-__all__ = ["backend", "rewrite", "cache_argument", "explain", "generate", "export_onnx", "Options", "parse_options", "Report", "SiteRecord"]
+__all__ = ["backend", "rewrite", "cache_argument", "explain", "generate", "export_onnx", "StreamingCache", "Options",
+           "parse_options", "Report", "SiteRecord"]
 
 
 def __getattr__(name):
-    # export pulls in onnx/onnxscript, an optional extra: import it only when asked for.
+    # Optional extras, imported only when asked for: export pulls in onnx/onnxscript, the streaming
+    # cache transformers.
     if name == "export_onnx":
         from tokred.export import export_onnx
 
         return export_onnx
+    if name == "StreamingCache":
+        from tokred.runtime.streaming import StreamingCache
+
+        return StreamingCache
     raise AttributeError(name)

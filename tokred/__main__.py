@@ -1,7 +1,7 @@
-"""``python -m tokred``: the same as the ``tokred`` command."""
+"""``python -m tokred``: the same as the ``tokred`` command (tokred.tools.cli)."""
 
 import sys
 
-from tokred.cli import main
+from tokred.tools.cli import main
 
 sys.exit(main())

@@ -14,7 +14,7 @@ Steps, each named in the error it raises when it fails:
 5. ``onnx save``: the model is written to a temporary directory next to ``path``.
 6. ``onnxruntime`` / ``onnxruntime check``: the ONNX model runs on the CPU provider, on the example
    inputs and (dynamic batch) on a second batch size, and every output is compared with PyTorch.
-   Only when every comparison is within tolerance is the file moved to ``path`` (DESIGN.md,
+   Only when every comparison is within tolerance is the file moved to ``path`` (ARCHITECTURE.md,
    invariant 6); otherwise no file is written and :class:`ExportMismatchError` says which output
    differed and by how much.
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tokred.triton_ops import common, prune
+from tokred.triton_ops import common, prune_args
 from tokred.compat.triton_api import max_combine, min_combine, sum_combine
 from tokred.triton_ops.common import HAS_TRITON, tl
 from tokred.triton_ops.gather_tokens import gather_tokens_triton
@@ -390,7 +390,7 @@ def attention_row_scores_triton(q_rows: Tensor, k: Tensor, scale: float, bias: T
     both paths and several key blocks on small tensors; with tl.dot, block_r must be >= 16).
     """
     common.require_triton("attention_row_scores")
-    prune.check_score_args("attention_row_scores", q_rows, k, bias)
+    prune_args.check_score_args("attention_row_scores", q_rows, k, bias)
     batch, heads, rows, head_dim = q_rows.shape
     kv_heads, num_tokens = k.shape[1], k.shape[2]
     if head_dim > 256:
@@ -459,9 +459,9 @@ def select_kept_triton(scores: Tensor, candidates: Tensor, keep: int, num_candid
     """index [B, M] int64 by pairwise rank counting and compaction (see ``select_kept_reference``)."""
     common.require_triton("select_kept")
     torch._check(scores.dim() == 2, lambda: f"select_kept: expected scores [B, N], got {tuple(scores.shape)}")
-    prune.check_candidates("select_kept", candidates, scores.shape[1], keep, num_candidates)
+    prune_args.check_candidates("select_kept", candidates, scores.shape[1], keep, num_candidates)
     batch, num_tokens = scores.shape
-    num_kept = prune.kept_count(num_tokens, num_candidates, keep)
+    num_kept = prune_args.kept_count(num_tokens, num_candidates, keep)
     keep_mask = torch.empty((batch, num_tokens), dtype=torch.int8, device=scores.device)
     if keep_mask.numel() == 0:
         return torch.empty((batch, num_kept), dtype=torch.int64, device=scores.device)
@@ -479,7 +479,7 @@ def prune_tokens_triton(x: Tensor, q_rows: Tensor, k: Tensor, scale: float, bias
                         block_n: int | None = None, block_select: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """(kept, index, scores): score kernels, rank + compaction kernels, gather kernel."""
     common.require_triton("prune_tokens")
-    prune.check_prune_args(x, q_rows, k, bias, candidates, keep, num_candidates)
+    prune_args.check_prune_args(x, q_rows, k, bias, candidates, keep, num_candidates)
     scores = attention_row_scores_triton(q_rows, k, scale, bias, block_n=block_n)
     index = select_kept_triton(scores, candidates, keep, num_candidates, block=block_select)
     return gather_tokens_triton(x, index), index, scores
@@ -495,10 +495,10 @@ def k_center_triton(x: Tensor, candidates: Tensor, keep: int, num_candidates: in
     """index [B, M] int64: greedy k-center kernel (one program per batch row) + compaction."""
     common.require_triton("k_center")
     torch._check(x.dim() >= 3, lambda: f"k_center: expected x [B, N, *row], got {tuple(x.shape)}")
-    prune.check_candidates("k_center", candidates, x.shape[1], keep, num_candidates)
+    prune_args.check_candidates("k_center", candidates, x.shape[1], keep, num_candidates)
     rows = common.as_token_rows(x)
     batch, num_tokens, width = rows.shape
-    num_kept = prune.kept_count(num_tokens, num_candidates, keep)
+    num_kept = prune_args.kept_count(num_tokens, num_candidates, keep)
     keep_mask = torch.empty((batch, num_tokens), dtype=torch.int8, device=x.device)
     if keep_mask.numel() == 0:
         return torch.empty((batch, num_kept), dtype=torch.int64, device=x.device)

@@ -143,7 +143,7 @@ class Drafter(abc.ABC):
 
     def bind(self, target) -> None:
         """Called once per ``generate``, after the target's prefill, with the target's
-        :class:`tokred.speculative_runtime.BatchedDecoder` (its KV cache ``target.cache`` with
+        :class:`tokred.runtime.speculative.BatchedDecoder` (its KV cache ``target.cache`` with
         right-aligned rows, ``target.n_real`` [B] cached tokens per row: the committed ones but the
         last). Default: not needed. A drafter that computes part of the target's verification
         forward keeps it (the early-exit draft writes its layers' K/V into that cache)."""
@@ -411,7 +411,7 @@ def _blocks_replaced_by(modules: list, layers: list, hidden: torch.Tensor):
 
 
 class EarlyExitDraft(Drafter):
-    """A :class:`tokred.generate.Drafter`: the target's first ``exit_layer`` blocks, final norm and
+    """A :class:`tokred.runtime.drafters.Drafter`: the target's first ``exit_layer`` blocks, final norm and
     LM head, found by graph analysis (see the module docstring). Shares the target's weights, and
     by default its KV cache.
 
@@ -485,7 +485,7 @@ class EarlyExitDraft(Drafter):
         self._checked = False     # shared cache: the first draft step's cache growth was checked
 
     def bind(self, target) -> None:
-        """Share ``target``'s cache (:class:`tokred.speculative_runtime.BatchedDecoder`) if
+        """Share ``target``'s cache (:class:`tokred.runtime.speculative.BatchedDecoder`) if
         ``share_cache`` and the target allows it; else keep an own cache and warn why."""
         if not self.share_cache:
             return

@@ -6,11 +6,11 @@ token of its own; the KV cache is rolled back past the rejected drafts. Greedy o
 greedy decoding of the target; sampling keeps the target's distribution (rejection sampling).
 
 Drafts: ``None`` (plain decoding with the KV cache), ``"prompt_lookup"`` (n-gram matches in the
-context), ``"early_exit"`` (the target's first layers, :class:`tokred.passes.speculative.EarlyExitDraft`),
+context), ``"early_exit"`` (the target's first layers, :class:`tokred.runtime.drafters.EarlyExitDraft`),
 a separate transformers model with the same vocabulary, or any :class:`Drafter`.
 
 Batches keep per-sequence acceptance: each sequence commits its own number of tokens per step
-(see :mod:`tokred.speculative_runtime` for how the batched cache stays exact).
+(see :mod:`tokred.runtime.speculative` for how the batched cache stays exact).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokred.compat import transformers_api
-from tokred.speculative_runtime import (
+from tokred.runtime.speculative import (
     BatchedDecoder,
     greedy_accept,
     model_config,
@@ -33,7 +33,7 @@ from tokred.speculative_runtime import (
     sample,
     speculative_sample,
 )
-from tokred.passes.speculative import Draft, Drafter, DraftState, EarlyExitDraft, warp_probs
+from tokred.runtime.drafters import Draft, Drafter, DraftState, EarlyExitDraft, warp_probs
 
 __all__ = [
     "Draft",
@@ -124,7 +124,7 @@ class GenerateResult:
 class PromptLookupDrafter(Drafter):
     """Prompt lookup decoding: propose the tokens that followed the most recent earlier occurrence of
     the context's last n tokens (n from ``ngram`` down to ``min_ngram``; shorter matches propose
-    nothing, see :func:`tokred.speculative_runtime.prompt_lookup`). Deterministic (q is one-hot)."""
+    nothing, see :func:`tokred.runtime.speculative.prompt_lookup`). Deterministic (q is one-hot)."""
 
     def __init__(self, ngram: int = 3, min_ngram: int = 2):
         if not 1 <= min_ngram <= ngram:
@@ -212,10 +212,10 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
     input_ids:      [B, T] int64 prompts; with ``attention_mask`` [B, T] (1 = token, 0 = padding,
                     left or right) rows may have different lengths.
     draft:          None (plain decoding with the KV cache), "prompt_lookup", "early_exit" (the
-                    target's first ``exit_layer`` layers, tokred.passes.speculative.EarlyExitDraft),
+                    target's first ``exit_layer`` layers, tokred.runtime.drafters.EarlyExitDraft),
                     a transformers causal LM with the same vocabulary, or a :class:`Drafter`.
     k:              the most draft tokens verified per target forward; ``adaptive_k`` moves the
-                    draft length within [1, k] with the acceptance (see speculative_runtime.next_k).
+                    draft length within [1, k] with the acceptance (see tokred.runtime.speculative.next_k).
     do_sample, temperature, top_p, seed: sampling (rejection sampling when drafting; the output is
                     distributed as the target's warped distribution); greedy otherwise (exactly the
                     target's greedy decoding, argmax with the first index on ties).

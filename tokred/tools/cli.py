@@ -2,12 +2,12 @@
 
     tokred explain SPEC [--option KEY=JSON ...] [--inner eager]
     tokred export SPEC -o OUT.onnx [--option KEY=JSON ...] [--static-batch] [--atol 1e-4]
-    tokred demo [DEMO ARGS ...]      (tokred.demo; ``tokred demo --help`` lists its arguments)
+    tokred demo [DEMO ARGS ...]      (tokred.tools.demo; ``tokred demo --help`` lists its arguments)
     tokred generate --model smollm2|hf:MODEL_TYPE --prompt TEXT [--max-new-tokens N]
                     [--draft none|prompt_lookup|early_exit] [--k 4] [--exit-layer L]
                     [--sample --temperature T --top-p P --seed S] [--cpu-linear]  (tokred.generate)
 
-SPEC names a model and its example input (see :mod:`tokred.models`): ``minilm``, ``timm:NAME``,
+SPEC names a model and its example input (see :mod:`tokred.tools.models`): ``minilm``, ``timm:NAME``,
 ``hf:MODEL_TYPE``, ``FILE.py:FACTORY``. Options are tokred options; each value is JSON
 (``--option strict=true``, ``--option 'merge={"r": 8}'``), and a value that is not JSON is taken
 as a string (``--option inner=eager``).
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--atol", type=float, default=1e-4,
                         help="largest abs difference allowed between onnxruntime and PyTorch (default 1e-4)")
     _add_generate_parser(commands)
-    # The demo parses its own arguments (tokred.demo.main); listed here for the help text.
+    # The demo parses its own arguments (tokred.tools.demo.main); listed here for the help text.
     commands.add_parser("demo", add_help=False,
                         help="token merging on the real MiniLM model (see: tokred demo --help)")
     return parser
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_generate_parser(commands) -> None:
     gen = commands.add_parser("generate", help="generate text, speculatively (tokred.generate), and print its stats")
     gen.add_argument("--model", default="smollm2",
-                     help="an offline causal LM (smollm2, see tokred.offline) or hf:MODEL_TYPE[?k=v&...] "
+                     help="an offline causal LM (smollm2, see tokred.tools.offline) or hf:MODEL_TYPE[?k=v&...] "
                           "(random weights, no tokenizer: the prompt's UTF-8 bytes are the token ids)")
     gen.add_argument("--prompt", required=True, help="the prompt text")
     gen.add_argument("--max-new-tokens", type=int, default=32, metavar="N", help="tokens to generate (default 32)")
@@ -103,14 +103,14 @@ def _add_generate_parser(commands) -> None:
 
 def _load_causal_lm(spec: str):
     """(model, tokenizer or None, description) for ``--model``."""
-    from tokred.offline import CAUSAL_LMS, load_causal_lm
+    from tokred.tools.offline import CAUSAL_LMS, load_causal_lm
 
     if spec in CAUSAL_LMS:
         model, tokenizer = load_causal_lm(spec)
         return model, tokenizer, f"{spec} ({type(model).__name__}, fp32)"
     if not spec.startswith("hf:"):
         raise ValueError(f"--model {spec!r}: expected one of {', '.join(CAUSAL_LMS)} or hf:MODEL_TYPE[?k=v&...]")
-    from tokred.models import load_spec
+    from tokred.tools.models import load_spec
 
     if "task=" not in spec:
         spec += ("&" if "?" in spec else "?") + "task=causal-lm"
@@ -121,7 +121,7 @@ def _load_causal_lm(spec: str):
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
-    from tokred.generate import generate
+    from tokred.runtime.generate import generate
 
     model, tokenizer, description = _load_causal_lm(args.model)
     print(f"model: {description}")
@@ -176,7 +176,7 @@ def _print_stats(stats, draft: str) -> None:
 def _load_model(args: argparse.Namespace, options: dict[str, Any]):
     """Validate ``options`` (before the model is built: that can take a while), then load the spec."""
     import tokred
-    from tokred.models import load_spec
+    from tokred.tools.models import load_spec
 
     tokred.parse_options(options)
     loaded = load_spec(args.spec)
@@ -212,7 +212,7 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_demo(demo_argv: list[str]) -> int:
-    from tokred.demo import main as demo_main
+    from tokred.tools.demo import main as demo_main
 
     return demo_main(demo_argv)
 
