@@ -7,7 +7,7 @@
                               [--query-rows 64] [--accumulate 1] [--pool 11] [--protect-last 16]
 
 SmolLM2-135M (LlamaForCausalLM, 30 layers, real weights, fp32) reads Wikipedia prompts of
-``--length`` tokens (extracts joined, ``tokred.offline.wiki_token_ids``); the prompt prefill is
+``--length`` tokens (extracts joined, ``tokred.tools.offline.wiki_token_ids``); the prompt prefill is
 pruned by tokred (prune={"keep", "at", "score", "protect_last", "query", "accumulate", "pool"}) and
 the pruned KV cache (N tokens up to the cut, M after it) is then used for:
 

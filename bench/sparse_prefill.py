@@ -3,7 +3,7 @@
     python bench/sparse_prefill.py                         # N = 4096 and 8192, 2 threads (~10 min)
     python bench/sparse_prefill.py --n 8192 --repeats 3
 
-The model (real weights, ``tokred.offline.load_causal_lm("smollm2")``, fp32, SDPA attention) runs
+The model (real weights, ``tokred.tools.offline.load_causal_lm("smollm2")``, fp32, SDPA attention) runs
 one forward over N tokens of the Wikipedia extracts, without a KV cache:
 
 * dense: the model as loaded;

@@ -5,7 +5,7 @@
     python bench/speculative.py --qwen               # Qwen2.5-Coder 1.5B target, 0.5B draft (slow: ~7 GB fp32)
     python bench/speculative.py --profile            # where decode time goes; what bounds prompt lookup
 
-Prompts are input-grounded: Wikipedia lead extracts (``tokred.offline.wiki_texts``) inside the
+Prompts are input-grounded: Wikipedia lead extracts (``tokred.tools.offline.wiki_texts``) inside the
 model's chat template, asking to summarise the text, to continue it, or to answer from it. Every
 method decodes greedily from the same prompts; methods alternate prompt by prompt (the order
 rotates), so a loaded machine slows them alike. Methods (SmolLM2):

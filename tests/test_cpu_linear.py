@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import tokred
 from tokred.backend import rewrite
-from tokred.generate import generate
+from tokred.runtime.generate import generate
 from tokred.passes import cpu_linear
 from tokred.rewriter.options import parse_options
 

@@ -11,7 +11,7 @@ pytest.importorskip("onnxruntime")
 import torch  # noqa: E402
 
 import tokred  # noqa: E402
-from tokred.models import load_spec  # noqa: E402
+from tokred.tools.models import load_spec  # noqa: E402
 
 
 @pytest.mark.parametrize("options", [
