@@ -6,5 +6,6 @@ import warnings
 
 from tokred.tools.cli import main, parse_option_args  # noqa: F401
 
-warnings.warn("tokred.cli moved to tokred.tools.cli (the tokred command's entry point is "
-              "tokred.tools.cli:main)", DeprecationWarning, stacklevel=2)
+warnings.warn("tokred.cli moved to tokred.tools.cli; a tokred script that imports tokred.cli was installed "
+              "before the move: reinstall tokred (scripts/setup_env.sh) to update it", DeprecationWarning,
+              stacklevel=2)
