@@ -13,7 +13,7 @@ window only (sinks 0). Measured two ways:
      pattern's boolean mask, registered through transformers' AttentionInterface), independent of
      tokred, so the effect is measured even without the pass and the pass is checked against it.
 2. streaming: StreamingLLM-style teacher forcing over ``--stream-tokens`` tokens: the true tokens
-   are fed ``--chunk`` at a time through a KV cache, ``tokred.streaming.StreamingCache(sinks,
+   are fed ``--chunk`` at a time through a KV cache, ``tokred.runtime.streaming.StreamingCache(sinks,
    window)`` (bounded, positions re-rotated inside the cache) or a dense ``DynamicCache``; cache
    bytes and process RSS are recorded as the stream grows, past the model's 8192 positions. Then
    ``--generate`` tokens are decoded greedily from the bounded cache.
@@ -507,7 +507,7 @@ def report_markdown(mask_nll, notes, stream, memory, texts, log_lines, elapsed, 
     if stream:
         lines += [
             (f"streaming: teacher forcing through a KV cache, {args.chunk} true tokens per forward, "
-             f"`StreamingCache(sinks, window, model)` from `tokred.streaming` (holds sinks + window - 1 "
+             f"`StreamingCache(sinks, window, model)` from `tokred.runtime.streaming` (holds sinks + window - 1 "
              f"entries between steps, positions re-rotated inside the cache as StreamingLLM does) or a "
              f"dense `DynamicCache`. Within a {args.chunk}-token step the first query sees exactly its "
              f"pattern and later ones up to {args.chunk - 1} more recent keys, so streaming perplexity "
@@ -554,7 +554,7 @@ def main() -> None:
     parser.add_argument("--no-mask", action="store_true", help="skip the full-forward (mask) runs")
     parser.add_argument("--no-stream", action="store_true", help="skip the streaming runs")
     parser.add_argument("--stream-dense-only", action="store_true",
-                        help="streaming runs with the dense cache only (no tokred.streaming needed)")
+                        help="streaming runs with the dense cache only (no tokred.runtime.streaming needed)")
     parser.add_argument("--out", default="sparse_quality", help="name of the md/png under bench/results")
     parser.add_argument("--memory-out", default="streaming_memory",
                         help="name of the memory plot under bench/results (starts with 'streaming')")

@@ -1,7 +1,7 @@
 """Token pruning written out in plain PyTorch over a model's own submodules and weights.
 
 This is the independent reference the prune pass (tokred/passes/prune.py) is compared with
-(DESIGN.md invariant 3). It is written from the spec (the scorers, the selection rule, EViT's fused
+(ARCHITECTURE.md invariant 3). It is written from the spec (the scorers, the selection rule, EViT's fused
 token, early exit, the pruned KV cache), not from tokred's graph code: the model's own modules run
 layer by layer, the scores are recomputed here from each block's own q/k projections, and the kept
 tokens carry their original positions (masks, rotary positions) with them.

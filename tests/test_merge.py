@@ -1,7 +1,7 @@
 """The merge pass (tokred/passes/merge.py) against the plain-PyTorch ToMe reference (tome_reference.py).
 
 Every test compiles a tiny zoo model with ``tokred.backend(inner="aot_eager", merge={...})`` and
-compares its outputs with the reference run on the same weights (DESIGN.md invariants 2 and 3):
+compares its outputs with the reference run on the same weights (ARCHITECTURE.md invariants 2 and 3):
 r=0 is the identity, r>0 equals the reference (global ToMe with and without proportional
 attention, per-block lists and the decreasing schedule, tomesd's local mode; ToMe's own partition
 by default, checked against ToMe's code transcribed, and the ``protect="set_aside"`` variant), protected tokens

@@ -5,7 +5,7 @@ reproduces each plain model, its recomputed attention scores are the probabiliti
 own eager attention returns, its pruned cache decodes like the model's own forward would.
 
 Then every pass test compiles a tiny zoo model with ``tokred.backend(inner="aot_eager",
-prune={...})`` and compares it with the reference on the same weights (DESIGN.md invariants 2
+prune={...})`` and compares it with the reference on the same weights (ARCHITECTURE.md invariants 2
 and 3): keep=1.0 is the identity for every scorer; each scorer equals the reference at several
 cut points (one and two cuts), with ``range``/``protect_last``/``query``/``accumulate``/int and per-cut keep,
 EViT's fused token on encoders, and on decoders with a KV cache the pruned prefill (logits and

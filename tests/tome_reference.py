@@ -1,7 +1,7 @@
 """Token merging (ToMe) written out in plain PyTorch over a model's own submodules and weights.
 
 This is the independent reference the merge pass (tokred/passes/merge.py) is compared with
-(DESIGN.md invariant 3). It is written from the method's description, not from tokred's code, and
+(ARCHITECTURE.md invariant 3). It is written from the method's description, not from tokred's code, and
 in a deliberately different style: the matching and merging of one sample are Python loops over
 token indices, so that every rule (alternate split, ties, stable order, size-weighted means, new
 token order) is spelled out once and is easy to check by reading.

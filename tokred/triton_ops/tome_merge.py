@@ -12,7 +12,7 @@ indexes B rows and may repeat (several A tokens merged into one B token). In fp3
     size_out[:, Nu:] = sb + sum_{r: dst_idx[r] = j} sa[src_idx[r]]
 
 ``x_out`` is ``[B, Nu + Nb, C]`` in ``x.dtype``, ``size_out`` ``[B, Nu + Nb, 1]`` fp32. The sums are
-scatter-adds (never ``scatter_reduce(mean)`` or ``index_add``, see DESIGN invariant 6). Index values
+scatter-adds (never ``scatter_reduce(mean)`` or ``index_add``, see ARCHITECTURE.md invariant 6). Index values
 must lie in range and satisfy the rules above; no path checks that (it would need a device sync).
 Differentiable in ``x`` and ``size`` (an analytic backward).
 """
