@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1] / "tokred"
 LAYERS = ("compat", "triton_ops", "rewriter", "passes", "runtime", "entry", "tools")
 # The entry points at the package root (tokred/__init__ re-exports them) and the deprecated
 # aliases of moved modules kept for users (tokred.streaming: earlier READMEs imported it).
-ENTRY_MODULES = {"tokred", "tokred.backend", "tokred.explain", "tokred.export", "tokred.streaming"}
+ENTRY_MODULES = {"tokred", "tokred.backend", "tokred.explain", "tokred.export", "tokred.export_io", "tokred.streaming"}
 # The tokred command's modules at the package root: ``python -m tokred`` and the deprecated alias
 # tokred.cli (the ``tokred`` script of installs made before the move imports it). They belong to
 # the tools layer, like tokred/tools/.
@@ -202,3 +202,14 @@ def test_public_api_after_the_move():
     assert generate is moved_generate and tokred.generate is moved_generate  # the function, not a module
     assert StreamingCache is moved_cache
     assert callable(tokred.generate) and tokred.generate.__module__ == "tokred.runtime.generate"
+
+
+# "No module over about 500 lines": the few just above it are each one job (a pass, a kernel
+# file); a module that grows past this limit is split along its jobs.
+MODULE_LINES = 550
+
+
+def test_no_module_is_too_long():
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MODULE_LINES}
+    assert not long, f"modules over {MODULE_LINES} lines (split them along their jobs): {long}"
