@@ -378,6 +378,9 @@ def hf_input_sets(model) -> list:
         "pixel_values": lambda: torch.randn(1, channels, *image, generator=g),
         "input_values": lambda: torch.randn(1, 4000, generator=g),
         "input_features": lambda: torch.randn(1, mel, frames, generator=g),
+        # a task prompt's token ids (OneFormer: "the task is semantic", padded to task_seq_len)
+        "task_inputs": lambda: torch.randint(3, max(4, min(vocab, 1000)),
+                                             (1, getattr(config, "task_seq_len", HF_TEXT_LEN)), generator=g),
     }
     # other layouts some models take: video [B, T, C, H, W], features [B, T, mel] (Speech2Text)
     alternatives = {
@@ -390,11 +393,14 @@ def hf_input_sets(model) -> list:
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in params:
         extra["decoder_input_ids"] = torch.randint(3, max(4, min(vocab, 1000)), (1, 5), generator=g)
     main = getattr(model, "main_input_name", "input_ids")
+    # a model with several main inputs names them in a list (OneFormer: image and task tokens)
+    mains = list(main) if isinstance(main, (list, tuple)) else [main]
+    main = mains[0]
     sets = []
-    if main in makers and main in params:
-        sets.append({main: makers[main](), **extra})
+    if all(m in makers and m in params for m in mains):
+        sets.append({**{m: makers[m]() for m in mains}, **extra})
     every = {k: make() for k, make in makers.items() if k in params}
-    if every and set(every) != {main}:
+    if every and set(every) != set(mains):
         sets.append({**every, **extra})
     if main in alternatives and main in params:
         sets.append({main: alternatives[main](), **extra})
