@@ -146,3 +146,46 @@ def test_facts_forget_erased_projections(fresh_dynamo):
     assert gone not in set(gm.graph.nodes)
     forget_erased(facts, gm.graph)
     assert [s.node for s in facts.projections] == [first]
+
+
+@pytest.mark.parametrize("options", [{"merge": {"r": 2}}, {"prune": {"keep": 0.5, "at": [0]}},
+                                     {"merge": {"r": 2, "mode": "local"}}])
+def test_token_cuts_propagate_the_graph_once_per_pass(options, monkeypatch, fresh_dynamo):
+    """Each cut predicts the shapes it changes; the driver propagates the whole graph once, after
+    the pass, and the predictions equal the propagated shapes (else the pass is undone)."""
+    from tokred.rewriter import driver, surgery
+
+    calls = {"driver": 0, "surgery": 0}
+    for module, key in ((driver, "driver"), (surgery, "surgery")):
+        original = module.propagate_shapes
+
+        def counted(*args, _original=original, _key=key, **kwargs):
+            calls[_key] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, "propagate_shapes", counted)
+    zm = ZOO["timm_vit_tiny_sdpa"]()
+    be = tokred.backend(inner="eager", **options)
+    with torch.no_grad():
+        got = torch.compile(zm.model, backend=be)(*zm.args)
+    rewritten = [site for site in be.report.attention_sites if site.status == REWRITTEN]
+    assert rewritten and not any("not applied" in note for note in be.report.notes)
+    assert calls == {"driver": 1, "surgery": 0}
+    assert got.shape == zm.model(*zm.args).shape
+
+
+def test_a_wrong_shape_prediction_undoes_the_pass(monkeypatch, fresh_dynamo):
+    """The once-per-pass check is real: predictions made wrong on purpose are found after the
+    propagation, the pass is undone, and the report says why."""
+    from tokred.rewriter import verify
+
+    cut_shape = verify.cut_shape
+    monkeypatch.setattr(verify, "cut_shape", lambda shape, dims, n, keep: cut_shape(shape, dims, n, keep + 1))
+    zm = ZOO["timm_vit_tiny_sdpa"]()
+    be = tokred.backend(inner="eager", merge={"r": 2})
+    with torch.no_grad():
+        got = torch.compile(zm.model, backend=be)(*zm.args)
+        torch.testing.assert_close(got, zm.model(*zm.args))
+    (note,) = [note for note in be.report.notes if "not applied" in note]
+    assert note.startswith("merge: not applied") and "after the rewrite, expected" in note
+    assert not be.report.changed

@@ -318,3 +318,22 @@ def test_second_batch_inputs_are_of_the_same_kind():
 
 def test_export_onnx_is_exposed_on_the_package():
     assert tokred.export_onnx is export_onnx
+
+
+def test_compare_judges_with_torch_tolerances():
+    """The onnxruntime check: torch.testing.assert_close decides (NaN equals NaN), the error names
+    the output and counts what is outside the tolerance, and the reported figure is the largest
+    absolute difference."""
+    from tokred.export_io import compare
+
+    ref = torch.tensor([1.0, float("nan"), float("inf"), 0.0])
+    assert compare([ref.numpy().copy()], [ref], ["y"], 1e-4, 1e-4, "test") == 0.0
+    close = ref + torch.tensor([5e-5, 0.0, 0.0, 0.0])
+    assert compare([close.numpy()], [ref], ["y"], 1e-4, 1e-4, "test") == pytest.approx(5e-5, rel=1e-2)  # float32 rounding
+    far = torch.tensor([1.0, 0.0, 1.0, 0.5])  # NaN against a number, inf against a number, 0.5 off
+    with pytest.raises(ExportMismatchError, match=r"output 0 \('y'\) differs from PyTorch by up to inf.*"
+                                                  r"Mismatched elements: 3 / 4") as info:
+        compare([far.numpy()], [ref], ["y"], 1e-4, 1e-4, "test")
+    assert info.value.args and "No file was written" in str(info.value)
+    ints = torch.tensor([1, 2, 3])
+    assert compare([ints.numpy()], [ints], ["ids"], 0.0, 0.0, "test") == 0.0

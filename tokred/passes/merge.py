@@ -51,7 +51,6 @@ from tokred.rewriter.analysis.sites import is_projection_node, projection_input,
 from tokred.rewriter.driver import GraphPass, Keep, Skip
 from tokred.rewriter.report import SKIPPED
 from tokred.rewriter.surgery import Reduction, RewriteError, cut_tokens, record_each_run
-from tokred.rewriter.verify import propagate_shapes
 
 NAME = "merge"
 SCHEDULES = ("constant", "decreasing")
@@ -286,9 +285,21 @@ def compose_dest(total: Optional[torch.Tensor], dest: torch.Tensor) -> torch.Ten
 # ----------------------------------------------------------------------------- the pass
 
 @dataclass(frozen=True)
+class LocalBranch:
+    """tomesd's merge of one branch: its input ``start`` and output ``end`` [B, n, C] (graph
+    nodes), ``r`` of its ``n`` tokens merged between them."""
+
+    name: str
+    start: fx.Node
+    end: fx.Node
+    n: int
+    r: int
+
+
+@dataclass(frozen=True)
 class MergePlan:
     """One block's merge: ``r`` of its ``n`` tokens (global mode), or, in local mode, each branch
-    as ``(name, n, r)``; ``prefix`` leading tokens protected."""
+    as a :class:`LocalBranch`; ``prefix`` leading tokens protected."""
 
     block: int
     r: int
@@ -311,7 +322,6 @@ class Merge(GraphPass):
     """Merge tokens in every block that can take it; every site is reported."""
 
     name, Options = NAME, MergeOptions
-    propagates = True  # cut_tokens propagates the shapes after each merge
 
     def match(self) -> list:
         blocks = self.facts.blocks
@@ -330,9 +340,10 @@ class Merge(GraphPass):
             reason = reason or ("the query projection was not found" if site.q_proj is None else "")
             if reason:
                 return Skip(f"(local) {reason}")
-            branches = tuple((name, shape_of(start)[1], min(self.rs[block.index], (shape_of(start)[1] - self.prefix) // 2))
-                             for name, start, _ in _local_branches(block, site))
-            branches = tuple(b for b in branches if b[2] > 0)
+            branches = tuple(LocalBranch(name, start, end, shape_of(start)[1],
+                                         min(self.rs[block.index], (shape_of(start)[1] - self.prefix) // 2))
+                             for name, start, end in _local_branches(block, site))
+            branches = tuple(b for b in branches if b.r > 0)
             return MergePlan(block.index, 0, 0, self.prefix, branches) if branches else Keep("r=0 at this block")
         reason = reason or _blocked_after(self.facts.blocks[block.index + 1:])
         if reason:
@@ -347,22 +358,21 @@ class Merge(GraphPass):
         make = _global_reduction(block.attention, plan.r, plan.prefix, self.opts.protect, self.last,
                                  self.opts.trace_source)
         cut = cut_tokens(self.gm, self.facts, block.mid, self.facts.blocks[-1].output, make, plan.n - plan.r,
-                         self.example_inputs, self.options.verify)
+                         self.example_inputs, self.options.verify, shapes=self.shapes)
         self.last = cut.reduction
         return f"merge r={plan.r}: {plan.n} -> {plan.n - plan.r} tokens after attention"
 
     def _apply_local(self, block, plan: MergePlan) -> str:
         """tomesd: merge each branch input, unmerge the branch output before its residual add."""
         mask = site_mask(block.attention)  # read before the attention branch's cut gathers it
-        ends = {name: (start, end) for name, start, end in _local_branches(block, block.attention)}
-        for name, n, r in plan.branches:
-            start, end = ends[name]
+        for branch in plan.branches:
             try:
-                cut_tokens(self.gm, self.facts, start, end, _local_reduction(mask, r, plan.prefix, self.opts.protect),
-                           n - r, self.example_inputs, self.options.verify)
+                cut_tokens(self.gm, self.facts, branch.start, branch.end,
+                           _local_reduction(mask, branch.r, plan.prefix, self.opts.protect), branch.n - branch.r,
+                           self.example_inputs, self.options.verify, shapes=self.shapes)
             except RewriteError as exc:
-                raise RewriteError(f"(local, {name}): {exc}") from exc
-        return "merge (local) " + ", ".join(f"{name} {n}->{n - r}" for name, n, r in plan.branches)
+                raise RewriteError(f"(local, {branch.name}): {exc}") from exc
+        return "merge (local) " + ", ".join(f"{b.name} {b.n}->{b.n - b.r}" for b in plan.branches)
 
     def finish(self) -> None:
         opts, gm = self.opts, self.gm
@@ -378,9 +388,7 @@ class Merge(GraphPass):
                 if size is not None and block.attention.record.status_of(NAME) != SKIPPED:
                     _add_size_bias(gm, block.attention, size)
             gm.graph.lint()
-            gm.recompile()
-            if self.example_inputs is not None:
-                propagate_shapes(gm, self.example_inputs)
+            gm.recompile()  # the driver propagates the shapes once, after the pass
         if opts.trace_source and self.last is not None and self.last.source is not None:
             self.report.sources = record_each_run(gm, self.last.source, "tokred_merge_sources")
             if self.options.inner != "eager":

@@ -243,7 +243,6 @@ class Prune(GraphPass):
     """Prune after each block of ``at``; every site is reported."""
 
     name, Options = NAME, PruneOptions
-    propagates = True  # cut_tokens propagates the shapes after each cut
 
     def match(self) -> list:
         blocks = self.facts.blocks
@@ -304,7 +303,7 @@ class Prune(GraphPass):
         sources = [(self.reduced.get(b.input, b.input), b) for b in blocks[plan.at - opts.accumulate + 1:plan.at + 1]]
         make = _reduction(block, self.score, opts, plan, candidates, sources, self.last)
         cut = cut_tokens(self.gm, self.facts, block.output, blocks[-1].output, make, plan.m, self.example_inputs,
-                         self.options.verify, kv_outputs=_kv_outputs(blocks[plan.at + 1:]))
+                         self.options.verify, kv_outputs=_kv_outputs(blocks[plan.at + 1:]), shapes=self.shapes)
         self.last = cut.reduction
         self.cache_outputs |= cut.cache_outputs
         self.reduced[cut.stream] = cut.gathered

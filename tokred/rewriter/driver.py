@@ -39,7 +39,7 @@ from tokred.compat import torch_api
 from tokred.rewriter.options import Options
 from tokred.rewriter.report import FOUND, REWRITTEN, SKIPPED, Report, SiteRecord, note_unchanged, unchanged_reason
 from tokred.rewriter.surgery import GraphUndo, RewriteError
-from tokred.rewriter.verify import check_output_contract, output_signature, propagate_shapes
+from tokred.rewriter.verify import PredictedShapes, check_output_contract, output_signature, propagate_shapes
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +68,8 @@ class GraphPass:
     Options: ClassVar[type] = object
     # whether the pass marks attention-site records (False: it reports in notes only, as cpu_linear)
     marks_sites: ClassVar[bool] = True
-    # whether apply() leaves every node's shape metadata fresh (surgery propagates after each cut),
-    # so that the driver's check needs no propagation of its own
+    # whether apply() leaves every node's shape metadata true (cpu_linear runs the graph), so that
+    # the driver's check needs no propagation of its own
     propagates: ClassVar[bool] = False
 
     def __init__(self, gm: fx.GraphModule, facts, opts, report: Report, options: Options, example_inputs):
@@ -78,6 +78,7 @@ class GraphPass:
         self.rewritten: list = []  # (site, what it did)
         self.skipped: list = []  # (site, reason)
         self.cache_outputs: frozenset = frozenset()  # graph outputs allowed fewer tokens (a pruned KV cache)
+        self.shapes = PredictedShapes()  # shapes token cuts set without propagation; checked at the end
 
     def precondition(self) -> str:
         """Why the whole pass cannot run on this graph ("" if it can): the report's note."""
@@ -144,9 +145,11 @@ def run_pass(pass_type: type, gm: fx.GraphModule, facts, opts, report: Report, o
         if p.rewritten:
             gm.graph.lint()
             gm.recompile()
+            # once per pass: true shapes for the next pass (predicted ones are replaced), then the checks
+            if example_inputs is not None and (options.verify or p.shapes.expected) and not p.propagates:
+                propagate_shapes(gm, example_inputs)
             if options.verify and example_inputs is not None:
-                if not p.propagates:
-                    propagate_shapes(gm, example_inputs)
+                p.shapes.check(gm.graph)
                 check_output_contract(outputs_before, output_signature(gm), skip=p.cache_outputs)
         forget_erased(facts, gm.graph)
         if p.marks_sites:
@@ -185,11 +188,12 @@ def _run_sites(p: GraphPass) -> None:
             if record is not None:
                 record.mark(FOUND, f"{p.name}: {plan.reason}", p.name)
             continue
-        undo = GraphUndo(p.gm.graph)
+        undo, predicted = GraphUndo(p.gm.graph), p.shapes.snapshot()
         try:
             what = p.apply(site, plan)
         except RewriteError as exc:
             undo.restore()
+            p.shapes.restore(predicted)
             p.gm.recompile()
             p.skip(site, str(exc))
             continue

@@ -31,20 +31,107 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
             node.meta["example_value"] = node.meta["val"]
 
 
+def _meta_value(node: fx.Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
 def infer_node(node: fx.Node):
     """The fake value of one (new) node from its inputs' metadata, stored in its meta; the rest of
     the graph is not propagated (the driver checks the whole graph once per pass)."""
-    def value(n: fx.Node):
-        return n.meta.get("example_value", n.meta.get("val"))
-
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), _meta_value)
     # the inputs' own fake mode (Dynamo's, with its shape environment), not the tracing context's
     modes = [v.fake_mode for v in tree_leaves((args, kwargs)) if isinstance(v, FakeTensor)]
     mode = modes[0] if modes else FakeTensorMode(allow_non_fake_inputs=True)
     with mode:
-        result = node.target(*args, **kwargs)
+        if node.op == "call_method":
+            result = getattr(args[0], node.target)(*args[1:], **kwargs)
+        elif node.op == "call_module":
+            result = node.graph.owning_module.get_submodule(node.target)(*args, **kwargs)
+        else:
+            result = node.target(*args, **kwargs)
     node.meta["example_value"] = node.meta["val"] = result
     return result
+
+
+def cut_shape(shape: tuple, token_dims, n: int, keep: int) -> tuple:
+    """``shape`` after a cut from ``n`` to ``keep`` tokens: each token dim of size n becomes keep,
+    one of size k*n (heads or groups merged into the dim) becomes k*keep; other dims stay."""
+    return tuple(a // n * keep if d in token_dims and a % n == 0 else a for d, a in enumerate(shape))
+
+
+class PredictedShapes:
+    """Node shapes that a pass's token cuts set without running the graph, checked once per pass.
+
+    A cut from N to M tokens changes only the token dims of the nodes in its region (N -> M), so
+    their new shapes are known without fake-tensor propagation (which, over the whole graph after
+    every cut, made a 12-block merge propagate the graph 12 times). The pass's later plans and cuts
+    read the predicted shapes; the nodes a cut adds get their values from their inputs'
+    (:func:`infer_node`). The driver then propagates the graph once and :meth:`check` compares
+    every prediction with the propagated shape.
+    """
+
+    def __init__(self):
+        self.expected: dict = {}  # node -> the shape the cuts so far give it
+
+    def predict(self, region: list, token_dims: dict, n, keep: int, added: list) -> bool:
+        """Set the shapes after a cut of ``region`` (nodes in graph order, their token dims as
+        before the cut) from ``n`` to ``keep`` tokens, and infer the ``added`` nodes (graph order).
+
+        Returns False, changing nothing, where a size is symbolic (a dynamic graph): there, the
+        caller propagates the graph instead (a prediction must not guard on a symbolic size).
+        """
+        values = {node: _meta_value(node) for node in region}
+        tensors = {node: v for node, v in values.items() if isinstance(v, torch.Tensor)}
+        sizes = [n, keep, *(s for v in tensors.values() for s in v.shape)]
+        if not all(isinstance(s, int) for s in sizes):
+            return False
+        staged = {}
+        for node, value in tensors.items():
+            shape = cut_shape(tuple(value.shape), token_dims.get(node, ()), n, keep)
+            staged[node] = shape
+            if shape != tuple(value.shape):
+                node.meta["example_value"] = node.meta["val"] = _empty_like(value, shape)
+        for node in added:
+            _infer_with_inputs(node)
+        self.expected.update(staged)
+        return True
+
+    def snapshot(self) -> dict:
+        return dict(self.expected)
+
+    def restore(self, saved: dict) -> None:
+        self.expected = saved
+
+    def check(self, graph: fx.Graph) -> None:
+        """After the graph was propagated: every predicted shape is the propagated one."""
+        alive = set(graph.nodes)
+        for node, shape in self.expected.items():
+            value = _meta_value(node) if node in alive else None
+            if value is None:
+                continue  # erased since (dead code) or without a value
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else None
+            if got != shape:
+                raise ValueError(f"node {node.name}: shape {got} after the rewrite, expected {shape}")
+
+
+def _infer_with_inputs(node: fx.Node) -> None:
+    """:func:`infer_node`, first for the inputs without a value (nodes a pass added itself, around
+    its cuts: the candidates of prunable_ids)."""
+    if node.op not in ("call_function", "call_method", "call_module"):
+        return
+    for inp in node.all_input_nodes:
+        if _meta_value(inp) is None:
+            _infer_with_inputs(inp)
+    infer_node(node)
+
+
+def _empty_like(value: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """A tensor of ``shape`` standing for ``value`` in the metadata: fake in its fake mode (meta
+    for a real one), so that predicting a shape allocates nothing."""
+    if isinstance(value, FakeTensor):
+        with value.fake_mode:
+            return value.new_empty(shape)
+    return torch.empty(shape, dtype=value.dtype, device="meta")
 
 
 def output_signature(gm: fx.GraphModule) -> list:

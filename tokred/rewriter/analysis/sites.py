@@ -303,9 +303,10 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
         return None
     q, kt = scores.args[0], scores.args[1]
     # forward from softmax to the (attn @ v) matmul
-    cur = softmax
+    cur = prev = softmax
     for _ in range(6):
         users = list(cur.users)
+        prev = cur
         if len(users) != 1:
             # attention weights returned as an output as well: follow the matmul user
             mm = [u for u in users if is_matmul(u)]
@@ -322,8 +323,7 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     else:
         return None
     out = cur
-    if out.args[0] is not softmax and skip_layout(out.args[0]) is not softmax and \
-            not _reaches(out.args[0], softmax):
+    if out.args[0] is not prev:  # the weights are the left operand: (attn @ v), not (x @ attn)
         return None
     v = out.args[1]
     k = _untranspose(kt)
@@ -347,14 +347,6 @@ def _reaches_matmul(node: fx.Node) -> bool:
             continue
         return False
     return False
-
-
-def _reaches(node, target: fx.Node, depth: int = 4) -> bool:
-    if node is target:
-        return True
-    if not isinstance(node, fx.Node) or depth == 0:
-        return False
-    return any(_reaches(a, target, depth - 1) for a in node.all_input_nodes)
 
 
 def _untranspose(kt):
