@@ -189,3 +189,28 @@ def test_a_wrong_shape_prediction_undoes_the_pass(monkeypatch, fresh_dynamo):
     (note,) = [note for note in be.report.notes if "not applied" in note]
     assert note.startswith("merge: not applied") and "after the rewrite, expected" in note
     assert not be.report.changed
+
+
+def test_a_pass_that_changes_nothing_warns_once_per_graph(fresh_dynamo):
+    """Nothing silent: through backend="tokred" nobody reads the report, so a requested pass that
+    rewrote no site of a graph warns (a TokredWarning naming the pass and its reason); a pass that
+    rewrote something, and a compile with no pass options, do not."""
+    import warnings
+
+    from tokred.rewriter.report import TokredWarning
+
+    zm = ZOO["timm_vit_tiny_sdpa"]()
+    options = {"sparse_attention": {"pattern": "sink_window", "window": 4}, "merge": {"r": 2}}
+    with pytest.warns(TokredWarning) as caught, torch.no_grad():
+        torch.compile(zm.model, backend="tokred", options=options)(*zm.args)
+    texts = [str(w.message) for w in caught if issubclass(w.category, TokredWarning)]
+    assert len(texts) == 1
+    assert "sparse_attention: changed nothing" in texts[0] and "needs causal attention" in texts[0]
+    assert "merge:" not in texts[0]  # merge rewrote the blocks
+    torch._dynamo.reset()
+    for kwargs in ({"merge": {"r": 2}}, {}):
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            torch.compile(zm.model, backend=tokred.backend(inner="eager", **kwargs))(*zm.args)
+        assert not [w for w in caught if issubclass(w.category, TokredWarning)], kwargs
+        torch._dynamo.reset()

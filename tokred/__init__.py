@@ -8,11 +8,11 @@ from tokred.backend import backend, rewrite
 from tokred.compat.transformers_api import cache_argument
 from tokred.explain import explain
 from tokred.rewriter.options import Options, parse_options
-from tokred.rewriter.report import Report, SiteRecord
+from tokred.rewriter.report import Report, SiteRecord, TokredWarning
 from tokred.runtime.generate import generate
 
 __all__ = ["backend", "rewrite", "cache_argument", "explain", "generate", "export_onnx", "StreamingCache", "Options",
-           "parse_options", "Report", "SiteRecord"]
+           "parse_options", "Report", "SiteRecord", "TokredWarning"]
 
 
 def __getattr__(name):

@@ -17,7 +17,7 @@ from tokred.rewriter import analysis
 from tokred.rewriter.flops import graph_flops
 from tokred.rewriter.options import Options, parse_options, register_pass_options
 from tokred.rewriter.driver import failure_line, run_pass, unguarded
-from tokred.rewriter.report import Report
+from tokred.rewriter.report import Report, warn_unchanged
 from tokred.triton_ops.common import kernel_settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
         report = Report()
         report.note(f"analysis failed, the model passes through unchanged: {failure_line(error)}")
         log.debug("tokred: analysis failed", exc_info=True)
+        warn_unchanged(report, [name for name in PASSES if name in options.passes])
         return gm, report
     report = facts.to_report()
     with unguarded(example_inputs):
@@ -57,6 +58,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
             run_pass(pass_type, gm, facts, options.passes[name], report, options, example_inputs)
     with unguarded(example_inputs):
         report.flops_after = graph_flops(gm) if report.changed else report.flops_before
+    warn_unchanged(report, [name for name in PASSES if name in options.passes])  # nothing silent
     return gm, report
 
 

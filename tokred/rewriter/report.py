@@ -162,6 +162,31 @@ def note_unchanged(report: Report, name: str, reason: str) -> None:
         report.note(f"{name}: {UNCHANGED}: {reason}")
 
 
+class TokredWarning(UserWarning):
+    """A rewrite asked for changed nothing in a captured graph (the report's note says why)."""
+
+
+def warn_unchanged(report: Report, names) -> Optional[str]:
+    """Warn once for this graph if a pass of ``names`` changed nothing in it (or was undone): a
+    user of ``backend="tokred"`` sees no report. The warning names each such pass and its first
+    reason, from the report's notes; returns its text (None: every pass changed something)."""
+    import warnings
+
+    names = list(names)
+    lines = [n for n in report.notes if names and n.startswith("analysis failed")]
+    for name in names:
+        note = next((n for n in report.notes
+                     if n.startswith(f"{name}: {UNCHANGED}") or n.startswith(f"{name}: not applied")), None)
+        if note is not None:
+            lines.append(note)
+    if not lines:
+        return None
+    text = (f"tokred: in a captured graph ({len(report.attention_sites)} attention sites, {report.blocks} "
+            f"blocks): " + " | ".join(lines))
+    warnings.warn(text, TokredWarning, stacklevel=3)
+    return text
+
+
 def unchanged_reason(report: Report, name: str) -> Optional[str]:
     """Why the pass ``name`` rewrote no attention site, in words, from the sites it marked; None
     where it rewrote one. E.g. "the graph has no attention sites", or "every site skipped:
