@@ -150,6 +150,33 @@ def compile_inductor(gm: fx.GraphModule, example_inputs, mode: Optional[str] = N
     return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
 
 
+def run_and_get_inductor_code(fn: Callable, *args, **kwargs) -> tuple:
+    """``(fn(*args, **kwargs), [the Python wrapper code inductor generated, one per graph])``."""
+    from torch._inductor.utils import run_and_get_code
+
+    return run_and_get_code(fn, *args, **kwargs)
+
+
+# A kernel launch in inductor's wrapper code (its ``call`` function): a kernel it generated
+# (``cpp_fused_*(...)`` on CPU, ``triton_*.run(...)`` on CUDA), a library kernel
+# (``extern_kernels.mm(...)``) or an ATen fallback (``torch.ops.aten.cumsum.default(...)``).
+_LAUNCHES = {
+    "generated": re.compile(r"^\s+(?:\w+ = )?(cpp_fused_\w+|triton_\w+\.run)\(", re.M),
+    "extern": re.compile(r"^\s+(?:\w+ = )?(extern_kernels\.\w+|torch\.ops\.\w+\.\w+\.\w+)\(", re.M),
+}
+
+
+def kernel_launches(code: str) -> dict:
+    """Launches per call of inductor's wrapper ``code``: {"generated": n, "extern": m}."""
+    start = code.find("def call(")
+    body = code[start:] if start >= 0 else code
+    indent = len(code[:start]) - len(code[:start].rstrip(" ")) if start >= 0 else 0
+    # the function ends where a line at its own indent or less starts something else
+    end = re.search(rf"\n {{0,{indent}}}\S", body)
+    body = body if end is None else body[:end.start()]
+    return {kind: len(pattern.findall(body)) for kind, pattern in _LAUNCHES.items()}
+
+
 def compile_aot_eager(gm: fx.GraphModule, example_inputs) -> Callable:
     from torch._dynamo.backends.debugging import aot_eager
 
