@@ -15,6 +15,7 @@ from tokred.compat import torch_api
 from tokred.passes import cpu_linear, merge, prune, sparse_attention
 from tokred.rewriter import analysis
 from tokred.rewriter.flops import graph_flops
+from tokred.rewriter.normalize import normalize
 from tokred.rewriter.options import Options, parse_options, register_pass_options
 from tokred.rewriter.driver import failure_line, run_pass, unguarded
 from tokred.rewriter.report import Report, warn_unchanged
@@ -41,6 +42,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
     fails because tokred could not handle a model.
     """
     try:
+        normalize(gm)  # one spelling per op (in-place arithmetic out of place, where it is safe)
         facts = analysis.analyze(gm)
     except Exception as error:
         if options.strict:
