@@ -120,6 +120,13 @@ def detect_fake_mode(inputs) -> Optional[FakeTensorMode]:
     return torch._guards.detect_fake_mode(inputs)
 
 
+def statically_known_true(condition) -> bool:
+    """Whether a SymBool of symbolic sizes holds for every value of them; adds no guard."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true as known
+
+    return known(condition)
+
+
 def is_fake(value: Any) -> bool:
     return isinstance(value, FakeTensor)
 

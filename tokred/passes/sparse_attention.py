@@ -44,7 +44,6 @@ given the un-repeated [B, Hkv, N, D] keys and values and does the grouping itsel
 from __future__ import annotations
 
 import math
-import operator
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -53,10 +52,10 @@ import torch
 from torch import fx
 
 from tokred.passes.sparse_site import (
-    training_dropout, unscaled_query, allowed_from_bias, evaluate_constant, manual_mask_ops, own_window, unrepeated_kv,
+    allowed_from_bias, attends_over_cache, broadcasts, evaluate_constant, known_true, manual_mask_ops, own_window,
+    size_hint, training_dropout, unrepeated_kv, unscaled_query,
 )
 from tokred.rewriter.analysis.graph import arg, is_call, shape_of, to_networkx
-from tokred.rewriter.analysis.sites import skip_layout
 from tokred.rewriter.driver import GraphPass, Skip
 from tokred.rewriter.report import note_unchanged, unchanged_reason
 from tokred.rewriter.surgery import RewriteError
@@ -253,7 +252,7 @@ def plan_site(gm: fx.GraphModule, site, opts: SparseOptions, nxg: Optional[nx.Di
             return ("symbolic sequence length (dynamic shapes) with a mask rule: its CPU path "
                     "(flex_attention) does not compile with symbolic lengths; compile with dynamic=False")
         cached = attends_over_cache(site)
-        if not cached and not _known(n == n_k):
+        if not cached and not known_true(n == n_k):
             return f"symbolic query and key lengths that may differ ({n} queries, {n_k} keys)"
     else:
         cached = n < n_k and attends_over_cache(site)
@@ -277,7 +276,7 @@ def plan_site(gm: fx.GraphModule, site, opts: SparseOptions, nxg: Optional[nx.Di
     if mask_node is not None and not isinstance(mask_node, fx.Node):
         return f"the mask is a constant {type(mask_node).__name__}, not a tensor"
     mask_shape = shape_of(mask_node)
-    if mask_node is not None and (mask_shape is None or len(mask_shape) > 4 or not _broadcasts(
+    if mask_node is not None and (mask_shape is None or len(mask_shape) > 4 or not broadcasts(
             mask_shape, (q_shape[0], q_shape[1], n, n_k))):
         return f"the mask of shape {mask_shape} does not broadcast to [B, H, Nq, Nk]"
     # self-attention over a KV cache is causal with the queries last, whatever its mask shows (one
@@ -331,54 +330,8 @@ def plan_site(gm: fx.GraphModule, site, opts: SparseOptions, nxg: Optional[nx.Di
         bias = (mask_node, how)
     if symbolic:
         note += f"; symbolic length {n_k} (density at the example's N)"
-    reason = describe(opts, _size_hint(n_k), causal, window=window, sinks=sinks) + note
+    reason = describe(opts, size_hint(n_k, REPORT_TOKENS), causal, window=window, sinks=sinks) + note
     return Plan(q, k, v, pattern, scale, bias, reason, gqa=k is not site.k or gqa_sdpa)
-
-
-def attends_over_cache(site) -> bool:
-    """Self-attention of new tokens over a KV cache: the keys are the cached ones and new ones
-    projected from the same hidden states as the queries (``cat(cache, k_proj(x))``)."""
-    q_proj, k_proj = site.q_proj, site.k_proj
-    if q_proj is None or k_proj is None or not q_proj.args or not k_proj.args:
-        return False
-    return q_proj.args[0] is k_proj.args[0] and _through_cat(site.k)
-
-
-def _through_cat(node, depth: int = 24) -> bool:
-    """Whether ``node`` is made by a cat along the token axis (the cache update), past layout ops."""
-    for _ in range(depth):
-        node = skip_layout(node)
-        if not isinstance(node, fx.Node):
-            return False
-        if is_call(node, torch.cat, "cat", torch.concat):
-            return True
-        # repeat_kv after the cache: expand/reshape are layout ops; a getitem of the unsqueeze is not
-        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
-            continue
-        return False
-    return False
-
-
-def _known(condition) -> bool:
-    """Whether ``condition`` (a bool, or a SymBool of symbolic sizes) holds for every value of the
-    sizes; never guards the graph on it."""
-    from torch.fx.experimental.symbolic_shapes import statically_known_true
-
-    return condition if isinstance(condition, bool) else statically_known_true(condition)
-
-
-def _size_hint(size) -> int:
-    """An int size, or a symbolic size's value in the example inputs (for the report only)."""
-    if isinstance(size, int):
-        return size
-    hint = size.node.hint
-    return int(hint) if hint is not None else REPORT_TOKENS
-
-
-def _broadcasts(shape: tuple, target: tuple) -> bool:
-    shape = (1,) * (len(target) - len(shape)) + tuple(shape)
-    return all(_known(s == 1) or _known(s == t) for s, t in zip(shape, target))
 
 
 def invert_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -432,7 +385,7 @@ class SparseAttentionCall:
         ``tokred::sparse_attention`` by (``sparse_cost``), at the example sizes."""
         from tokred.triton_ops.sparse_cost import pattern_flops
 
-        sizes = [tuple(_size_hint(s) for s in t.shape) for t in (q, k, v)]
+        sizes = [tuple(size_hint(s, REPORT_TOKENS) for s in t.shape) for t in (q, k, v)]
         return pattern_flops(self.pattern, *sizes)
 
     def __repr__(self) -> str:
@@ -518,6 +471,6 @@ def _check_site(call: fx.Node, site) -> None:
     before = shape_of(site.node)
     after = tuple(after.shape) if isinstance(after, torch.Tensor) else None
     if before is None or after is None or len(before) != len(after) or not all(
-            _known(a == b) for a, b in zip(before, after)):
+            known_true(a == b) for a, b in zip(before, after)):
         raise RewriteError(f"the rewritten graph does not check: {call.name} has shape {after}, "
                            f"the attention it replaces {before}")

@@ -1,6 +1,7 @@
 """What the sparse-attention pass reads off one attention site: its own mask (a graph constant
 evaluated once, a causal or sliding-window mask recognised), the mask ops of a written-out softmax
-chain, the un-repeated GQA keys and values, and whether dropout is active.
+chain, the un-repeated GQA keys and values, whether dropout is active, whether it attends over a
+KV cache, and size checks that never guard a symbolic size.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import networkx as nx
 import torch
 from torch import fx
 
+from tokred.compat import torch_api
 from tokred.rewriter.analysis.graph import DROPOUT_FUNCS, arg, is_call, shape_of, to_networkx
+from tokred.rewriter.analysis.sites import skip_layout
 
 
 # ----------------------------------------------------------------------------- the site's own mask
@@ -160,3 +163,48 @@ def training_dropout(site) -> bool:
     return False
 
 
+# ----------------------------------------------------------------------------- cache, sizes
+
+def attends_over_cache(site) -> bool:
+    """Self-attention of new tokens over a KV cache: the keys are the cached ones and new ones
+    projected from the same hidden states as the queries (``cat(cache, k_proj(x))``)."""
+    q_proj, k_proj = site.q_proj, site.k_proj
+    if q_proj is None or k_proj is None or not q_proj.args or not k_proj.args:
+        return False
+    return q_proj.args[0] is k_proj.args[0] and _through_cat(site.k)
+
+
+def _through_cat(node, depth: int = 24) -> bool:
+    """Whether ``node`` is made by a cat along the token axis (the cache update), past layout ops."""
+    for _ in range(depth):
+        node = skip_layout(node)
+        if not isinstance(node, fx.Node):
+            return False
+        if is_call(node, torch.cat, "cat", torch.concat):
+            return True
+        # repeat_kv after the cache: expand/reshape are layout ops; a getitem of the unsqueeze is not
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+            continue
+        return False
+    return False
+
+
+def known_true(condition) -> bool:
+    """Whether ``condition`` (a bool, or a SymBool of symbolic sizes) holds for every value of the
+    sizes; never guards the graph on it."""
+    return condition if isinstance(condition, bool) else torch_api.statically_known_true(condition)
+
+
+def size_hint(size, unknown: int) -> int:
+    """An int size, or a symbolic size's value in the example inputs (``unknown`` without one): for
+    the report only."""
+    if isinstance(size, int):
+        return size
+    hint = size.node.hint
+    return int(hint) if hint is not None else unknown
+
+
+def broadcasts(shape: tuple, target: tuple) -> bool:
+    shape = (1,) * (len(target) - len(shape)) + tuple(shape)
+    return all(known_true(s == 1) or known_true(s == t) for s, t in zip(shape, target))
