@@ -361,6 +361,9 @@ def _cannot_prune(block, score: str, fuse: bool, causal: bool, protected: int, l
     site = block.attention
     if block.unsupported:
         return block.unsupported
+    if site.logit_ops and score in ATTENTION_SCORES:
+        return (f"score '{score}' recomputes plain scaled attention, and this site's logits pass through a "
+                f"soft-cap or a temperature before the softmax; use score 'transition', 'diversity' or 'random'")
     if block.output is None or block.mlp_add is None:
         return "the block's MLP residual add was not found"
     blocked = next((b for b in later if b.unsupported), None)

@@ -82,6 +82,9 @@ class AttentionSite:
     scale: Optional[float] = None
     softmax: Optional[fx.Node] = None
     scores: Optional[fx.Node] = None  # q @ k^T (manual chain)
+    # manual chain: the ops between q @ k^T and softmax that are neither the scale nor the mask
+    # (a tanh soft-cap, a learned temperature); a pass that recomputes plain scaled logits skips them
+    logit_ops: tuple = ()
     gqa: bool = False
     q_proj: Optional[fx.Node] = None
     k_proj: Optional[fx.Node] = None
@@ -261,9 +264,9 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     x_shape = shape_of(softmax)
     if x_shape is None or len(x_shape) < 3 or dim not in (-1, len(x_shape) - 1):
         return None
-    # backward from softmax to the scores matmul, collecting scale and mask
-    scale, mask, cur = None, None, softmax.args[0]
-    for _ in range(8):
+    # backward from softmax to the scores matmul, collecting scale, mask and other logit ops
+    scale, mask, cur, logit_ops = None, None, softmax.args[0], []
+    for _ in range(16):
         if not isinstance(cur, fx.Node):
             return None
         if is_matmul(cur):
@@ -275,7 +278,21 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
                 scale = (scale or 1.0) * (s if cur.target in (operator.mul, torch.mul, "mul") else 1.0 / s)
                 cur = a
                 continue
-            return None
+            # a learned temperature: a tensor from outside the chain scales the logits
+            for logits, other in ((a, b), (b, a)):
+                if isinstance(logits, fx.Node) and _reaches_matmul(logits) and not (
+                        isinstance(other, fx.Node) and _reaches_matmul(other)):
+                    logit_ops.append(cur)
+                    cur = logits
+                    break
+            else:
+                return None
+            continue
+        if is_call(cur, torch.tanh, "tanh"):
+            # a soft-cap c * tanh(x / c): the scalars seen so far act after the tanh, not on q @ k^T
+            logit_ops.append(cur)
+            scale, cur = None, cur.args[0]
+            continue
         if is_call(cur, operator.add, torch.add, "add"):
             a, b = cur.args[0], cur.args[1]
             # the scores operand has the full [.., Nq, Nk] shape and comes from a matmul chain
@@ -332,17 +349,20 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
         scale = (scale or 1.0) * _scalar(q.args[1])
     causal = _looks_causal(mask)
     site = _make_site("manual", out, q, k, v, mask, causal, scale, softmax, scores, False)
+    site.logit_ops = tuple(logit_ops)
     return site
 
 
 def _reaches_matmul(node: fx.Node) -> bool:
+    """Whether ``node`` is q @ k^T, past scalings, casts and a soft-cap's tanh (its first operand)."""
     cur = node
-    for _ in range(6):
+    for _ in range(8):
         if not isinstance(cur, fx.Node):
             return False
         if is_matmul(cur):
             return True
-        if is_call(cur, operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", "to", "float"):
+        if is_call(cur, operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", "to", "float",
+                   torch.tanh, "tanh"):
             cur = cur.args[0]
             continue
         return False
