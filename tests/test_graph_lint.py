@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+import tokred
 from tokred.rewriter.options import parse_options
 from zoo import ZOO
 
@@ -62,14 +63,11 @@ def host_syncs(gm: torch.fx.GraphModule, example_inputs) -> list:
 
 def rewritten(zm, options: dict) -> list:
     """(rewritten graph, its example inputs, report) for each graph the zoo model's capture gives."""
-    import importlib
-
-    rewrite = importlib.import_module("tokred.backend").rewrite
     parsed = parse_options(options)
     graphs = []
 
     def keep(gm, example_inputs):
-        gm, report = rewrite(gm, example_inputs, parsed)
+        gm, report = tokred.rewrite(gm, example_inputs, parsed)
         graphs.append((gm, list(example_inputs), report))
         return gm.forward
 

@@ -41,6 +41,7 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
     one line, and compilation goes on (``strict=True`` raises instead). A user's compile never
     fails because tokred could not handle a model.
     """
+    requested = [name for name in PASSES if name in options.passes]  # in the table's order
     try:
         normalize(gm)  # one spelling per op (in-place arithmetic out of place, where it is safe)
         facts = analysis.analyze(gm)
@@ -50,17 +51,16 @@ def rewrite(gm: fx.GraphModule, example_inputs, options: Options) -> tuple[fx.Gr
         report = Report()
         report.note(f"analysis failed, the model passes through unchanged: {failure_line(error)}")
         log.debug("tokred: analysis failed", exc_info=True)
-        warn_unchanged(report, [name for name in PASSES if name in options.passes])
+        warn_unchanged(report, requested)
         return gm, report
     report = facts.to_report()
     with unguarded(example_inputs):
         report.flops_before = graph_flops(gm)
-    for name, pass_type in PASSES.items():
-        if name in options.passes:
-            run_pass(pass_type, gm, facts, options.passes[name], report, options, example_inputs)
+    for name in requested:
+        run_pass(PASSES[name], gm, facts, options.passes[name], report, options, example_inputs)
     with unguarded(example_inputs):
         report.flops_after = graph_flops(gm) if report.changed else report.flops_before
-    warn_unchanged(report, [name for name in PASSES if name in options.passes])  # nothing silent
+    warn_unchanged(report, requested)  # nothing silent
     return gm, report
 
 

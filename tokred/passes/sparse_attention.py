@@ -55,7 +55,8 @@ from tokred.passes.sparse_site import (
     allowed_from_bias, attends_over_cache, broadcasts, evaluate_constant, known_true, manual_mask_ops, own_window,
     size_hint, training_dropout, unrepeated_kv, unscaled_query,
 )
-from tokred.rewriter.analysis.graph import arg, is_call, shape_of, to_networkx
+from tokred.rewriter.analysis.graph import arg, shape_of, to_networkx
+from tokred.rewriter.analysis.sites import logit_ops_text
 from tokred.rewriter.driver import GraphPass, Skip
 from tokred.rewriter.report import note_unchanged, unchanged_reason
 from tokred.rewriter.surgery import RewriteError
@@ -239,7 +240,7 @@ def plan_site(gm: fx.GraphModule, site, opts: SparseOptions, nxg: Optional[nx.Di
     """A :class:`Plan` for ``site``, or the reason (str) it cannot be rewritten."""
     nxg = to_networkx(gm.graph) if nxg is None else nxg
     if site.logit_ops:
-        return (f"its logits pass through {_describe_ops(site.logit_ops)} before the softmax; the sparse "
+        return (f"its logits pass through {logit_ops_text(site)} before the softmax; the sparse "
                 f"kernel computes softmax(q k^T * scale) only")
     # lengths as the graph has them now: a token-reducing pass that ran before may have cut them
     q_shape, k_shape = shape_of(site.q), shape_of(site.k)
@@ -335,12 +336,6 @@ def plan_site(gm: fx.GraphModule, site, opts: SparseOptions, nxg: Optional[nx.Di
         note += f"; symbolic length {n_k} (density at the example's N)"
     reason = describe(opts, size_hint(n_k, REPORT_TOKENS), causal, window=window, sinks=sinks) + note
     return Plan(q, k, v, pattern, scale, bias, reason, gqa=k is not site.k or gqa_sdpa)
-
-
-def _describe_ops(nodes) -> str:
-    """The logit ops of a site in words: "a tanh soft-cap", "a learned temperature"."""
-    words = ["a tanh soft-cap" if "tanh" in str(n.target) else "a learned temperature" for n in nodes]
-    return " and ".join(dict.fromkeys(words))
 
 
 def invert_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -353,6 +353,12 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     return site
 
 
+def logit_ops_text(site: AttentionSite) -> str:
+    """The site's logit ops in words: "a tanh soft-cap", "a learned temperature", or both."""
+    words = ["a tanh soft-cap" if is_call(n, torch.tanh, "tanh") else "a learned temperature" for n in site.logit_ops]
+    return " and ".join(dict.fromkeys(words))
+
+
 def _reaches_matmul(node: fx.Node) -> bool:
     """Whether ``node`` is q @ k^T, past scalings, casts and a soft-cap's tanh (its first operand)."""
     cur = node
