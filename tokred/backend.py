@@ -12,7 +12,7 @@ from typing import Any, Callable
 from torch import fx
 
 from tokred.compat import torch_api
-from tokred.passes import cpu_linear, merge, prune, sparse_attention
+from tokred.passes import cpu_linear, kv_cache, merge, prune, sparse_attention
 from tokred.rewriter import analysis
 from tokred.rewriter.flops import graph_flops
 from tokred.rewriter.normalize import normalize
@@ -24,11 +24,12 @@ from tokred.triton_ops.common import kernel_settings
 log = logging.getLogger(__name__)
 
 # The pass table (option name -> pass class, in the order they run: the token-reducing passes,
-# then sparse attention on the attention left, then the CPU linear kernels on the projections
+# then the KV-cache cut (it reads the attention's queries and keys before sparse attention
+# replaces them), then sparse attention on the attention left, then the CPU linear kernels on the projections
 # that are left: it runs last because it replaces projection nodes the others read). rewriter/
 # never imports it. Every pass follows rewriter.driver's protocol (options -> match -> plan -> apply).
-PASSES: dict[str, type] = {p.name: p for p in (prune.Prune, merge.Merge, sparse_attention.SparseAttention,
-                                               cpu_linear.CpuLinear)}
+PASSES: dict[str, type] = {p.name: p for p in (prune.Prune, merge.Merge, kv_cache.KVCache,
+                                               sparse_attention.SparseAttention, cpu_linear.CpuLinear)}
 for _name, _pass in PASSES.items():
     register_pass_options(_name, _pass.Options.parse)
 

@@ -84,6 +84,11 @@ class GraphPass:
         """Why the whole pass cannot run on this graph ("" if it can): the report's note."""
         return ""
 
+    def idle(self) -> str:
+        """Why this graph, by design, holds nothing for the pass ("" if it may): a prefill-time pass
+        in a decode step's graph. Noted in the report; no site is marked and nothing is warned."""
+        return ""
+
     def match(self) -> list:
         raise NotImplementedError
 
@@ -141,6 +146,10 @@ def run_pass(pass_type: type, gm: fx.GraphModule, facts, opts, report: Report, o
     outputs_before = output_signature(gm)
     try:
         p = pass_type(gm, facts, opts, report, options, example_inputs)
+        idle = p.idle()
+        if idle:
+            report.note(f"{p.name}: {idle}")
+            return p
         _run_sites(p)
         if p.rewritten:
             gm.graph.lint()

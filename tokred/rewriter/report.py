@@ -91,6 +91,7 @@ class Report:
     notes: list = field(default_factory=list)
     graphs: int = 0
     sources: list = field(default_factory=list)  # merge trace_source: [B, N] merged-token ids per run
+    kv_cache_bytes: tuple = (0, 0)  # the KV cache a prefill returns, before and after kv_cache (bytes)
 
     def note(self, line: str) -> None:
         if line not in self.notes:
@@ -116,6 +117,7 @@ class Report:
             self.note(line)
         self.sources.extend(other.sources)
         self.graphs += other.graphs
+        self.kv_cache_bytes = tuple(a + b for a, b in zip(self.kv_cache_bytes, other.kv_cache_bytes))
 
     def table(self) -> str:
         headers = ["module", "layer", "kind", "q [B,H,N,D]", "kv [B,H,N,D]", "heads", "kv_heads",
@@ -150,6 +152,10 @@ class Report:
             ratio = self.flops_after / self.flops_before
             parts.append(f"FLOPs: {_fmt_flops(self.flops_before)} before, {_fmt_flops(self.flops_after)} after "
                          f"({ratio:.3f}x)")
+        if self.kv_cache_bytes[0]:
+            before, after = self.kv_cache_bytes
+            parts.append(f"KV cache after the prefill: {before / 2 ** 20:.2f} MiB before, {after / 2 ** 20:.2f} MiB "
+                         f"after ({after / before:.3f}x)")
         parts += [f"note: {n}" for n in self.notes]
         return "\n".join(parts)
 

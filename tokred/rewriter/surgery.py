@@ -253,7 +253,7 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
     return TokenCut(stream=stream, gathered=gathered, index=index, restored=restored, region=region,
                     side_inputs=side, literals=rewritten,
                     token_dims={node: axes.of(node) for node in region},
-                    cache_outputs=_output_positions(graph, cache_nodes), reduction=reduction)
+                    cache_outputs=output_positions(graph, cache_nodes), reduction=reduction)
 
 
 def _gather_side_input(graph: fx.Graph, inp: fx.Node, dims: list, reader: fx.Node, index: fx.Node) -> tuple:
@@ -318,7 +318,7 @@ def _is_cache_layout(node: fx.Node, axes) -> bool:
     return shape is not None and len(shape) == 4 and axes.of(node) == frozenset({2})
 
 
-def _output_positions(graph: fx.Graph, nodes: set) -> frozenset:
+def output_positions(graph: fx.Graph, nodes: set) -> frozenset:
     """Indices, among the flattened graph outputs, of the outputs that are ``nodes``."""
     if not nodes:
         return frozenset()

@@ -1,0 +1,166 @@
+"""An independent plain-PyTorch reference of KV-cache compression, written from the methods'
+descriptions (SnapKV, TOVA, H2O, key norm, StreamingLLM, random; KV merging), not from tokred's
+code: the model runs eagerly and densely, hooks record each layer's queries, and the returned
+cache is cut per layer and head with full N x N attention maps, argsort and Python loops.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from tokred.compat.transformers_api import returned_cache
+
+DEFAULTS = {"snapkv": (0, "window"), "h2o": (0, "window"), "tova": (0, 1), "streaming": (4, 0)}
+
+
+def queries_by_layer(model, input_ids: torch.Tensor):
+    """Run ``model`` densely with a cache; -> (output, [q [B, H, N, D] per layer, rotary applied],
+    [scale per layer])."""
+    records = []
+
+    def hook(module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        cos, sin = kwargs["position_embeddings"]
+        b, n, _ = hidden.shape
+        q = module.q_proj(hidden).view(b, n, -1, module.head_dim).transpose(1, 2)
+        rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb
+        q, _ = rotate(q, q, cos, sin)
+        records.append((q, module.scaling))
+
+    layers = model.model.layers
+    handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+    try:
+        with torch.no_grad():
+            out = model(input_ids=input_ids, use_cache=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, [q for q, _ in records], [s for _, s in records]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """The full causal attention map [B, H, N, N] of one layer (keys repeated per query head)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    n = k.shape[2]
+    logits = (q.double() @ k.double().transpose(-1, -2)) * scale
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    return logits.masked_fill(upper, float("-inf")).softmax(-1)
+
+
+def per_kv_head(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, H, N] -> [B, Hkv, N]: the mean of each KV head's query heads."""
+    b, h, n = scores.shape
+    return scores.view(b, kv_heads, h // kv_heads, n).mean(2)
+
+
+def method_scores(method: str, q, k, scale, window: int, pool: int, layer: int, seed: int) -> torch.Tensor:
+    """[B, Hkv, N] scores of one layer, higher kept."""
+    b, hkv, n, _ = k.shape
+    if method in ("snapkv", "tova", "h2o"):
+        attn = causal_attention(q, k, scale)
+        rows = {"snapkv": min(window, n), "tova": 1, "h2o": n}[method]
+        scores = per_kv_head(attn[:, :, n - rows:].sum(2), hkv)
+        if method == "tova":
+            scores = scores.mean(1, keepdim=True).expand(b, hkv, n)
+    elif method == "knorm":
+        scores = -torch.linalg.vector_norm(k.double(), dim=-1)
+    elif method == "streaming":
+        scores = torch.arange(n, dtype=torch.float64).repeat(b, hkv, 1)
+    else:
+        g = torch.Generator().manual_seed(seed + layer)
+        scores = torch.rand(hkv * n, generator=g).double().view(hkv, n).repeat(b, 1, 1)
+    if pool > 1:
+        padded = F.pad(scores, (pool // 2, pool // 2))
+        scores = torch.stack([padded[..., i:i + n] for i in range(pool)]).mean(0)
+    return scores
+
+
+def kept_positions(scores: torch.Tensor, kept: int, sinks: int, protect_last: int) -> torch.Tensor:
+    """For each (b, head): sinks and last tokens, then the best others, sorted. -> [B, Hkv, kept]."""
+    b, h, n = scores.shape
+    out = torch.empty(b, h, kept, dtype=torch.long)
+    for i in range(b):
+        for j in range(h):
+            always = [p for p in range(n) if p < sinks or p >= n - protect_last]
+            others = [p for p in torch.argsort(scores[i, j], descending=True).tolist() if p not in always]
+            out[i, j] = torch.tensor(sorted(always + others[:kept - len(always)]))
+    return out
+
+
+def merged(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple:
+    """Each evicted entry joins the kept entry of the same head whose key is the most similar
+    (cosine); each kept entry is the plain mean of the entries that joined it and itself."""
+    b, h, n, _ = k.shape
+    ks, vs = [], []
+    for i in range(b):
+        kh, vh = [], []
+        for j in range(h):
+            kept = positions[i, j].tolist()
+            groups = {p: [p] for p in kept}
+            for p in range(n):
+                if p not in groups:
+                    sims = [F.cosine_similarity(k[i, j, p], k[i, j, c], dim=0) for c in kept]
+                    groups[kept[int(torch.stack(sims).argmax())]].append(p)
+            kh.append(torch.stack([k[i, j, groups[c]].mean(0) for c in kept]))
+            vh.append(torch.stack([v[i, j, groups[c]].mean(0) for c in kept]))
+        ks.append(torch.stack(kh))
+        vs.append(torch.stack(vh))
+    return torch.stack(ks), torch.stack(vs)
+
+
+def compress(model, input_ids: torch.Tensor, method: str = "snapkv", keep=0.5, window: int = 32,
+             pool=None, sinks=None, protect_last=None, merge: bool = False, seed: int = 0,
+             budgets=None, layers: str = "uniform") -> tuple:
+    """The dense prefill and its compressed cache: (logits [B, N, V], [(keys, values) per layer]);
+    ``budgets``: each layer's kept count where ``layers`` is not "uniform"."""
+    assert layers == "uniform" or budgets is not None
+    out, queries, scales = queries_by_layer(model, input_ids)
+    cache = returned_cache(out)
+    pool = pool if pool is not None else (5 if method == "snapkv" else 1)
+    default_sinks, default_last = DEFAULTS.get(method, (0, 0))
+    sinks = default_sinks if sinks is None else sinks
+    protect_last = (window if default_last == "window" else default_last) if protect_last is None else protect_last
+    cut = []
+    for layer, (q, scale, entry) in enumerate(zip(queries, scales, cache.layers)):
+        k, v = entry.keys, entry.values
+        n = k.shape[2]
+        kept = budgets[layer] if budgets is not None else \
+            (max(1, min(n, round(keep * n))) if isinstance(keep, float) else min(keep, n))
+        scores = method_scores(method, q, k, scale, window, pool, layer, seed)
+        positions = kept_positions(scores, kept, min(sinks, n), min(protect_last, n))
+        if merge:
+            cut.append(merged(k, v, positions))
+        else:
+            index = positions.unsqueeze(-1)
+            cut.append((k.gather(2, index.expand(-1, -1, -1, k.shape[-1])),
+                           v.gather(2, index.expand(-1, -1, -1, v.shape[-1]))))
+    return out.logits, cut
+
+
+def decode(model, layers: list, first: torch.Tensor, n: int, steps: int) -> tuple:
+    """Greedy decode from a cache holding ``layers``' entries: the new tokens at positions n, n+1, ...
+    -> (tokens [B, steps], [logits [B, 1, V] per step])."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(layers):
+        cache.update(k.clone(), v.clone(), i)
+    token, tokens, logits = first, [], []
+    with torch.no_grad():
+        for step in range(steps):
+            tokens.append(token)
+            pos = torch.full((first.shape[0], 1), n + step, dtype=torch.long)
+            out = model(input_ids=token, position_ids=pos, use_cache=True, **{_cache_keyword(model): cache})
+            logits.append(out.logits)
+            token = out.logits[:, -1:].argmax(-1)
+    return torch.cat(tokens, 1), logits
+
+
+def _cache_keyword(model) -> str:
+    from tokred.compat.transformers_api import cache_keyword
+
+    return cache_keyword(model)

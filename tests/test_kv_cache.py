@@ -1,0 +1,259 @@
+"""The kv_cache pass (tokred/passes/kv_cache.py) against the plain-PyTorch reference (kv_reference.py).
+
+Tiny GQA decoders (Llama, Qwen2: 12 query heads over 4 KV heads) compiled with
+``tokred.backend(inner="aot_eager", kv_cache={...})``: for every method (and merging) the prefill's
+logits are the dense ones, each layer's returned cache equals the reference's cut, and greedy decode
+steps at positions N, N+1, ... on that cache give the reference's tokens and logits; keep=1.0 is the
+identity; generate() runs on the compiled forward; PyramidKV's budgets; what is not compressed says
+why; the report's bytes are the cache's; bad options are refused by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import warnings
+
+import pytest
+import torch
+
+import tokred
+from tokred.compat.transformers_api import returned_cache
+from tokred.passes.kv_cache import KVCacheOptions, layer_budgets
+import kv_reference
+import zoo
+from zoo import ZOO
+
+N = 24
+STEPS = 3
+TOL = 1e-4
+WINDOW = 4
+METHODS = ["snapkv", "tova", "h2o", "knorm", "streaming", "random"]
+
+
+def prompt(n: int = N, batch: int = 2) -> torch.Tensor:
+    return torch.randint(3, zoo.VOCAB, (batch, n), generator=torch.Generator().manual_seed(1))
+
+
+@functools.lru_cache(maxsize=None)
+def model(name: str, depth: int = 2):
+    saved, zoo.DEPTH = zoo.DEPTH, depth
+    try:
+        return ZOO[name]().model
+    finally:
+        zoo.DEPTH = saved
+
+
+def method_options(method: str, **more) -> dict:
+    opts = {"method": method, "keep": 0.5, **more}
+    if method in ("snapkv", "h2o"):
+        opts.setdefault("window", WINDOW)
+    return opts
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_run(name: str, options_json: str, depth: int = 2, n: int = N):
+    """(prefill logits, [(keys, values) per layer], decode tokens, [decode logits], report) of the
+    tokred-compiled model: a prefill, then STEPS greedy steps with the positions given."""
+    torch._dynamo.reset()
+    m = model(name, depth)
+    be = tokred.backend(inner="aot_eager", kv_cache=json.loads(options_json))
+    fn = torch.compile(m, backend=be)
+    ids = prompt(n)
+    try:
+        with torch.no_grad():
+            out = fn(input_ids=ids, use_cache=True)
+            cache = returned_cache(out)
+            layers = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+            token, tokens, logits = out.logits[:, -1:].argmax(-1), [], []
+            for step in range(STEPS):
+                tokens.append(token)
+                pos = torch.full((ids.shape[0], 1), n + step, dtype=torch.long)
+                step_out = fn(input_ids=token, position_ids=pos, use_cache=True,
+                              **tokred.cache_argument(m, cache))
+                logits.append(step_out.logits)
+                token = step_out.logits[:, -1:].argmax(-1)
+    finally:
+        torch._dynamo.reset()
+    return out.logits, layers, torch.cat(tokens, 1), logits, be.report
+
+
+def run(name: str, options: dict, depth: int = 2, n: int = N):
+    return compiled_run(name, json.dumps(options, sort_keys=True), depth, n)
+
+
+def reference(name: str, options: dict, depth: int = 2, n: int = N, budgets=None):
+    m = model(name, depth)
+    ids = prompt(n)
+    logits, layers = kv_reference.compress(m, ids, budgets=budgets, **options)
+    tokens, steps = kv_reference.decode(m, layers, logits[:, -1:].argmax(-1), n, STEPS)
+    return logits, layers, tokens, steps
+
+
+def assert_same_run(got, want) -> None:
+    logits, layers, tokens, steps, _ = got
+    want_logits, want_layers, want_tokens, want_steps = want
+    torch.testing.assert_close(logits, want_logits, atol=TOL, rtol=TOL)
+    assert [k.shape for k, _ in layers] == [k.shape for k, _ in want_layers]
+    for i, ((k, v), (wk, wv)) in enumerate(zip(layers, want_layers)):
+        torch.testing.assert_close(k, wk, atol=TOL, rtol=TOL, msg=lambda m: f"layer {i} keys: {m}")
+        torch.testing.assert_close(v, wv, atol=TOL, rtol=TOL, msg=lambda m: f"layer {i} values: {m}")
+    assert torch.equal(tokens, want_tokens)
+    for got_step, want_step in zip(steps, want_steps):
+        torch.testing.assert_close(got_step, want_step, atol=TOL, rtol=TOL)
+
+
+def test_kv_cache_pass_is_registered():
+    from tokred.backend import PASSES
+
+    assert "kv_cache" in PASSES
+
+
+# ----------------------------------------------------------------------------- reference equality
+
+@pytest.mark.parametrize("method", METHODS)
+def test_method_equals_reference(method):
+    """Prefill logits dense, each layer's cache the reference's cut, decode on it the reference's."""
+    options = method_options(method)
+    got = run("hf_llama_cache_sdpa", options)
+    assert_same_run(got, reference("hf_llama_cache_sdpa", options))
+    assert [k.shape[2] for k, _ in got[1]] == [N // 2, N // 2]
+    assert got[4].changed
+
+
+@pytest.mark.parametrize("method", ["snapkv", "knorm"])
+def test_merge_equals_reference(method):
+    options = method_options(method, merge=True)
+    assert_same_run(run("hf_llama_cache_sdpa", options), reference("hf_llama_cache_sdpa", options))
+
+
+def test_options_of_a_method_equal_reference():
+    """sinks, protect_last, pool and an int keep, on Qwen2 (q/k/v biases)."""
+    options = {"method": "snapkv", "keep": 9, "window": 3, "pool": 3, "sinks": 2, "protect_last": 5}
+    assert_same_run(run("hf_qwen2_sdpa", options), reference("hf_qwen2_sdpa", options))
+
+
+def test_pyramid_budgets_equal_reference():
+    options = method_options("snapkv", layers="pyramid")
+    got = run("hf_llama_cache_sdpa", options, depth=4)
+    budgets = layer_budgets(0.5, N, 4, "pyramid", WINDOW)
+    assert [k.shape[2] for k, _ in got[1]] == budgets
+    assert budgets[0] > budgets[-1] and abs(sum(budgets) - 4 * N // 2) <= 2
+    assert_same_run(got, reference("hf_llama_cache_sdpa", options, depth=4, budgets=budgets))
+
+
+@pytest.mark.parametrize("method", ["snapkv", "streaming"])
+def test_keep_everything_is_the_identity(method):
+    """keep=1.0: the dense cache, the dense decode (invariant 2)."""
+    got = run("hf_llama_cache_sdpa", method_options(method, keep=1.0))
+    m = model("hf_llama_cache_sdpa")
+    with torch.no_grad():
+        dense = m(input_ids=prompt(), use_cache=True)
+    layers = [(layer.keys, layer.values) for layer in returned_cache(dense).layers]
+    for (k, v), (dense_k, dense_v) in zip(got[1], layers):
+        assert torch.equal(k, dense_k) and torch.equal(v, dense_v)
+    tokens, _ = kv_reference.decode(m, layers, dense.logits[:, -1:].argmax(-1), N, STEPS)
+    assert torch.equal(got[2], tokens)
+
+
+def test_generate_on_the_compiled_forward(fresh_dynamo):
+    """transformers' generate() on the tokred-compiled forward: the reference's greedy tokens."""
+    options = method_options("snapkv")
+    m = model("hf_llama_cache_sdpa")
+    ids = prompt()
+    _, _, want, _ = reference("hf_llama_cache_sdpa", options)
+    be = tokred.backend(inner="aot_eager", kv_cache=options)
+    eager = m.forward
+    m.forward = torch.compile(eager, backend=be)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error", tokred.TokredWarning)  # the decode graphs warn nothing
+            got = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=STEPS,
+                             pad_token_id=0)
+    finally:
+        m.forward = eager
+    assert torch.equal(got[:, N:], want)
+    assert any("decode step" in note for note in be.report.notes)
+
+
+# ----------------------------------------------------------------------------- report and reasons
+
+def test_report_says_tokens_and_bytes_per_layer():
+    _, layers, _, _, report = run("hf_llama_cache_sdpa", method_options("knorm"))
+    before, after = report.kv_cache_bytes
+    kept_bytes = sum(t.numel() * t.element_size() for kv in layers for t in kv)
+    assert after == kept_bytes and before == 2 * kept_bytes
+    rewritten = [s for s in report.attention_sites if s.status == "rewritten"]
+    assert len(rewritten) == 2
+    assert all(f"caches {N // 2} of {N} tokens x 4 KV heads" in s.reason for s in rewritten)
+    assert "KV cache after the prefill" in str(report)
+
+
+def _compile_once(m, options: dict, **inputs):
+    torch._dynamo.reset()
+    be = tokred.backend(inner="aot_eager", kv_cache=options)
+    try:
+        with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = torch.compile(m, backend=be)(**inputs)
+    finally:
+        torch._dynamo.reset()
+    return out, be.report, [str(w.message) for w in caught if issubclass(w.category, tokred.TokredWarning)]
+
+
+def test_padded_batch_is_skipped_with_the_reason():
+    m = model("hf_llama_cache_sdpa")
+    ids = prompt()
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    out, report, warned = _compile_once(m, method_options("snapkv"), input_ids=ids, attention_mask=mask,
+                                        use_cache=True)
+    assert not report.changed
+    assert all("attention mask" in s.reason for s in report.attention_sites)
+    assert [layer.keys.shape[2] for layer in returned_cache(out).layers] == [N, N]
+    assert warned and "kv_cache" in warned[0]
+
+
+def test_without_use_cache_says_so():
+    _, report, warned = _compile_once(model("hf_llama_cache_sdpa"), method_options("tova"), input_ids=prompt(),
+                                      use_cache=False)
+    assert not report.changed
+    assert all("returns no KV cache" in s.reason for s in report.attention_sites)
+    assert warned
+
+
+def test_budget_below_the_always_kept_is_skipped():
+    _, report, _ = _compile_once(model("hf_llama_cache_sdpa"), {"method": "snapkv", "keep": 2, "window": 4},
+                                 input_ids=prompt(), use_cache=True)
+    assert not report.changed
+    assert all("fewer than the 4 always kept" in s.reason for s in report.attention_sites)
+
+
+# ----------------------------------------------------------------------------- options
+
+def test_option_defaults_per_method():
+    assert KVCacheOptions.parse({}) == KVCacheOptions(method="snapkv", pool=5, protect_last=32)
+    assert KVCacheOptions.parse({"method": "streaming"}).sinks == 4
+    assert KVCacheOptions.parse({"method": "tova"}).protect_last == 1
+    assert KVCacheOptions.parse(0.25).keep == 0.25
+
+
+@pytest.mark.parametrize("value, named", [
+    ({"method": "nope"}, "kv_cache.method"), ({"keep": 0.0}, "kv_cache.keep"), ({"keep": 1.5}, "kv_cache.keep"),
+    ({"pool": 4}, "kv_cache.pool"), ({"method": "knorm", "pool": 3}, "kv_cache.pool"),
+    ({"method": "knorm", "window": 3}, "kv_cache.window"), ({"layers": "cone"}, "kv_cache.layers"),
+    ({"heads": "adaptive"}, "kv_cache.heads"), ({"merge": 1}, "kv_cache.merge"), ({"sinks": -1}, "kv_cache.sinks"),
+    ({"decode": {"every": 64}}, "kv_cache.decode"), ("snapkv", "kv_cache"),
+])
+def test_bad_options_are_refused_by_name(value, named):
+    with pytest.raises(ValueError, match=named.replace(".", r"\.")):
+        tokred.backend(kv_cache=value)
+
+
+def test_layer_budgets():
+    assert layer_budgets(0.5, 100, 3, "uniform", 0) == [50, 50, 50]
+    assert layer_budgets(30, 20, 2, "uniform", 0) == [20, 20]
+    pyramid = layer_budgets(0.5, 100, 5, "pyramid", 0)
+    assert pyramid == sorted(pyramid, reverse=True) and sum(pyramid) == 250
+    assert min(layer_budgets(0.1, 100, 4, "pyramid", 8)) == 8
+    assert layer_budgets(2, 100, 2, "uniform", 4) == [2, 2]  # below the always kept: refused by the pass

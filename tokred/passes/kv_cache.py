@@ -1,0 +1,338 @@
+"""KV-cache compression: the prefill runs on every token, but each layer's cache keeps fewer.
+
+    torch.compile(model, backend="tokred", options={"kv_cache": {"method": "snapkv", "keep": 0.5}})
+
+In a decoder's prefill graph (its forward over the prompt with ``use_cache=True``) every layer's
+keys and values leave the graph into the model's cache. This pass cuts those outputs, per layer and
+per KV head, to ``keep`` of the prompt's N tokens (a fraction, or a count); the attention of the
+prefill itself is left as it was (SDPA stays SDPA), so the prefill's logits do not change. The
+scores are small side products of each layer (the queries and keys it already has):
+
+  snapkv     attention of the last ``window`` prompt tokens, pooled over ``pool`` neighbours (SnapKV)
+  tova       attention of the last token, averaged over all heads: one ranking per layer (TOVA)
+  h2o        attention accumulated over every prompt token, blockwise, never an N x N map (H2O)
+  knorm      key norm, attention-free: small keys are kept (key-norm press)
+  streaming  the first ``sinks`` tokens and the most recent ones (StreamingLLM)
+  random     a seeded random ranking: the baseline every method must beat
+
+Always kept: the first ``sinks`` and the last ``protect_last`` tokens (defaults per method: the
+observation window for snapkv and h2o, the last token for tova, 4 sinks for streaming). Budgets:
+``layers="pyramid"`` gives early layers more and late layers less, the same total (PyramidKV: a
+linear schedule from 1.5x to 0.5x the uniform budget). ``merge=True`` folds every evicted entry
+into its most similar kept one instead of dropping it (D2O, KVMerger).
+
+Kept keys keep the rotary position they were computed at, and the model's generate() passes the
+positions N, N+1, ... to the decode steps, which attend to the shorter cache; sites that read an
+attention mask (a padded batch, eager attention) are skipped with the reason, because a decode
+step's mask covers all N + t keys. The report says, per layer, the KV tokens kept and the bytes
+saved.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import fx
+
+from tokred.passes import kv_scores
+from tokred.passes.prune_graph import getitem
+from tokred.rewriter.analysis.graph import example_value, is_call, shape_of
+from tokred.rewriter.analysis.sites import site_mask
+from tokred.rewriter.driver import GraphPass, Keep, Skip
+from tokred.rewriter.surgery import output_positions
+
+NAME = "kv_cache"
+METHODS = ("snapkv", "tova", "h2o", "knorm", "streaming", "random")
+ATTENTION_METHODS = ("snapkv", "tova", "h2o")
+POOLED_METHODS = ("snapkv", "h2o")
+LAYER_BUDGETS = ("uniform", "pyramid")
+KNOWN = ("method", "keep", "window", "pool", "sinks", "protect_last", "layers", "heads", "merge", "seed")
+# how far a cached key or value may be from the node the attention reads (repeat_kv's
+# reshape(expand(x[:, :, None])) is three ops)
+LAYOUT_OPS = ("reshape", "view", "expand", "unsqueeze", "contiguous", "repeat_interleave", "clone")
+LAYOUT_DEPTH = 6
+PYRAMID_SPREAD = 0.5  # layer 0 gets (1 + spread) x the uniform budget, the last layer (1 - spread) x
+
+
+def _error(key: str, message: str) -> ValueError:
+    return ValueError(f"tokred option 'kv_cache.{key}' {message}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _count(key: str, value, low: int = 0) -> int:
+    if not _is_int(value) or value < low:
+        raise _error(key, f"must be an int >= {low}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class KVCacheOptions:
+    """method: how cache entries are scored (METHODS); keep: the fraction of the prompt's tokens
+    each layer keeps, or a count; window: snapkv's observation window (and h2o's recent tokens);
+    pool: an odd window the attention scores are averaged over; sinks / protect_last: leading /
+    trailing tokens always kept (None: the method's default); layers: "uniform" or "pyramid"
+    budgets; heads: "uniform" (every head of a layer keeps as many); merge: evicted entries are
+    merged into kept ones; seed: method "random"'s."""
+
+    method: str = "snapkv"
+    keep: Any = 0.5
+    window: int = 32
+    pool: int = 1
+    sinks: int = 0
+    protect_last: int = 0
+    layers: str = "uniform"
+    heads: str = "uniform"
+    merge: bool = False
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, value: Any) -> "KVCacheOptions":
+        if isinstance(value, float):
+            value = {"keep": value}
+        if not isinstance(value, dict):
+            raise ValueError(f"tokred option 'kv_cache' must be a dict like {{'method': 'snapkv', 'keep': 0.5}}, "
+                             f"got {value!r}")
+        for key in value:
+            if key not in KNOWN:
+                raise ValueError(f"unknown tokred option 'kv_cache.{key}'; known: {', '.join(KNOWN)}")
+        method = value.get("method", "snapkv")
+        if method not in METHODS:
+            raise _error("method", f"must be one of {METHODS}, got {method!r}")
+        keep = value.get("keep", 0.5)
+        if _is_int(keep):
+            _count("keep", keep, 1)
+        elif not (isinstance(keep, float) and 0.0 < keep <= 1.0):
+            raise _error("keep", f"must be a fraction in (0, 1] or a count >= 1, got {keep!r}")
+        window = _count("window", value.get("window", 32), 1)
+        pool = value.get("pool", 5 if method == "snapkv" else 1)
+        if not _is_int(pool) or pool < 1 or pool % 2 == 0:
+            raise _error("pool", f"must be an odd window of positions >= 1 (1: no pooling), got {pool!r}")
+        if pool > 1 and method not in POOLED_METHODS:
+            raise _error("pool", f"applies to the methods {POOLED_METHODS} only, not {method!r}")
+        if "window" in value and method not in POOLED_METHODS:
+            raise _error("window", f"applies to the methods {POOLED_METHODS} only, not {method!r}")
+        defaults = {"snapkv": (0, window), "h2o": (0, window), "tova": (0, 1), "streaming": (4, 0)}
+        sinks, protect_last = defaults.get(method, (0, 0))
+        sinks = _count("sinks", value.get("sinks", sinks))
+        protect_last = _count("protect_last", value.get("protect_last", protect_last))
+        layers = value.get("layers", "uniform")
+        if layers not in LAYER_BUDGETS:
+            raise _error("layers", f"must be one of {LAYER_BUDGETS}, got {layers!r}")
+        heads = value.get("heads", "uniform")
+        if heads != "uniform":
+            raise _error("heads", f"must be 'uniform' (every head of a layer keeps as many entries; per-head "
+                         f"budgets, AdaKV's 'adaptive', are not implemented yet), got {heads!r}")
+        merge = value.get("merge", False)
+        if not isinstance(merge, bool):
+            raise _error("merge", f"must be True or False, got {merge!r}")
+        seed = value.get("seed", 0)
+        if not _is_int(seed):
+            raise _error("seed", f"must be an int, got {seed!r}")
+        return cls(method=method, keep=keep, window=window, pool=pool, sinks=sinks, protect_last=protect_last,
+                   layers=layers, heads=heads, merge=merge, seed=seed)
+
+
+def layer_budgets(keep, n: int, layers: int, schedule: str, always: int) -> list:
+    """Entries each of ``layers`` layers keeps of ``n``: ``keep`` (a fraction rounds, a count is
+    capped at n) in every layer, or PyramidKV's linear schedule from (1 + PYRAMID_SPREAD) x to
+    (1 - PYRAMID_SPREAD) x that budget (the total the same up to rounding); never fewer than the
+    ``always`` kept entries where the schedule (not ``keep`` itself) goes below them, never more
+    than n. A ``keep`` below ``always`` is returned as it is: the pass refuses it with the reason."""
+    base = max(1, min(n, int(round(keep * n)))) if isinstance(keep, float) else min(keep, n)
+    if schedule == "uniform" or layers == 1:
+        shares = [1.0] * layers
+    else:
+        shares = [1.0 + PYRAMID_SPREAD - 2 * PYRAMID_SPREAD * i / (layers - 1) for i in range(layers)]
+    floor = min(always, n) if base >= min(always, n) else 0
+    return [max(floor, min(n, int(round(base * s)))) for s in shares]
+
+
+@dataclass(frozen=True)
+class KVPlan:
+    """One layer's cache cut: ``n`` entries per KV head become ``kept`` (the first ``sinks`` and
+    last ``protect_last`` among them); ``bytes_before`` / ``bytes_after``: the layer's K and V."""
+
+    layer: int
+    method: str
+    n: int
+    kept: int
+    sinks: int
+    protect_last: int
+    kv_heads: int
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass(frozen=True)
+class CacheOutputs:
+    """The nodes a site's cache is returned through (graph outputs): keys [B, Hkv, N, D] and values."""
+
+    keys: fx.Node
+    values: fx.Node
+
+
+def _output_leaves(graph: fx.Graph) -> set:
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    return {leaf for leaf in torch.utils._pytree.tree_leaves(out.args[0]) if isinstance(leaf, fx.Node)}
+
+
+def _new_axes_only(node: fx.Node) -> bool:
+    """``node`` is ``x[:, :, None]``-like: an index of full slices, None and ``...`` (no data chosen)."""
+    if not (is_call(node, operator.getitem, "__getitem__") and len(node.args) == 2):
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    full = lambda i: i is None or i is Ellipsis or (isinstance(i, slice) and i == slice(None))
+    return all(full(i) for i in index)
+
+
+def cached_tensor(node: fx.Node, outputs: set) -> Optional[fx.Node]:
+    """The graph output that holds ``node``'s cache entries: ``node`` itself, or the tensor it was
+    laid out from (GQA's repeat_kv) within LAYOUT_DEPTH layout ops; None if it is not returned."""
+    for _ in range(LAYOUT_DEPTH + 1):
+        if node in outputs:
+            return node
+        if not (isinstance(node, fx.Node) and (is_call(node, *LAYOUT_OPS) or _new_axes_only(node))
+                and node.args and isinstance(node.args[0], fx.Node)):
+            return None
+        node = node.args[0]
+    return None
+
+
+def _nbytes(shape: tuple, dtype) -> int:
+    count = 1
+    for s in shape:
+        count *= int(s)
+    return count * torch.empty((), dtype=dtype).element_size()
+
+
+class KVCache(GraphPass):
+    """Cut each layer's returned KV cache; every attention site is reported."""
+
+    name, Options = NAME, KVCacheOptions
+
+    def idle(self) -> str:
+        outputs = _output_leaves(self.gm.graph)
+        self.caches = {}
+        for site in self.facts.attention_sites:
+            keys, values = cached_tensor(site.k, outputs), cached_tensor(site.v, outputs)
+            if keys is not None and values is not None:
+                self.caches[id(site)] = CacheOutputs(keys, values)
+        sites = [s for s in self.facts.attention_sites if id(s) in self.caches]
+        if sites and all(self._decode_step(s) for s in sites):
+            return "a decode step (new tokens over a cache): the cache was compressed in the prefill"
+        return ""
+
+    def _decode_step(self, site) -> bool:
+        q = shape_of(site.q)
+        return q is not None and len(q) == 4 and q[2] != self._length(site)
+
+    def match(self) -> list:
+        prefill = [s for s in self.facts.attention_sites if id(s) in self.caches and not self._decode_step(s)]
+        opts = self.opts
+        always = opts.sinks + opts.protect_last
+        n = max((self._length(s) for s in prefill), default=0)
+        self.prefill = [id(s) for s in prefill]
+        self.budgets = dict(zip(self.prefill, layer_budgets(opts.keep, n, len(prefill), opts.layers, always)))
+        self.changed_outputs = set()
+        self.bytes = [0, 0]
+        return list(self.facts.attention_sites)
+
+    def _length(self, site) -> Optional[int]:
+        shape = shape_of(self.caches[id(site)].keys)
+        return shape[2] if shape is not None and len(shape) == 4 else None
+
+    def plan(self, site):
+        opts = self.opts
+        if id(site) not in self.caches:
+            return Skip("the layer returns no KV cache (called without use_cache, or not a decoder layer)")
+        keys, values = shape_of(self.caches[id(site)].keys), shape_of(self.caches[id(site)].values)
+        q = shape_of(site.q)
+        n = self._length(site)
+        if q is None or values is None or n is None or not all(isinstance(s, int) for s in (*q, *keys, *values)):
+            return Skip("the token count is dynamic (a symbolic shape): compile with static shapes "
+                        "(dynamic=False) to compress the cache")
+        if q[2] != n:
+            return Keep(f"a decode step ({q[2]} new over {n} cached): the cache was compressed in the prefill")
+        if site_mask(site) is not None:
+            return Skip("the layer reads an attention mask (a padded batch, or eager attention): a decode "
+                        "step's mask would cover all N + t keys, not the compressed cache; use "
+                        "attn_implementation='sdpa' and unpadded prompts")
+        if not site.causal:
+            return Skip("bidirectional attention: a KV cache is a decoder's")
+        if opts.method in ATTENTION_METHODS and site.logit_ops:
+            return Skip(f"{opts.method} recomputes plain scaled attention; this layer's logits also go through "
+                        f"other ops")
+        kept = self.budgets[id(site)]
+        always = opts.sinks + opts.protect_last
+        if kept < min(always, n):
+            return Skip(f"keep={opts.keep} leaves {kept} entries, fewer than the {always} always kept "
+                        f"(sinks {opts.sinks} + protect_last {opts.protect_last})")
+        value = example_value(self.caches[id(site)].keys)
+        dtype = value.dtype if isinstance(value, torch.Tensor) else torch.float32
+        before = _nbytes(keys, dtype) + _nbytes(values, dtype)
+        after = before * kept // n
+        return KVPlan(layer=self.prefill.index(id(site)), method=opts.method, n=n, kept=kept,
+                      sinks=min(opts.sinks, n), protect_last=min(opts.protect_last, n), kv_heads=keys[1],
+                      bytes_before=before, bytes_after=after)
+
+    def apply(self, site, plan: KVPlan) -> str:
+        graph, opts, cache = self.gm.graph, self.opts, self.caches[id(site)]
+        out = next(n for n in reversed(graph.nodes) if n.op == "output")
+        with graph.inserting_before(out):
+            scores = self._scores(graph, site, plan, cache.keys)
+            index = graph.call_function(kv_scores.select_kept, (scores, plan.kept, plan.sinks, plan.protect_last))
+            if opts.merge:
+                merged = graph.call_function(kv_scores.merge_evicted, (cache.keys, cache.values, index))
+                keys, values = (graph.call_function(getitem, (merged, i)) for i in range(2))
+            else:
+                keys = graph.call_function(kv_scores.gather_kept, (cache.keys, index))
+                values = graph.call_function(kv_scores.gather_kept, (cache.values, index))
+        for node, new in ((cache.keys, keys), (cache.values, values)):
+            node.replace_all_uses_with(new, delete_user_cb=lambda user: user.op == "output")
+        self.changed_outputs |= {keys, values}
+        self.cache_outputs = output_positions(graph, self.changed_outputs)
+        self.bytes[0] += plan.bytes_before
+        self.bytes[1] += plan.bytes_after
+        merged = ", merged" if opts.merge else ""
+        return (f"kv_cache {plan.method} keep={opts.keep}{merged}: layer {plan.layer} caches {plan.kept} of "
+                f"{plan.n} tokens x {plan.kv_heads} KV heads, {_mb(plan.bytes_before - plan.bytes_after)} saved")
+
+    def _scores(self, graph: fx.Graph, site, plan: KVPlan, keys: fx.Node) -> fx.Node:
+        opts = self.opts
+        scale = site.scale if site.scale is not None else site.head_dim ** -0.5
+        if opts.method == "snapkv":
+            scores = graph.call_function(kv_scores.window_attention, (site.q, keys, opts.window, scale))
+        elif opts.method == "tova":
+            last = graph.call_function(kv_scores.window_attention, (site.q, keys, 1, scale))
+            scores = graph.call_function(kv_scores.head_mean, (last,))
+        elif opts.method == "h2o":
+            scores = graph.call_function(kv_scores.accumulated_attention, (site.q, keys, scale))
+        elif opts.method == "knorm":
+            scores = graph.call_function(kv_scores.key_norm_scores, (keys,))
+        elif opts.method == "streaming":
+            scores = graph.call_function(kv_scores.recency_scores, (keys,))
+        else:  # random: a seeded table per layer, a constant of the graph
+            generator = torch.Generator().manual_seed(opts.seed + plan.layer)
+            table = torch.rand(plan.kv_heads * plan.n, generator=generator)
+            scores = graph.call_function(kv_scores.constant_scores, (keys, tuple(table.tolist())))
+        if opts.pool > 1:
+            scores = graph.call_function(kv_scores.pooled, (scores, opts.pool))
+        return scores
+
+    def finish(self) -> None:
+        if not self.rewritten:
+            return
+        before, after = self.bytes
+        self.report.kv_cache_bytes = (self.report.kv_cache_bytes[0] + before, self.report.kv_cache_bytes[1] + after)
+        self.report.note(f"kv_cache: {len(self.rewritten)} layers' caches cut, {_mb(before)} -> {_mb(after)} "
+                         f"after the prefill ({after / before:.2f}x)")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2 ** 20:.2f} MiB" if n >= 2 ** 20 else f"{n / 2 ** 10:.1f} KiB"
