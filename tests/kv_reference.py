@@ -25,7 +25,8 @@ def queries_by_layer(model, input_ids: torch.Tensor):
         hidden = kwargs.get("hidden_states", args[0] if args else None)
         cos, sin = kwargs["position_embeddings"]
         b, n, _ = hidden.shape
-        q = module.q_proj(hidden).view(b, n, -1, module.head_dim).transpose(1, 2)
+        q = module.q_proj(hidden).view(b, n, -1, module.head_dim)
+        q = (module.q_norm(q) if hasattr(module, "q_norm") else q).transpose(1, 2)  # Gemma3, Qwen3: per-head norm
         rotate = sys.modules[type(module).__module__].apply_rotary_pos_emb
         q, _ = rotate(q, q, cos, sin)
         records.append((q, module.scaling))
@@ -57,15 +58,15 @@ def per_kv_head(scores: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return scores.view(b, kv_heads, h // kv_heads, n).mean(2)
 
 
-def method_scores(method: str, q, k, scale, window: int, pool: int, layer: int, seed: int) -> torch.Tensor:
-    """[B, Hkv, N] scores of one layer, higher kept."""
+def method_scores(method: str, q, k, scale, window: int, pool: int, layer: int, seed: int,
+                  shared: bool = False) -> torch.Tensor:
+    """[B, Hkv, N] scores of one layer, higher kept; ``shared``: the same scores in every KV head
+    (their mean), so every head keeps the same positions."""
     b, hkv, n, _ = k.shape
     if method in ("snapkv", "tova", "h2o"):
         attn = causal_attention(q, k, scale)
         rows = {"snapkv": min(window, n), "tova": 1, "h2o": n}[method]
         scores = per_kv_head(attn[:, :, n - rows:].sum(2), hkv)
-        if method == "tova":
-            scores = scores.mean(1, keepdim=True).expand(b, hkv, n)
     elif method == "knorm":
         scores = -torch.linalg.vector_norm(k.double(), dim=-1)
     elif method == "streaming":
@@ -73,6 +74,8 @@ def method_scores(method: str, q, k, scale, window: int, pool: int, layer: int, 
     else:
         g = torch.Generator().manual_seed(seed + layer)
         scores = torch.rand(hkv * n, generator=g).double().view(hkv, n).repeat(b, 1, 1)
+    if shared:
+        scores = scores.mean(1, keepdim=True).expand(b, hkv, n)
     if pool > 1:
         padded = F.pad(scores, (pool // 2, pool // 2))
         scores = torch.stack([padded[..., i:i + n] for i in range(pool)]).mean(0)
@@ -114,7 +117,7 @@ def merged(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple:
 
 def compress(model, input_ids: torch.Tensor, method: str = "snapkv", keep=0.5, window: int = 32,
              pool=None, sinks=None, protect_last=None, merge: bool = False, seed: int = 0,
-             budgets=None, layers: str = "uniform") -> tuple:
+             budgets=None, layers: str = "uniform", heads=None) -> tuple:
     """The dense prefill and its compressed cache: (logits [B, N, V], [(keys, values) per layer]);
     ``budgets``: each layer's kept count where ``layers`` is not "uniform"."""
     assert layers == "uniform" or budgets is not None
@@ -124,13 +127,18 @@ def compress(model, input_ids: torch.Tensor, method: str = "snapkv", keep=0.5, w
     default_sinks, default_last = DEFAULTS.get(method, (0, 0))
     sinks = default_sinks if sinks is None else sinks
     protect_last = (window if default_last == "window" else default_last) if protect_last is None else protect_last
+    sliding = [t == "sliding_attention" for t in getattr(model.config, "layer_types", None) or []]
     cut = []
     for layer, (q, scale, entry) in enumerate(zip(queries, scales, cache.layers)):
         k, v = entry.keys, entry.values
+        if layer < len(sliding) and sliding[layer]:  # the model's own window bounds this cache already
+            cut.append((k, v))
+            continue
         n = k.shape[2]
         kept = budgets[layer] if budgets is not None else \
             (max(1, min(n, round(keep * n))) if isinstance(keep, float) else min(keep, n))
-        scores = method_scores(method, q, k, scale, window, pool, layer, seed)
+        shared = (heads or ("shared" if method == "tova" else "uniform")) == "shared"
+        scores = method_scores(method, q, k, scale, window, pool, layer, seed, shared)
         positions = kept_positions(scores, kept, min(sinks, n), min(protect_last, n))
         if merge:
             cut.append(merged(k, v, positions))
@@ -141,19 +149,26 @@ def compress(model, input_ids: torch.Tensor, method: str = "snapkv", keep=0.5, w
     return out.logits, cut
 
 
-def decode(model, layers: list, first: torch.Tensor, n: int, steps: int) -> tuple:
+def decode(model, layers: list, first: torch.Tensor, n: int, steps: int, forced=None) -> tuple:
     """Greedy decode from a cache holding ``layers``' entries: the new tokens at positions n, n+1, ...
+    ``forced`` [B, Q] (a question): fed first, at n..n+Q-1; ``first`` is then ignored and the greedy
+    tokens start at n+Q from the last forced token's logits.
     -> (tokens [B, steps], [logits [B, 1, V] per step])."""
     from transformers import DynamicCache
 
-    cache = DynamicCache()
+    cache = DynamicCache(config=model.config)  # sliding-window layers (Gemma3) keep their window
     for i, (k, v) in enumerate(layers):
         cache.update(k.clone(), v.clone(), i)
     token, tokens, logits = first, [], []
     with torch.no_grad():
+        for i in range(0 if forced is None else forced.shape[1]):
+            pos = torch.full((forced.shape[0], 1), n, dtype=torch.long)
+            out = model(input_ids=forced[:, i:i + 1], position_ids=pos, use_cache=True,
+                        **{_cache_keyword(model): cache})
+            token, n = out.logits[:, -1:].argmax(-1), n + 1
         for step in range(steps):
             tokens.append(token)
-            pos = torch.full((first.shape[0], 1), n + step, dtype=torch.long)
+            pos = torch.full((token.shape[0], 1), n + step, dtype=torch.long)
             out = model(input_ids=token, position_ids=pos, use_cache=True, **{_cache_keyword(model): cache})
             logits.append(out.logits)
             token = out.logits[:, -1:].argmax(-1)

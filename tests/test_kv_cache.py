@@ -127,6 +127,14 @@ def test_merge_equals_reference(method):
     assert_same_run(run("hf_llama_cache_sdpa", options), reference("hf_llama_cache_sdpa", options))
 
 
+@pytest.mark.parametrize("method, heads", [("snapkv", "shared"), ("h2o", "shared"), ("tova", "uniform")])
+def test_head_sharing_equals_reference(method, heads):
+    """heads="shared": every KV head keeps the same positions (the layer's mean scores); TOVA's own
+    default, which "uniform" turns off."""
+    options = method_options(method, heads=heads)
+    assert_same_run(run("hf_llama_cache_sdpa", options), reference("hf_llama_cache_sdpa", options))
+
+
 def test_options_of_a_method_equal_reference():
     """sinks, protect_last, pool and an int keep, on Qwen2 (q/k/v biases)."""
     options = {"method": "snapkv", "keep": 9, "window": 3, "pool": 3, "sinks": 2, "protect_last": 5}
@@ -174,6 +182,44 @@ def test_generate_on_the_compiled_forward(fresh_dynamo):
         m.forward = eager
     assert torch.equal(got[:, N:], want)
     assert any("decode step" in note for note in be.report.notes)
+
+
+def test_compressed_context_answers_questions_from_one_cut(fresh_dynamo):
+    """Question-agnostic use: the context alone is compressed; each question is fed on a copy of that
+    cache at positions N, N+1, ... and answered greedily, as the reference computes it; keep=1.0
+    answers as the dense model's generate() on context + question."""
+    m = model("hf_llama_cache_sdpa")
+    context, questions = prompt(), [prompt(5).flip(1), prompt(3)]
+    options = method_options("snapkv")
+    compressed = tokred.CompressedContext(torch.compile(m, backend=tokred.backend(inner="aot_eager",
+                                                                                  kv_cache=options)), context)
+    assert compressed.cache_entries == [N // 2, N // 2] and compressed.length == N
+    _, layers = kv_reference.compress(m, context, **options)
+    for question in questions + questions[:1]:  # the first question again: the cut cache is unchanged
+        want, _ = kv_reference.decode(m, layers, None, N, STEPS, forced=question)
+        assert torch.equal(compressed.answer(question, max_new_tokens=STEPS), want)
+    torch._dynamo.reset()
+    dense = tokred.CompressedContext(torch.compile(m, backend=tokred.backend(
+        inner="aot_eager", kv_cache=method_options("snapkv", keep=1.0))), context)
+    full = torch.cat([context, questions[0]], 1)
+    with torch.no_grad():
+        want = m.generate(full, attention_mask=torch.ones_like(full), do_sample=False, max_new_tokens=STEPS,
+                          pad_token_id=0)[:, full.shape[1]:]
+    assert torch.equal(dense.answer(questions[0], max_new_tokens=STEPS), want)
+    with pytest.raises(ValueError, match="question_ids must be"):
+        dense.answer(questions[0][:1])
+
+
+def test_gemma3_sliding_window_layers_keep_their_window():
+    """Gemma3 (sliding-window layers between full ones, q/k norms): the full layers' caches are cut as
+    the reference cuts them, the sliding layers' (already the last window) are left as they are, with
+    the reason, and decode on that cache gives the reference's tokens and logits."""
+    got = run("hf_gemma3_sdpa", method_options("snapkv"))
+    want = reference("hf_gemma3_sdpa", method_options("snapkv"))
+    assert_same_run(got, want)
+    sliding = [s for s in got[4].attention_sites if "sliding-window layer" in s.reason]
+    window = model("hf_gemma3_sdpa").config.sliding_window
+    assert len(sliding) == 1 and [k.shape[2] for k, _ in got[1]] == [window - 1, N // 2]
 
 
 # ----------------------------------------------------------------------------- report and reasons

@@ -9,9 +9,10 @@ from tokred.compat.transformers_api import cache_argument
 from tokred.explain import explain
 from tokred.rewriter.options import Options, parse_options
 from tokred.rewriter.report import Report, SiteRecord, TokredWarning
+from tokred.runtime.compressed_context import CompressedContext
 from tokred.runtime.generate import generate
 
-__all__ = ["backend", "rewrite", "cache_argument", "explain", "generate", "export_onnx", "StreamingCache", "Options",
+__all__ = ["backend", "rewrite", "cache_argument", "CompressedContext", "explain", "generate", "export_onnx", "StreamingCache", "Options",
            "parse_options", "Report", "SiteRecord", "TokredWarning"]
 
 

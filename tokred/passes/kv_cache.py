@@ -18,13 +18,16 @@ scores are small side products of each layer (the queries and keys it already ha
 Always kept: the first ``sinks`` and the last ``protect_last`` tokens (defaults per method: the
 observation window for snapkv and h2o, the last token for tova, 4 sinks for streaming). Budgets:
 ``layers="pyramid"`` gives early layers more and late layers less, the same total (PyramidKV: a
-linear schedule from 1.5x to 0.5x the uniform budget). ``merge=True`` folds every evicted entry
+linear schedule from 1.5x to 0.5x the uniform budget); ``heads="shared"`` keeps the same positions
+in every KV head of a layer, chosen by the scores averaged over its heads (TOVA's own rule, and on
+SmolLM2 passkey retrieval far better for SnapKV than its per-head choice). ``merge=True`` folds every evicted entry
 into its most similar kept one instead of dropping it (D2O, KVMerger).
 
 Kept keys keep the rotary position they were computed at, and the model's generate() passes the
 positions N, N+1, ... to the decode steps, which attend to the shorter cache; sites that read an
 attention mask (a padded batch, eager attention) are skipped with the reason, because a decode
-step's mask covers all N + t keys. The report says, per layer, the KV tokens kept and the bytes
+step's mask covers all N + t keys. Sliding-window layers (Gemma3's local layers) return only their
+window's last entries: they are left as they are, with the reason. The report says, per layer, the KV tokens kept and the bytes
 saved.
 """
 
@@ -52,6 +55,7 @@ LAYER_BUDGETS = ("uniform", "pyramid")
 KNOWN = ("method", "keep", "window", "pool", "sinks", "protect_last", "layers", "heads", "merge", "seed")
 # how far a cached key or value may be from the node the attention reads (repeat_kv's
 # reshape(expand(x[:, :, None])) is three ops)
+HEAD_BUDGETS = ("uniform", "shared")
 LAYOUT_OPS = ("reshape", "view", "expand", "unsqueeze", "contiguous", "repeat_interleave", "clone")
 LAYOUT_DEPTH = 6
 PYRAMID_SPREAD = 0.5  # layer 0 gets (1 + spread) x the uniform budget, the last layer (1 - spread) x
@@ -77,7 +81,8 @@ class KVCacheOptions:
     each layer keeps, or a count; window: snapkv's observation window (and h2o's recent tokens);
     pool: an odd window the attention scores are averaged over; sinks / protect_last: leading /
     trailing tokens always kept (None: the method's default); layers: "uniform" or "pyramid"
-    budgets; heads: "uniform" (every head of a layer keeps as many); merge: evicted entries are
+    budgets; heads: "uniform" (every KV head keeps as many, by its own scores) or "shared" (the same
+    positions in every head, by the scores averaged over the layer's heads; TOVA's default); merge: evicted entries are
     merged into kept ones; seed: method "random"'s."""
 
     method: str = "snapkv"
@@ -124,10 +129,11 @@ class KVCacheOptions:
         layers = value.get("layers", "uniform")
         if layers not in LAYER_BUDGETS:
             raise _error("layers", f"must be one of {LAYER_BUDGETS}, got {layers!r}")
-        heads = value.get("heads", "uniform")
-        if heads != "uniform":
-            raise _error("heads", f"must be 'uniform' (every head of a layer keeps as many entries; per-head "
-                         f"budgets, AdaKV's 'adaptive', are not implemented yet), got {heads!r}")
+        heads = value.get("heads", "shared" if method == "tova" else "uniform")
+        if heads not in HEAD_BUDGETS:
+            raise _error("heads", f"must be 'uniform' (each KV head keeps as many entries, chosen by its own "
+                         f"scores) or 'shared' (one choice per layer, by the scores averaged over its heads); "
+                         f"per-head budgets, AdaKV's 'adaptive', are not implemented yet; got {heads!r}")
         merge = value.get("merge", False)
         if not isinstance(merge, bool):
             raise _error("merge", f"must be True or False, got {merge!r}")
@@ -204,6 +210,35 @@ def cached_tensor(node: fx.Node, outputs: set) -> Optional[fx.Node]:
     return None
 
 
+def _trailing_slice(node: fx.Node) -> Optional[int]:
+    """``w`` where ``node`` is ``x[:, :, -w:]`` (the last w entries along the cache's token axis)."""
+    if not (is_call(node, operator.getitem, "__getitem__") and len(node.args) == 2
+            and isinstance(node.args[1], tuple) and len(node.args[1]) >= 3):
+        return None
+    index = node.args[1]
+    full = lambda i: i is Ellipsis or (isinstance(i, slice) and i == slice(None))
+    cut = index[2]
+    if (all(full(i) for i in index[:2] + index[3:]) and isinstance(cut, slice) and cut.stop is None
+            and cut.step is None and isinstance(cut.start, int) and cut.start < 0):
+        return -cut.start
+    return None
+
+
+def sliding_window_cache(node: fx.Node, outputs: set) -> Optional[int]:
+    """The window w of a sliding-window layer's cache: the graph returns only the last w entries of
+    the tensor ``node`` was laid out from (transformers' sliding cache layers); None otherwise."""
+    for _ in range(LAYOUT_DEPTH + 1):
+        for user in node.users:
+            w = _trailing_slice(user)
+            if w is not None and user in outputs:
+                return w
+        if not (is_call(node, *LAYOUT_OPS) or _new_axes_only(node)) or not node.args \
+                or not isinstance(node.args[0], fx.Node):
+            return None
+        node = node.args[0]
+    return None
+
+
 def _nbytes(shape: tuple, dtype) -> int:
     count = 1
     for s in shape:
@@ -218,11 +253,13 @@ class KVCache(GraphPass):
 
     def idle(self) -> str:
         outputs = _output_leaves(self.gm.graph)
-        self.caches = {}
+        self.caches, self.sliding = {}, {}
         for site in self.facts.attention_sites:
             keys, values = cached_tensor(site.k, outputs), cached_tensor(site.v, outputs)
             if keys is not None and values is not None:
                 self.caches[id(site)] = CacheOutputs(keys, values)
+            elif isinstance(site.k, fx.Node) and sliding_window_cache(site.k, outputs) is not None:
+                self.sliding[id(site)] = sliding_window_cache(site.k, outputs)
         sites = [s for s in self.facts.attention_sites if id(s) in self.caches]
         if sites and all(self._decode_step(s) for s in sites):
             return "a decode step (new tokens over a cache): the cache was compressed in the prefill"
@@ -249,6 +286,9 @@ class KVCache(GraphPass):
 
     def plan(self, site):
         opts = self.opts
+        if id(site) in self.sliding:
+            return Keep(f"a sliding-window layer: its cache already holds only the last {self.sliding[id(site)]} "
+                        f"tokens (the model's own window), left as it is")
         if id(site) not in self.caches:
             return Skip("the layer returns no KV cache (called without use_cache, or not a decoder layer)")
         keys, values = shape_of(self.caches[id(site)].keys), shape_of(self.caches[id(site)].values)
@@ -300,7 +340,7 @@ class KVCache(GraphPass):
         self.bytes[0] += plan.bytes_before
         self.bytes[1] += plan.bytes_after
         merged = ", merged" if opts.merge else ""
-        return (f"kv_cache {plan.method} keep={opts.keep}{merged}: layer {plan.layer} caches {plan.kept} of "
+        return (f"kv_cache {plan.method} keep={opts.keep}{merged}: layer {_layer(site, plan)} caches {plan.kept} of "
                 f"{plan.n} tokens x {plan.kv_heads} KV heads, {_mb(plan.bytes_before - plan.bytes_after)} saved")
 
     def _scores(self, graph: fx.Graph, site, plan: KVPlan, keys: fx.Node) -> fx.Node:
@@ -309,8 +349,7 @@ class KVCache(GraphPass):
         if opts.method == "snapkv":
             scores = graph.call_function(kv_scores.window_attention, (site.q, keys, opts.window, scale))
         elif opts.method == "tova":
-            last = graph.call_function(kv_scores.window_attention, (site.q, keys, 1, scale))
-            scores = graph.call_function(kv_scores.head_mean, (last,))
+            scores = graph.call_function(kv_scores.window_attention, (site.q, keys, 1, scale))
         elif opts.method == "h2o":
             scores = graph.call_function(kv_scores.accumulated_attention, (site.q, keys, scale))
         elif opts.method == "knorm":
@@ -321,6 +360,8 @@ class KVCache(GraphPass):
             generator = torch.Generator().manual_seed(opts.seed + plan.layer)
             table = torch.rand(plan.kv_heads * plan.n, generator=generator)
             scores = graph.call_function(kv_scores.constant_scores, (keys, tuple(table.tolist())))
+        if opts.heads == "shared":
+            scores = graph.call_function(kv_scores.head_mean, (scores,))
         if opts.pool > 1:
             scores = graph.call_function(kv_scores.pooled, (scores, opts.pool))
         return scores
@@ -332,6 +373,11 @@ class KVCache(GraphPass):
         self.report.kv_cache_bytes = (self.report.kv_cache_bytes[0] + before, self.report.kv_cache_bytes[1] + after)
         self.report.note(f"kv_cache: {len(self.rewritten)} layers' caches cut, {_mb(before)} -> {_mb(after)} "
                          f"after the prefill ({after / before:.2f}x)")
+
+
+def _layer(site, plan: KVPlan) -> int:
+    """The model's layer index of ``site`` (its count among the prefill's cut layers if unknown)."""
+    return site.layer if site.layer is not None else plan.layer
 
 
 def _mb(n: int) -> str:

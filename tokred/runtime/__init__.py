@@ -6,6 +6,8 @@
   per-sequence lengths, draft length control, the acceptance rules.
 - :mod:`tokred.runtime.drafters`: the ``Drafter`` interface and the early-exit draft sliced from the
   captured graph.
+- :mod:`tokred.runtime.compressed_context`: :class:`tokred.CompressedContext`, a context prefilled
+  once through a kv_cache-compiled forward, whose compressed cache answers many questions.
 - :mod:`tokred.runtime.streaming`: :class:`tokred.StreamingCache`, a bounded KV cache (sinks +
   window) for generation past the context length.
 
