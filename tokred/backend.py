@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 # The pass table (option name -> pass class, in the order they run: the token-reducing passes,
 # then the KV-cache cut (it reads the attention's queries and keys before sparse attention
-# replaces them), then sparse attention on the attention left, then the CPU linear kernels on the projections
-# that are left: it runs last because it replaces projection nodes the others read). rewriter/
+# replaces them), then sparse attention on the attention left, then the CPU linear kernels on the
+# projections that are left: it runs last because it replaces projection nodes the others read). rewriter/
 # never imports it. Every pass follows rewriter.driver's protocol (options -> match -> plan -> apply).
 PASSES: dict[str, type] = {p.name: p for p in (prune.Prune, merge.Merge, kv_cache.KVCache,
                                                sparse_attention.SparseAttention, cpu_linear.CpuLinear)}
