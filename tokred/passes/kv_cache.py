@@ -43,7 +43,7 @@ from torch import fx
 from tokred.passes import kv_scores
 from tokred.passes.prune_graph import getitem
 from tokred.rewriter.analysis.graph import example_value, is_call, shape_of
-from tokred.rewriter.analysis.sites import site_mask
+from tokred.rewriter.analysis.sites import site_masks
 from tokred.rewriter.driver import GraphPass, Keep, Skip
 from tokred.rewriter.surgery import output_positions
 
@@ -299,7 +299,7 @@ class KVCache(GraphPass):
                         "(dynamic=False) to compress the cache")
         if q[2] != n:
             return Keep(f"a decode step ({q[2]} new over {n} cached): the cache was compressed in the prefill")
-        if site_mask(site) is not None:
+        if site_masks(site):
             return Skip("the layer reads an attention mask (a padded batch, or eager attention): a decode "
                         "step's mask would cover all N + t keys, not the compressed cache; use "
                         "attn_implementation='sdpa' and unpadded prompts")

@@ -47,10 +47,10 @@ from tokred.triton_ops.tome_match import tome_match_reference
 from tokred.triton_ops.tome_merge import tome_merge_reference
 from tokred.rewriter import tokens
 from tokred.rewriter.analysis.graph import shape_of
-from tokred.rewriter.analysis.sites import is_projection_node, projection_input, site_mask
+from tokred.rewriter.analysis.sites import is_projection_node, projection_input, site_masks
 from tokred.rewriter.driver import GraphPass, Keep, Skip
 from tokred.rewriter.report import SKIPPED
-from tokred.rewriter.surgery import Reduction, RewriteError, cut_tokens, record_each_run
+from tokred.rewriter.surgery import Reduction, RewriteError, cut_tokens, mask_node, record_each_run
 
 NAME = "merge"
 SCHEDULES = ("constant", "decreasing")
@@ -364,11 +364,11 @@ class Merge(GraphPass):
 
     def _apply_local(self, block, plan: MergePlan) -> str:
         """tomesd: merge each branch input, unmerge the branch output before its residual add."""
-        mask = site_mask(block.attention)  # read before the attention branch's cut gathers it
+        masks = site_masks(block.attention)  # read before the attention branch's cut gathers them
         for branch in plan.branches:
             try:
                 cut_tokens(self.gm, self.facts, branch.start, branch.end,
-                           _local_reduction(mask, branch.r, plan.prefix, self.opts.protect), branch.n - branch.r,
+                           _local_reduction(masks, branch.r, plan.prefix, self.opts.protect), branch.n - branch.r,
                            self.example_inputs, self.options.verify, shapes=self.shapes)
             except RewriteError as exc:
                 raise RewriteError(f"(local, {branch.name}): {exc}") from exc
@@ -422,7 +422,7 @@ def _global_reduction(site, r: int, prefix: int, protect: str, last: Optional[Me
 
     def make(graph: fx.Graph, stream: fx.Node) -> MergeReduction:
         metric = graph.call_function(head_mean, (site.k,))
-        group = last.group if last is not None else graph.call_function(merge_groups, (stream, site_mask(site)))
+        group = last.group if last is not None else graph.call_function(merge_groups, (stream, mask_node(graph, site_masks(site))))
         size = last.size if last is not None else None
         step = graph.call_function(tome_step, (stream, metric, size, group, r, prefix, protect))
         merged, size, new_group, rep, dest = (graph.call_function(getitem, (step, i)) for i in range(5))
@@ -440,7 +440,7 @@ def _add_size_bias(gm: fx.GraphModule, site, size: fx.Node) -> None:
     with graph.inserting_before(site.node if site.kind == "sdpa" else site.softmax):
         bias = graph.call_function(size_bias, (size, dtype))
         if site.kind == "sdpa":
-            mask = site_mask(site)
+            mask = mask_node(graph, site_masks(site))  # SDPA's own attn_mask
             combined = graph.call_function(add_key_bias, (mask, bias))
             if len(site.node.args) > 3:
                 args = list(site.node.args)
@@ -470,11 +470,12 @@ def _local_branches(block, site) -> list:
     return out
 
 
-def _local_reduction(mask: Optional[fx.Node], r: int, prefix: int, protect: str):
-    """make_reduction for a tomesd merge of a branch input (metric: the hidden states)."""
+def _local_reduction(masks: tuple, r: int, prefix: int, protect: str):
+    """make_reduction for a tomesd merge of a branch input (metric: the hidden states); ``masks``:
+    the attention's masks before any cut (:func:`site_masks`)."""
 
     def make(graph: fx.Graph, stream: fx.Node) -> Reduction:
-        group = graph.call_function(merge_groups, (stream, mask))
+        group = graph.call_function(merge_groups, (stream, mask_node(graph, masks)))
         step = graph.call_function(tome_step, (stream, stream, None, group, r, prefix, protect))
         merged, _, _, rep, dest = (graph.call_function(getitem, (step, i)) for i in range(5))
         restore = lambda g, cut_stream, end: g.call_function(tokens.gather_stream, (end, dest))

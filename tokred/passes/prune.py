@@ -42,9 +42,9 @@ from tokred.passes.prune_graph import (
 )
 from tokred.rewriter import tokens
 from tokred.rewriter.analysis.graph import shape_of
-from tokred.rewriter.analysis.sites import site_mask
+from tokred.rewriter.analysis.sites import reads_graph_input, site_masks
 from tokred.rewriter.driver import GraphPass, Skip
-from tokred.rewriter.surgery import KVOutputs, Reduction, RewriteError, cut_tokens, record_each_run
+from tokred.rewriter.surgery import KVOutputs, Reduction, RewriteError, cut_tokens, mask_node, record_each_run
 
 NAME = "prune"
 SCORES = ("cls", "query", "transition", "diversity", "random")
@@ -385,9 +385,18 @@ def _kv_outputs(later_blocks) -> KVOutputs:
     """A pruned prefill may return a KV cache of the kept tokens when the later layers attend without
     a mask: a decode step's mask (transformers builds one for all layers, over N + 1 keys) would not
     fit the pruned layers' shorter cache. Padded batches build a mask: those are not pruned."""
-    masked = [b.attention.module or str(b.index) for b in later_blocks if site_mask(b.attention) is not None]
-    if masked:
-        return KVOutputs(False, f"{masked[0]} reads an attention mask (a padded batch?): decode steps could "
+    for b in later_blocks:
+        masks = site_masks(b.attention)
+        if not masks:
+            continue
+        name = b.attention.module or str(b.index)
+        if not any(reads_graph_input(m) for _, m in masks):
+            # built from positions alone (eager attention's causal mask): no padding, but one decode
+            # mask serves every layer, over the unpruned layers' keys
+            return KVOutputs(False, f"{name} adds the model's causal mask to its logits (eager attention): "
+                                    f"a decode step's mask spans the unpruned layers' N + 1 keys and would not "
+                                    f"fit a pruned layer's cache; use attn_implementation='sdpa' or use_cache=False")
+        return KVOutputs(False, f"{name} reads an attention mask (a padded batch?): decode steps could "
                                 f"not attend to a pruned cache through it; prune unpadded prompts or without "
                                 f"use_cache")
     return KVOutputs(True)
@@ -421,16 +430,16 @@ def _select(graph: fx.Graph, block, score: str, opts: PruneOptions, stream: fx.N
         # and selects at once)
         sites = [b.attention for _, b in sources]
         scores = graph.call_function(accumulated_attention_scores, (
-            tuple(s.q for s in sites), tuple(s.k for s in sites), tuple(site_mask(s) for s in sites),
+            tuple(s.q for s in sites), tuple(s.k for s in sites), tuple(mask_node(graph, site_masks(s)) for s in sites),
             _query_rows(score, opts, n), tuple(_scale(s) for s in sites), tuple(s.causal for s in sites)))
         if pool > 1:
             scores = graph.call_function(pooled_scores, (scores, pool))
-            if site_mask(site) is not None:  # a pooled padding key beside real tokens is no longer 0
-                scores = graph.call_function(demote_padding, (scores, site_mask(site)))
+            if site_masks(site):  # a pooled padding key beside real tokens is no longer 0
+                scores = graph.call_function(demote_padding, (scores, mask_node(graph, site_masks(site))))
         index = graph.call_function(select_kept, (scores, cands, p, k))
         return graph.call_function(tokens.gather_stream, (stream, index)), index, scores
     if score in ATTENTION_SCORES:
-        pruned = graph.call_function(prune_by_attention, (stream, site.q, site.k, site_mask(site),
+        pruned = graph.call_function(prune_by_attention, (stream, site.q, site.k, mask_node(graph, site_masks(site)),
                                                           _query_rows(score, opts, n), _scale(site), site.causal,
                                                           cands, p, k))
         return tuple(graph.call_function(getitem, (pruned, i)) for i in range(3))
@@ -447,8 +456,8 @@ def _select(graph: fx.Graph, block, score: str, opts: PruneOptions, stream: fx.N
         else:  # random: a seeded table per cut, a constant of the graph
             table = torch.rand(n, generator=torch.Generator().manual_seed(opts.seed))
             scores = graph.call_function(constant_scores, (stream, tuple(table.tolist())))
-        if site_mask(site) is not None:
-            scores = graph.call_function(demote_padding, (scores, site_mask(site)))
+        if site_masks(site):
+            scores = graph.call_function(demote_padding, (scores, mask_node(graph, site_masks(site))))
         index = graph.call_function(select_kept, (scores, cands, p, k))
     return graph.call_function(tokens.gather_stream, (stream, index)), index, scores
 

@@ -159,6 +159,20 @@ def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_red
         raise RewriteError(f"reducing tokens after {start.name} failed: {exc}") from exc
 
 
+def mask_node(graph: fx.Graph, masks: tuple) -> Optional[fx.Node]:
+    """A node holding a site's ``masks`` (:func:`~tokred.rewriter.analysis.sites.site_masks`) in
+    SDPA's convention, inserted at the graph's insertion point: the mask itself where it already is
+    one (an SDPA attn_mask, or a float mask added to the logits), else a ``tokens.attention_bias``
+    call; None when there is no mask."""
+    if not masks:
+        return None
+    (kind, node), = masks[:1]
+    value = node.meta.get("example_value")
+    if len(masks) == 1 and (kind == "sdpa" or (kind == "add" and value is not None and value.dtype.is_floating_point)):
+        return node
+    return graph.call_function(tokens.attention_bias, (tuple(k for k, _ in masks), *(n for _, n in masks)))
+
+
 class GraphUndo:
     """Puts a graph back as it was: arguments, metadata shapes, and no added nodes.
 

@@ -38,6 +38,25 @@ def gather_stream(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return gather_tokens_reference(x, index)
 
 
+def attention_bias(kinds: tuple, *masks: torch.Tensor) -> torch.Tensor:
+    """The masks a written-out attention applies to its logits as one additive float32 bias in
+    SDPA's convention, rank 4 as broadcasting reads it ([N, N] -> [1, 1, N, N]): 0 where a pair may
+    attend, -inf where it may not, plus any bias added to the logits.
+
+    kinds[i] says how ``masks[i]`` is applied: "sdpa" (a boolean "may attend" or an additive mask),
+    "add" (added to the logits), "fill" (``logits.masked_fill(m, -inf)``: True = blocked) or
+    "keep" (``torch.where(m, logits, -inf)``: True = kept)."""
+    bias = None
+    for kind, m in zip(kinds, masks):
+        if kind in ("fill", "keep") or (kind == "sdpa" and m.dtype == torch.bool):
+            allowed = ~m if kind == "fill" else m.bool()
+            term = torch.zeros(allowed.shape, dtype=torch.float32, device=m.device).masked_fill(~allowed, float("-inf"))
+        else:
+            term = m.float()
+        bias = term if bias is None else bias + term
+    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+
+
 def scatter_stream(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     """Restore the token axis: ``base`` [B, N, C] with rows ``index`` [B, M] replaced by src [B, M, C]."""
     if graph_calls_kernel(base, "scatter_tokens"):
@@ -56,7 +75,8 @@ def padding_keys(mask, batch: int, n: int) -> torch.Tensor:
     reads it ([B|1, 1|H, N|1, N], boolean "may attend" or additive); None: no padding."""
     if mask is None:
         return torch.zeros(batch, n, dtype=torch.bool)
-    m = mask.expand(batch, *mask.shape[1:]) if mask.shape[0] != batch else mask
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # [N, N] broadcasts as [1, 1, N, N]
+    m = m.expand(batch, *m.shape[1:]) if m.shape[0] != batch else m
     m = m[:, 0]
     allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
     return ~allowed.any(dim=-2)

@@ -78,7 +78,11 @@ class AttentionSite:
     kv_len: int
     batch: int
     causal: bool = False
-    mask: Optional[fx.Node] = None
+    mask: Optional[fx.Node] = None  # the mask nearest q @ k^T (or SDPA's attn_mask); all of them: masks
+    # every mask the logits go through, as (kind, node): "sdpa" (SDPA's attn_mask: bool = may
+    # attend, float = added), "add" (added to the logits), "fill" (masked_fill: True = blocked) or
+    # "keep" (where(m, logits, fill): True = kept); tokens.attention_bias reads them as one bias
+    masks: tuple = ()
     scale: Optional[float] = None
     softmax: Optional[fx.Node] = None
     scores: Optional[fx.Node] = None  # q @ k^T (manual chain)
@@ -246,16 +250,34 @@ def find_sdpa_site(node: fx.Node) -> AttentionSite:
     causal = bool(arg(node, 5, "is_causal", False)) or _looks_causal(mask)
     scale = arg(node, 6, "scale")
     gqa = bool(node.kwargs.get("enable_gqa", False))
-    return _make_site("sdpa", node, q, k, v, mask, causal, _scalar(scale), None, None, gqa)
+    site = _make_site("sdpa", node, q, k, v, mask, causal, _scalar(scale), None, None, gqa)
+    site.masks = (("sdpa", mask),) if isinstance(mask, fx.Node) else ()
+    return site
 
 
-def site_mask(site: AttentionSite) -> Optional[fx.Node]:
-    """The attention mask ``site`` reads now (after earlier rewrites replaced its inputs), or None."""
+def site_masks(site: AttentionSite) -> tuple:
+    """The masks ``site`` reads now (after earlier rewrites replaced its inputs), as (kind, node)
+    pairs (see :attr:`AttentionSite.masks`); () when it reads none."""
     if site.kind == "sdpa":
         mask = arg(site.node, 3, "attn_mask")
-        return mask if isinstance(mask, fx.Node) else None
+        return (("sdpa", mask),) if isinstance(mask, fx.Node) else ()
     found = find_manual_site(site.softmax)
-    return found.mask if found is not None and isinstance(found.mask, fx.Node) else None
+    return found.masks if found is not None else ()
+
+
+def reads_graph_input(node: fx.Node) -> bool:
+    """Whether ``node`` is computed from a graph input (a placeholder); a causal mask built from
+    aranges and shapes alone is not: it holds no padding."""
+    frontier, seen = [node], set()
+    while frontier:
+        cur = frontier.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if cur.op == "placeholder":
+            return True
+        frontier.extend(cur.all_input_nodes)
+    return False
 
 
 def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
@@ -265,7 +287,7 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     if x_shape is None or len(x_shape) < 3 or dim not in (-1, len(x_shape) - 1):
         return None
     # backward from softmax to the scores matmul, collecting scale, mask and other logit ops
-    scale, mask, cur, logit_ops = None, None, softmax.args[0], []
+    scale, mask, cur, logit_ops, masks = None, None, softmax.args[0], [], []
     for _ in range(16):
         if not isinstance(cur, fx.Node):
             return None
@@ -302,12 +324,15 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
                 mask, cur = a, b
             else:
                 return None
+            masks.append(("add", mask))
             continue
         if is_call(cur, "masked_fill", torch.masked_fill, torch.where):
             if cur.target is torch.where:
                 mask, cur = cur.args[0], cur.args[1]
+                masks.append(("keep", mask))
             else:
                 mask, cur = cur.args[1], cur.args[0]
+                masks.append(("fill", mask))
             continue
         if is_call(cur, "to", "float", "type", "type_as", "contiguous"):
             cur = cur.args[0]
@@ -350,6 +375,7 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     causal = _looks_causal(mask)
     site = _make_site("manual", out, q, k, v, mask, causal, scale, softmax, scores, False)
     site.logit_ops = tuple(logit_ops)
+    site.masks = tuple((kind, m) for kind, m in masks if isinstance(m, fx.Node))
     return site
 
 
@@ -359,19 +385,20 @@ def logit_ops_text(site: AttentionSite) -> str:
     return " and ".join(dict.fromkeys(words))
 
 
-def _reaches_matmul(node: fx.Node) -> bool:
-    """Whether ``node`` is q @ k^T, past scalings, casts and a soft-cap's tanh (its first operand)."""
-    cur = node
-    for _ in range(8):
-        if not isinstance(cur, fx.Node):
-            return False
-        if is_matmul(cur):
-            return True
-        if is_call(cur, operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", "to", "float",
-                   torch.tanh, "tanh"):
-            cur = cur.args[0]
-            continue
+def _reaches_matmul(node: fx.Node, depth: int = 12) -> bool:
+    """Whether ``node`` is q @ k^T, past scalings, casts, a soft-cap's tanh and other masks (the
+    logits operand of an add, a masked_fill or a where)."""
+    if not isinstance(node, fx.Node) or depth == 0:
         return False
+    if is_matmul(node):
+        return True
+    if is_call(node, operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", "to", "float",
+               torch.tanh, "tanh", "masked_fill", torch.masked_fill):
+        return _reaches_matmul(node.args[0], depth - 1)
+    if is_call(node, torch.where):
+        return _reaches_matmul(node.args[1], depth - 1)
+    if is_call(node, operator.add, torch.add, "add"):
+        return any(_reaches_matmul(a, depth - 1) for a in node.args[:2])
     return False
 
 
