@@ -43,7 +43,7 @@ from torch import fx
 from tokred.passes import kv_scores
 from tokred.passes.prune_graph import getitem
 from tokred.rewriter.analysis.graph import example_value, is_call, shape_of
-from tokred.rewriter.analysis.sites import site_masks
+from tokred.rewriter.analysis.masks import site_masks
 from tokred.rewriter.driver import GraphPass, Keep, Skip
 from tokred.rewriter.surgery import output_positions
 

@@ -47,7 +47,8 @@ from tokred.triton_ops.tome_match import tome_match_reference
 from tokred.triton_ops.tome_merge import tome_merge_reference
 from tokred.rewriter import tokens
 from tokred.rewriter.analysis.graph import shape_of
-from tokred.rewriter.analysis.sites import is_projection_node, projection_input, site_masks
+from tokred.rewriter.analysis.masks import site_masks
+from tokred.rewriter.analysis.sites import is_projection_node, projection_input
 from tokred.rewriter.driver import GraphPass, Keep, Skip
 from tokred.rewriter.report import SKIPPED
 from tokred.rewriter.surgery import Reduction, RewriteError, cut_tokens, mask_node, record_each_run

@@ -8,7 +8,7 @@ on the kept tokens only, with their masks, rotary positions and position ids gat
 kept token keeps its original position. After the last block the pruned tokens are put back with
 the value they had when pruned (exit early), so the outputs keep their shapes.
 
-Scores (computed at the block of the cut; see /work/shared or the README for the exact formulas):
+Scores (computed at the block of the cut; the README gives the exact formulas):
   cls         attention of the class token (row 0) to every token (FasterVLM, EViT)
   query       attention from the last token, the last M tokens (``query=M``) or a query range
               ``query=(start, end)`` (FastV, PromptDistill)
@@ -34,16 +34,18 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from tokred.compat import torch_api
+from tokred.passes.prune_candidates import find_candidates
 from tokred.passes.prune_graph import (
-    accumulated_attention_scores, accumulated_transition_scores, candidate_mask, constant_scores, demote_padding,
+    accumulated_attention_scores, accumulated_transition_scores, constant_scores, demote_padding,
     fuse_pruned, getitem, init_exits, interval_candidates, k_center, next_candidates, pooled_scores,
     prune_by_attention, select_kept, token_candidates, track_exits, transition_scores, uniform_weights,
 )
 from tokred.rewriter import tokens
 from tokred.rewriter.analysis.graph import shape_of
-from tokred.rewriter.analysis.sites import reads_graph_input, site_masks
+from tokred.rewriter.analysis.masks import reads_padding, site_masks
 from tokred.rewriter.driver import GraphPass, Skip
+from tokred.rewriter.options import is_layer_entry, names_module
+from tokred.rewriter.report import note_unchanged
 from tokred.rewriter.surgery import KVOutputs, Reduction, RewriteError, cut_tokens, mask_node, record_each_run
 
 NAME = "prune"
@@ -137,9 +139,10 @@ def _parse(value: Any) -> dict:
         if key not in KNOWN:
             raise ValueError(f"unknown tokred option 'prune.{key}'; known: {', '.join(KNOWN)}")
     at = value.get("at", [1])
-    at = [at] if _is_int(at) else at
-    if not (isinstance(at, (list, tuple)) and at and all(_is_int(a) and a >= 0 for a in at)):
-        raise _error("at", f"must be a block index >= 0 or a non-empty list of them, got {value.get('at')!r}")
+    at = [at] if is_layer_entry(at) else at
+    if not (isinstance(at, (list, tuple)) and at and all(is_layer_entry(a) for a in at)):
+        raise _error("at", f"must be a block (its index >= 0 in the graph, or its module path such as "
+                           f"'language_model.layers.2') or a non-empty list of them, got {value.get('at')!r}")
     if len(set(at)) != len(at):
         raise _error("at", f"lists a block twice: {list(at)}")
     keep = value.get("keep", 0.5)
@@ -148,7 +151,6 @@ def _parse(value: Any) -> dict:
         raise _error("keep", f"lists {len(keeps)} values for {len(at)} cuts in 'prune.at'")
     for k in keeps:
         _check_keep(k)
-    order = sorted(range(len(at)), key=lambda i: at[i])
     score = value.get("score")
     if score is not None and score not in SCORES:
         raise _error("score", f"must be one of {SCORES}, got {score!r}")
@@ -180,17 +182,43 @@ def _parse(value: Any) -> dict:
         raise _error("pool", f"must be an odd window of positions >= 1 (1: no pooling), got {pool!r}")
     if pool > 1 and score not in (None,) + POOLED_SCORES:
         raise _error("pool", f"applies to the scores {POOLED_SCORES} only, not {score!r}")
+    if all(_is_int(a) for a in at):
+        _check_cuts(at, accumulate)
+    return {"keep": tuple(keeps), "at": tuple(at), "score": score,
+            "fuse": value.get("fuse", False), "range": _check_pair("range", value.get("range")),
+            "prunable_ids": ids, "trace_source": value.get("trace_source", False),
+            "protect_last": protect_last, "query": query, "accumulate": accumulate, "pool": pool, "seed": seed}
+
+
+def _check_cuts(at: list, accumulate: int) -> None:
+    """The blocks each cut scores (``accumulate`` ending at it) all see the same token set."""
     cuts = sorted(at)
     for previous, cut in zip([-1] + cuts, cuts):
-        if cut - accumulate < previous:  # the blocks scored must all see the same token set
+        if cut - accumulate < previous:
             where = "before the first block" if previous < 0 else \
                 f"at or before the earlier cut after block {previous}"
             raise _error("accumulate", f"{accumulate} blocks ending at block {cut} start at block "
                          f"{cut - accumulate + 1}, {where}")
-    return {"keep": tuple(keeps[i] for i in order), "at": tuple(at[i] for i in order), "score": score,
-            "fuse": value.get("fuse", False), "range": _check_pair("range", value.get("range")),
-            "prunable_ids": ids, "trace_source": value.get("trace_source", False),
-            "protect_last": protect_last, "query": query, "accumulate": accumulate, "pool": pool, "seed": seed}
+
+
+def resolve_cuts(opts: "PruneOptions", blocks: list) -> list:
+    """[(block index, keep)] of the graph's blocks that ``opts.at`` names, sorted: an index as it
+    is, a module path by :func:`names_module` (a path naming no block of this graph names a block
+    of another graph, e.g. the other tower of a VLM, and is left out)."""
+    cuts = []
+    for entry, keep in zip(opts.at, opts.keep):
+        if _is_int(entry):
+            cuts.append((entry, keep))
+            continue
+        named = [b.index for b in blocks if names_module(entry, b.module)]
+        if len(named) > 1:
+            raise _error("at", f"{entry!r} names {len(named)} blocks of one graph "
+                               f"({', '.join(blocks[i].module for i in named)}); name one")
+        cuts.extend((i, keep) for i in named)
+    if len({i for i, _ in cuts}) != len(cuts):
+        raise _error("at", f"names a block twice: {list(opts.at)}")
+    _check_cuts([i for i, _ in cuts], opts.accumulate)
+    return sorted(cuts)
 
 
 def kept_count(keep, prunable: int) -> int:
@@ -246,7 +274,8 @@ class Prune(GraphPass):
 
     def match(self) -> list:
         blocks = self.facts.blocks
-        for at in self.opts.at:
+        self.cuts = resolve_cuts(self.opts, blocks)
+        for at, _ in self.cuts:
             if blocks and at >= len(blocks) - 1:
                 raise _error("at", f"block {at} is not followed by another block (the model has {len(blocks)} "
                              f"blocks: prune after 0..{len(blocks) - 2})")
@@ -260,8 +289,11 @@ class Prune(GraphPass):
         self.last: Optional[PruneReduction] = None
         self.reduced = {}  # stream node at a cut -> the reduced stream that replaced it for later blocks
         self.cache_outputs = frozenset()
-        self.keeps = dict(zip(self.opts.at, self.opts.keep))
-        return [blocks[at] for at in self.opts.at] if blocks else []
+        self.keeps = dict(self.cuts)
+        if blocks and not self.cuts:
+            note_unchanged(self.report, NAME, f"at {list(self.opts.at)} names none of this graph's blocks "
+                                              f"({blocks[0].module}..{blocks[-1].module})")
+        return [blocks[at] for at, _ in self.cuts] if blocks else []
 
     def plan(self, block):
         opts, blocks, at = self.opts, self.facts.blocks, block.index
@@ -276,11 +308,12 @@ class Prune(GraphPass):
             start, end = prunable_interval(n - self.fused_tokens, self.protected, opts.range, opts.protect_last)
             if opts.prunable_ids is not None:
                 try:
-                    input_ids, count = _count_candidates(self.gm, opts.prunable_ids, start, end, n, self.example_inputs)
+                    found = find_candidates(self.gm, opts.prunable_ids, start, end, n, self.example_inputs,
+                                            blocks[0].input)
                 except RewriteError as exc:
                     return Skip(str(exc))
-                self.ids_input = (input_ids, end, count)  # the tokens of those ids in [start, end)
-                end = start + count
+                self.ids_input = (found, end)  # the candidates in [start, end)
+                end = start + found.count
             self.interval = (start, end)
         start, end = self.interval
         if end - start == 0:
@@ -293,10 +326,10 @@ class Prune(GraphPass):
     def apply(self, block, plan: PrunePlan) -> str:
         opts, blocks, graph = self.opts, self.facts.blocks, self.gm.graph
         if plan.by_ids and self.candidates is None:  # the first cut marks the prunable_ids tokens
-            input_ids, end, count = self.ids_input
-            with graph.inserting_before(next(iter(input_ids.users))):
-                self.candidates = graph.call_function(token_candidates, (input_ids, opts.prunable_ids, plan.start,
-                                                                         end, count))
+            found, end = self.ids_input
+            with graph.inserting_before(next(iter(found.node.users))):
+                self.candidates = graph.call_function(token_candidates, (
+                    found.node, opts.prunable_ids if found.kind == "ids" else None, plan.start, end, found.count))
         lo, hi = plan.start, plan.end
         candidates = self.candidates if plan.by_ids else \
             (lambda g, stream: g.call_function(interval_candidates, (stream, lo, hi)))
@@ -314,7 +347,8 @@ class Prune(GraphPass):
         # the kept candidates are contiguous again: [start, start + k) (with prunable_ids only the
         # count end - start is read from here on); fused tokens go last
         self.interval = (plan.start, plan.start + plan.k)
-        where = f"prunable {plan.start}..{plan.end - 1}" if not plan.by_ids else f"{plan.count} prunable_ids tokens per row"
+        where = f"prunable {plan.start}..{plan.end - 1}" if not plan.by_ids else \
+            self.ids_input[0].where.replace(f"{self.ids_input[0].count} ", f"{plan.count} ", 1)
         how = "".join(f" {key}={getattr(opts, key)}" for key in ("accumulate", "pool") if getattr(opts, key) > 1)
         return (f"prune score={self.score}{how} keep={plan.keep}: {plan.n} -> {plan.m} tokens after block "
                 f"{plan.at} ({where})")
@@ -332,27 +366,6 @@ class Prune(GraphPass):
         self.gm.graph.eliminate_dead_code()  # e.g. the candidates after the last cut
         self.report.note(f"prune: {len(self.rewritten)} cut(s), score={self.score}, {self.protected} protected "
                          f"leading tokens, pruned tokens exit early")
-
-
-def _count_candidates(gm: fx.GraphModule, ids: tuple, start: int, end: int, n: int, example_inputs) -> tuple:
-    """(the token ids input node [B, N], how many prunable_ids tokens each row holds in [start,
-    end)); the count is read from the example input and must be the same in every row."""
-    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
-    found = [(i, node) for i, node in enumerate(placeholders)
-             if shape_of(node) is not None and len(shape_of(node)) == 2 and shape_of(node)[1] == n
-             and not node.meta["example_value"].dtype.is_floating_point]
-    if not found:
-        raise RewriteError(f"option 'prune.prunable_ids' needs the token ids as a graph input [B, {n}]; none found")
-    i, input_ids = found[0]
-    example = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else None
-    if example is None or torch_api.is_fake(example):
-        raise RewriteError("option 'prune.prunable_ids' reads how many such tokens a row holds from the "
-                           "example input, and none with values was given")
-    rows = (torch.isin(example, torch.tensor(ids)) & candidate_mask(n, start, end, example.device)).sum(dim=1)
-    if rows.numel() == 0 or (rows != rows[0]).any():
-        raise RewriteError(f"option 'prune.prunable_ids': the rows of the example input hold different numbers "
-                           f"of those tokens ({rows.tolist()}); every row must hold the same number")
-    return input_ids, int(rows[0])
 
 
 def _cannot_prune(block, score: str, fuse: bool, causal: bool, protected: int, later=()) -> str:
@@ -382,23 +395,22 @@ def _cannot_prune(block, score: str, fuse: bool, causal: bool, protected: int, l
 
 
 def _kv_outputs(later_blocks) -> KVOutputs:
-    """A pruned prefill may return a KV cache of the kept tokens when the later layers attend without
-    a mask: a decode step's mask (transformers builds one for all layers, over N + 1 keys) would not
-    fit the pruned layers' shorter cache. Padded batches build a mask: those are not pruned."""
+    """A pruned prefill may return a KV cache of the kept tokens when a decode step's attention in
+    the later layers fits their shorter cache: SDPA sites with no mask, or with one built from
+    positions alone (causal, prefix-LM: transformers passes an unpadded decode step no mask). A
+    padding mask, or a mask an eager attention adds (one decode mask serves every layer, over the
+    unpruned layers' N + 1 keys), would not fit it."""
     for b in later_blocks:
         masks = site_masks(b.attention)
-        if not masks:
-            continue
         name = b.attention.module or str(b.index)
-        if not any(reads_graph_input(m) for _, m in masks):
-            # built from positions alone (eager attention's causal mask): no padding, but one decode
-            # mask serves every layer, over the unpruned layers' keys
+        if any(reads_padding(m) for _, m in masks):
+            return KVOutputs(False, f"{name} reads an attention mask (a padded batch?): decode steps could "
+                                    f"not attend to a pruned cache through it; prune unpadded prompts or without "
+                                    f"use_cache")
+        if masks and b.attention.kind != "sdpa":
             return KVOutputs(False, f"{name} adds the model's causal mask to its logits (eager attention): "
                                     f"a decode step's mask spans the unpruned layers' N + 1 keys and would not "
                                     f"fit a pruned layer's cache; use attn_implementation='sdpa' or use_cache=False")
-        return KVOutputs(False, f"{name} reads an attention mask (a padded batch?): decode steps could "
-                                f"not attend to a pruned cache through it; prune unpadded prompts or without "
-                                f"use_cache")
     return KVOutputs(True)
 
 

@@ -54,6 +54,22 @@ class Options:
 _PASS_SCHEMAS: dict[str, Any] = {}
 
 
+def names_module(entry: str, path: str) -> bool:
+    """Whether ``entry``, a module path a user gave for a block or layer, names the module at
+    ``path`` or a module inside it: "language_model.layers.2" names "language_model.layers.2" and
+    "language_model.layers.2.self_attn"; the model's own root may lead ("model.language_model.layers.2")."""
+    entry, path = entry.strip("."), f".{path.strip('.')}."
+    tails = [entry] + [entry[i + 1:] for i, c in enumerate(entry) if c == "."]  # the root dropped
+    return bool(entry) and any(path.startswith(f".{tail}.") for tail in tails)
+
+
+def is_layer_entry(value: Any) -> bool:
+    """A block or layer as options name it: an index >= 0 in the captured graph, or a module path
+    (not a number written as a string: "1" is refused rather than read as a module named 1)."""
+    return (isinstance(value, int) and not isinstance(value, bool) and value >= 0) or \
+        (isinstance(value, str) and bool(value.strip(".")) and not value.strip().isdigit())
+
+
 def register_pass_options(name: str, validate) -> None:
     """Register ``validate(dict) -> dict`` for the pass option ``name``."""
     _PASS_SCHEMAS[name] = validate

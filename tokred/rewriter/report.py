@@ -36,6 +36,7 @@ class SiteRecord:
     head_dim: int
     causal: bool
     has_mask: bool
+    role: str = "self-attention"  # self-attention, cached decode, class attention, pooled-KV self-attention, cross-attention
     history: list = field(default_factory=list)
 
     def mark(self, status: str, reason: str = "", pass_name: str | None = None) -> None:
@@ -120,9 +121,9 @@ class Report:
         self.kv_cache_bytes = tuple(a + b for a, b in zip(self.kv_cache_bytes, other.kv_cache_bytes))
 
     def table(self) -> str:
-        headers = ["module", "layer", "kind", "q [B,H,N,D]", "kv [B,H,N,D]", "heads", "kv_heads",
+        headers = ["module", "layer", "kind", "attention", "q [B,H,N,D]", "kv [B,H,N,D]", "heads", "kv_heads",
                    "head_dim", "causal", "mask", "status", "reason"]
-        rows = [[s.module, "" if s.layer is None else str(s.layer), s.kind,
+        rows = [[s.module, "" if s.layer is None else str(s.layer), s.kind, s.role,
                  "x".join(map(str, s.q_shape)), "x".join(map(str, s.kv_shape)), str(s.heads),
                  str(s.kv_heads), str(s.head_dim), "yes" if s.causal else "no",
                  "yes" if s.has_mask else "no", s.status_text, s.reason]

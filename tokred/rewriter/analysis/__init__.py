@@ -23,6 +23,7 @@ from tokred.rewriter.analysis.blocks import (
 )
 from tokred.rewriter.analysis.graph import shape_of, to_networkx
 from tokred.rewriter.analysis.literals import find_shape_literals
+from tokred.rewriter.analysis.roles import attention_role
 from tokred.rewriter.analysis.sites import (
     AttentionSite, Block, ProjectionSite, find_attention_sites, find_projections, positional_operands,
 )
@@ -65,7 +66,7 @@ class GraphFacts:
                 module=site.module or "?", layer=site.layer, kind=site.kind,
                 q_shape=shape_of(site.q), kv_shape=shape_of(site.k), heads=site.heads,
                 kv_heads=site.kv_heads, head_dim=site.head_dim, causal=site.causal,
-                has_mask=site.mask is not None,
+                has_mask=site.mask is not None, role=site.role,
             )
             if site.skip_reason:
                 record.mark(SKIPPED, site.skip_reason)
@@ -95,10 +96,14 @@ def analyze(gm: fx.GraphModule) -> GraphFacts:
             seeds[node] = seeds.get(node, frozenset()) | dims
     axes = infer_token_axes(graph, token_counts, seeds)
     projections = find_projections(graph)
-    blocks = find_blocks([s for s in sites_static if s.q_len == s.kv_len], nxg, post_dominators(graph, nxg))
+    blocks = find_blocks([s for s in sites_static if s.q_len == s.kv_len and not s.skip_reason], nxg,
+                         post_dominators(graph, nxg))
+    for site in sites:
+        site.role = attention_role(site)
     for site in sites_static:
         if site.q_len != site.kv_len and not site.skip_reason:
-            site.skip_reason = f"cross-attention ({site.q_len} queries, {site.kv_len} keys)"
+            queries = "1 query" if site.q_len == 1 else f"{site.q_len} queries"
+            site.skip_reason = f"{site.role} ({queries}, {site.kv_len} keys)"
     assign_roles(projections, sites, blocks, graph)
     prefix = find_prefix_tokens(graph, axes, blocks[0].input if blocks else None, nxg)
     token_count = counts.most_common(1)[0][0] if counts else None

@@ -97,6 +97,7 @@ class AttentionSite:
     residual_add: Optional[fx.Node] = None
     layer: Optional[int] = None
     skip_reason: str = ""
+    role: str = "self-attention"  # attention_role: self-attention, cached decode, class, pooled-KV, cross
 
     @property
     def self_attention(self) -> bool:
@@ -255,31 +256,6 @@ def find_sdpa_site(node: fx.Node) -> AttentionSite:
     return site
 
 
-def site_masks(site: AttentionSite) -> tuple:
-    """The masks ``site`` reads now (after earlier rewrites replaced its inputs), as (kind, node)
-    pairs (see :attr:`AttentionSite.masks`); () when it reads none."""
-    if site.kind == "sdpa":
-        mask = arg(site.node, 3, "attn_mask")
-        return (("sdpa", mask),) if isinstance(mask, fx.Node) else ()
-    found = find_manual_site(site.softmax)
-    return found.masks if found is not None else ()
-
-
-def reads_graph_input(node: fx.Node) -> bool:
-    """Whether ``node`` is computed from a graph input (a placeholder); a causal mask built from
-    aranges and shapes alone is not: it holds no padding."""
-    frontier, seen = [node], set()
-    while frontier:
-        cur = frontier.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        if cur.op == "placeholder":
-            return True
-        frontier.extend(cur.all_input_nodes)
-    return False
-
-
 def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
     """``softmax(q @ k^T * scale [+ mask]) [dropout] @ v`` around a softmax node, or None."""
     dim = arg(softmax, 1, "dim", None)
@@ -403,13 +379,17 @@ def _reaches_matmul(node: fx.Node, depth: int = 12) -> bool:
 
 
 def _untranspose(kt):
-    """``k.transpose(-2, -1)`` -> k (the manual chain's key before its transpose)."""
-    if is_call(kt, "transpose", torch.transpose):
+    """``k.transpose(-2, -1)`` -> k (the manual chain's key before its transpose). A permute that
+    does more than swap the last two dims (a key laid out [B, H, D, N] straight from [B, N, H, D])
+    is left as it is: its input is not the key as [B, H, N, D]."""
+    if is_call(kt, "transpose", torch.transpose) or is_call(kt, "mT", "t"):
         return kt.args[0]
     if is_call(kt, "permute", torch.permute):
-        return kt.args[0]
-    if is_call(kt, "mT", "t"):
-        return kt.args[0]
+        dims = kt.args[1:] if len(kt.args) > 2 else kt.args[1]
+        rank = len(dims)
+        norm = [d % rank for d in dims] if all(isinstance(d, int) for d in dims) else None
+        if norm == list(range(rank - 2)) + [rank - 1, rank - 2]:
+            return kt.args[0]
     return kt
 
 
@@ -444,13 +424,21 @@ def _make_site(kind, node, q, k, v, mask, causal, scale, softmax, scores, gqa) -
         kv_heads, gqa = pre, True
     paths = [module_path(n) for n in (node, softmax, scores) if isinstance(n, fx.Node)]
     module = common_module_path(paths) if kind == "manual" else module_path(node)
+    q_len, kv_len = qs[-2], ks[-2]
+    scores_shape = shape_of(scores) if isinstance(scores, fx.Node) else None
+    if scores_shape is not None and len(scores_shape) >= 2:  # the logits say it, whatever k's layout
+        q_len, kv_len = scores_shape[-2], scores_shape[-1]
     site = AttentionSite(
         kind=kind, node=node, q=q, k=k, v=v, module=module,
         heads=qs[-3] if len(qs) >= 3 else 1, kv_heads=kv_heads, head_dim=qs[-1],
-        q_len=qs[-2], kv_len=ks[-2], batch=qs[0] if len(qs) >= 4 else 1, causal=causal, mask=mask,
+        q_len=q_len, kv_len=kv_len, batch=qs[0] if len(qs) >= 4 else 1, causal=causal, mask=mask,
         scale=scale, softmax=softmax, scores=scores, gqa=gqa or kv_heads != (qs[-3] if len(qs) >= 3 else 1),
     )
     site.q_proj, site.k_proj, site.v_proj = trace_projection(q), trace_projection(k), trace_projection(v)
+    known = all(isinstance(d, int) for d in (*ks[-2:], kv_len, qs[-1]))
+    if known and len(ks) >= 2 and (ks[-2], ks[-1]) != (kv_len, qs[-1]):
+        site.skip_reason = (f"the key enters the attention laid out {list(ks)} (already transposed, or its token "
+                            f"axis elsewhere); tokred reads keys as [B, H, N, D]")
     return site
 
 
