@@ -112,12 +112,22 @@ def test_generate_with_pruned_prefill_runs_and_keep_all_is_identity(fresh_dynamo
 @pytest.mark.parametrize("options, key", [
     ({"keep": 0.5, "at": [0], "prunable_ids": []}, "prune.prunable_ids"),
     ({"keep": 0.5, "at": [0], "prunable_ids": [-1]}, "prune.prunable_ids"),
-    ({"keep": 0.5, "at": [5]}, "prune.at"),
 ])
 def test_bad_prune_options_name_the_key(options, key, fresh_dynamo):
     z = ZOO["hf_llama_sdpa"]()
     with pytest.raises(Exception, match=key.replace(".", r"\.")):
         tokred.explain(z.model, *z.args, example_kwargs=z.kwargs, prune=options)
+
+
+def test_block_beyond_the_graph_passes_through_with_the_option_named(fresh_dynamo):
+    """An index past a graph's last block is not an error (another graph of the model, e.g. a
+    VLM's other tower, may hold it): that graph is left as it was and a warning names the option."""
+    z = ZOO["hf_llama_sdpa"]()
+    backend = tokred.backend(inner="eager", prune={"keep": 0.5, "at": [1, 5]})
+    with pytest.warns(tokred.TokredWarning, match=r"option 'prune\.at': block 1 is not followed"):
+        got = torch.compile(z.model, backend=backend)(**z.kwargs).logits
+    assert torch.equal(got, z.model(**z.kwargs).logits)
+    assert not any(r.status == "rewritten" for r in backend.report.attention_sites)
 
 
 @pytest.mark.parametrize("fuse", [False, True])

@@ -37,12 +37,12 @@ OPTION = "option 'prune.prunable_ids'"
 class Candidates:
     """kind: "ids" (``node`` is the token ids [B, N]) or "scatter" (``node`` is the mask [B, N, ...]
     the model scatters image features through); count: candidates per row inside the prunable
-    interval; where: the candidates in words, for the report."""
+    interval; what: the candidates in words, for the report ("{count} {what}")."""
 
     kind: str
     node: fx.Node
     count: int
-    where: str
+    what: str
 
 
 def find_candidates(gm: fx.GraphModule, ids: tuple, start: int, end: int, n: int, example_inputs,
@@ -53,12 +53,12 @@ def find_candidates(gm: fx.GraphModule, ids: tuple, start: int, end: int, n: int
     found = token_ids_input(gm, n)
     if found is not None:
         rows = _rows(_example(found, placeholders, example_inputs), ids, start, end, n)
-        return Candidates("ids", found, rows, f"{rows} prunable_ids tokens per row")
+        return Candidates("ids", found, rows, "prunable_ids tokens per row")
     scatter = scattered_positions(gm, n, stream)
     if scatter is not None:
         mask, source = scatter
         rows = _rows(_example(mask, placeholders, example_inputs), None, start, end, n)
-        return Candidates("scatter", mask, rows, f"{rows} image-token positions per row: where the model scatters "
+        return Candidates("scatter", mask, rows, f"image-token positions per row: where the model scatters "
                                                  f"{source.name} into the embeddings (the ids are not in this graph)")
     raise RewriteError(f"{OPTION} needs the token ids as a graph input [B, {n}] (feeding the embedding), or "
                        f"embeddings with positions scattered in from another input (a VLM's image features); "

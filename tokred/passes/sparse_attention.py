@@ -239,6 +239,8 @@ class Plan:
 def plan_site(gm: fx.GraphModule, site, opts: SparseOptions, nxg: Optional[nx.DiGraph] = None):
     """A :class:`Plan` for ``site``, or the reason (str) it cannot be rewritten."""
     nxg = to_networkx(gm.graph) if nxg is None else nxg
+    if site.key_layout:
+        return site.key_layout
     if site.logit_ops:
         return (f"its logits pass through {logit_ops_text(site)} before the softmax; the sparse "
                 f"kernel computes softmax(q k^T * scale) only")
@@ -261,7 +263,7 @@ def plan_site(gm: fx.GraphModule, site, opts: SparseOptions, nxg: Optional[nx.Di
     else:
         cached = n < n_k and attends_over_cache(site)
         if n != n_k and not cached:
-            return f"cross-attention ({n} queries, {n_k} keys)"
+            return f"{site.role} ({'1 query' if n == 1 else f'{n} queries'}, {n_k} keys)"
     if training_dropout(site):
         return "attention dropout is active (training)"
     # the site's mask: a node (or None) and how it is applied

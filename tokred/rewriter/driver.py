@@ -39,7 +39,9 @@ from tokred.compat import torch_api
 from tokred.rewriter.options import Options
 from tokred.rewriter.report import FOUND, REWRITTEN, SKIPPED, Report, SiteRecord, note_unchanged, unchanged_reason
 from tokred.rewriter.surgery import GraphUndo, RewriteError
-from tokred.rewriter.verify import PredictedShapes, check_output_contract, output_signature, propagate_shapes
+from tokred.rewriter.verify import (
+    PredictedShapes, ShapeCheckError, check_output_contract, output_signature, propagate_shapes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +145,7 @@ def run_pass(pass_type: type, gm: fx.GraphModule, facts, opts, report: Report, o
     saved_nodes = list(gm.graph.nodes)
     saved_graph = copy.deepcopy(gm.graph)  # fx copies node metadata shallowly: cheap
     saved_history = [len(s.history) for s in report.attention_sites]
+    saved_notes = len(report.notes)  # what the pass said it did is undone with it
     outputs_before = output_signature(gm)
     try:
         p = pass_type(gm, facts, opts, report, options, example_inputs)
@@ -176,7 +179,11 @@ def run_pass(pass_type: type, gm: fx.GraphModule, facts, opts, report: Report, o
         _rebind_facts(facts, saved_nodes, list(saved_graph.nodes))
         for site, length in zip(report.attention_sites, saved_history):
             del site.history[length:]
-        report.note(f"{pass_type.name}: not applied, the graph is left as it was: {failure_line(error)}")
+        del report.notes[saved_notes:]
+        if isinstance(error, ShapeCheckError):  # the check refused the rewrite: a reason, not a failure
+            note_unchanged(report, pass_type.name, f"the graph is left as it was: {failure_line(error)}")
+        else:
+            report.note(f"{pass_type.name}: not applied, the graph is left as it was: {failure_line(error)}")
         return None
 
 
@@ -255,9 +262,11 @@ def _keep_node_attributes(originals: list, copies: fx.Graph) -> None:
 
 
 def failure_line(error: BaseException, limit: int = 300) -> str:
-    """An exception as one line: its type and the first line of its message."""
+    """An exception as one line: its type and the first line of its message (a shape check's
+    message alone: it says in words where the graph stopped fitting)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0][:limit] if lines else 'no message'}"
+    text = lines[0][:limit] if lines else "no message"
+    return text if isinstance(error, ShapeCheckError) else f"{type(error).__name__}: {text}"
 
 
 def unguarded(example_inputs):

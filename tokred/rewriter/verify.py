@@ -13,6 +13,21 @@ def _fake_mode(example_inputs) -> FakeTensorMode:
     return mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=True)
 
 
+class ShapeCheckError(ValueError):
+    """The rewritten graph's shapes do not fit together at ``node`` (found by fake propagation)."""
+
+    def __init__(self, node: fx.Node, cause: BaseException):
+        from tokred.rewriter.analysis.graph import module_path
+
+        module = module_path(node)
+        where = f" in {module}" if module else ""
+        lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+        detail = lines[0][:200] if lines else type(cause).__name__
+        super().__init__(f"the rewritten graph's shapes do not fit at node {node.name}{where} (a side input "
+                         f"that keeps the old token count?): {detail}")
+        self.node = node
+
+
 def propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
     """Recompute ``node.meta['example_value']`` of every node with fake tensors.
 
@@ -20,12 +35,17 @@ def propagate_shapes(gm: fx.GraphModule, example_inputs) -> None:
     """
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+    class NamingProp(FakeTensorProp):
+        def run_node(self, n):
+            try:
+                return super().run_node(n)
+            except ShapeCheckError:
+                raise
+            except Exception as exc:  # name the node that failed, in words
+                raise ShapeCheckError(n, exc) from exc
+
     mode = _fake_mode(example_inputs)
-    prop = FakeTensorProp(gm, mode)
-    try:
-        prop.propagate(*example_inputs)
-    except Exception as exc:  # name the node that failed
-        raise ValueError(f"shape propagation failed: {exc}") from exc
+    NamingProp(gm, mode).propagate(*example_inputs)
     for node in gm.graph.nodes:
         if "val" in node.meta:
             node.meta["example_value"] = node.meta["val"]

@@ -97,6 +97,7 @@ class AttentionSite:
     residual_add: Optional[fx.Node] = None
     layer: Optional[int] = None
     skip_reason: str = ""
+    key_layout: str = ""  # why k is not [B, H, N, D] (a key laid out [B, H, D, N]); "" when it is
     role: str = "self-attention"  # attention_role: self-attention, cached decode, class, pooled-KV, cross
 
     @property
@@ -437,8 +438,9 @@ def _make_site(kind, node, q, k, v, mask, causal, scale, softmax, scores, gqa) -
     site.q_proj, site.k_proj, site.v_proj = trace_projection(q), trace_projection(k), trace_projection(v)
     known = all(isinstance(d, int) for d in (*ks[-2:], kv_len, qs[-1]))
     if known and len(ks) >= 2 and (ks[-2], ks[-1]) != (kv_len, qs[-1]):
-        site.skip_reason = (f"the key enters the attention laid out {list(ks)} (already transposed, or its token "
-                            f"axis elsewhere); tokred reads keys as [B, H, N, D]")
+        site.key_layout = (f"the key enters the attention laid out {list(ks)} (already transposed, or its token "
+                           f"axis elsewhere); tokred reads keys as [B, H, N, D]")
+        site.skip_reason = site.key_layout
     return site
 
 
