@@ -191,3 +191,32 @@ def test_dynamic_token_count_is_not_specialised(fresh_dynamo):
             assert torch.allclose(compiled(input_ids=ids).logits, z.model(input_ids=ids).logits, atol=1e-5)
     assert len(backend.reports) == 1
     assert all("dynamic" in s.reason for s in backend.reports[0].attention_sites)
+
+
+@pytest.mark.parametrize("options", [{"prune": {"keep": 0.5, "at": ["encoder.block.0"], "score": "query"}},
+                                     {"merge": {"r": 3}}], ids=["prune", "merge"])
+def test_encoder_decoder_reduces_the_encoder_and_the_decoder_reads_its_restored_states(options, fresh_dynamo):
+    """T5: the encoder and the decoder are separate stacks of blocks in one graph; a cut in the
+    encoder ends at the encoder's last block, where its tokens are restored, and the decoder's
+    cross-attention reads all of them. Pruned tokens leave the encoder with their block-0 value."""
+    import test_sweep
+
+    built = test_sweep.build_hf("t5")
+    model, kwargs = built.model, {**built.kwargs, "use_cache": False}
+    with torch.no_grad():
+        dense = model(**kwargs, output_hidden_states=True)
+        backend = tokred.backend(inner="eager", **options)
+        got = torch.compile(model, backend=backend)(**kwargs)
+    sites = backend.report.attention_sites
+    assert [r.module for r in sites if r.status == "rewritten"][:1] == ["encoder.block.0.layer.0.SelfAttention"]
+    assert not any(r.status == "rewritten" for r in sites if r.module.startswith("decoder"))
+    encoded = got.encoder_last_hidden_state
+    assert encoded.shape == dense.encoder_last_hidden_state.shape  # the decoder reads every position
+    if "prune" in options:
+        n = encoded.shape[1]
+        early = model.encoder.final_layer_norm(dense.encoder_hidden_states[1])
+        exited = (encoded - early).abs().amax(dim=-1) < 1e-5
+        assert exited.sum(dim=1).tolist() == [n - round(0.5 * n)] * encoded.shape[0]
+    with torch.no_grad():
+        same = torch.compile(model, backend=tokred.backend(inner="eager", prune={"keep": 1.0, "at": [0]}))(**kwargs)
+    torch.testing.assert_close(same.last_hidden_state, dense.last_hidden_state)

@@ -329,11 +329,14 @@ class Merge(GraphPass):
         self.rs = r_per_block(self.opts.r, self.opts.schedule, len(blocks))
         self.prefix = self.facts.protected_tokens
         self.last: Optional[MergeReduction] = None  # the latest merge (sizes, groups, sources)
+        self.last_stack = 0  # the stack of blocks the latest merge is on
         self.sizes_before = {}  # block index -> the size node its attention reads (prop_attn)
         return list(blocks)
 
     def plan(self, block):
         site = block.attention
+        if self.last is not None and self.last_stack != block.stack:  # another residual stream
+            self.last = None
         if self.last is not None:
             self.sizes_before[block.index] = self.last.size
         reason = _cannot_merge(block, site)
@@ -346,7 +349,7 @@ class Merge(GraphPass):
                              for name, start, end in _local_branches(block, site))
             branches = tuple(b for b in branches if b.r > 0)
             return MergePlan(block.index, 0, 0, self.prefix, branches) if branches else Keep("r=0 at this block")
-        reason = reason or _blocked_after(self.facts.blocks[block.index + 1:])
+        reason = reason or _blocked_after(self.facts.blocks_after(block))
         if reason:
             return Skip(reason)
         n = shape_of(block.mid)[1]
@@ -358,9 +361,10 @@ class Merge(GraphPass):
             return self._apply_local(block, plan)
         make = _global_reduction(block.attention, plan.r, plan.prefix, self.opts.protect, self.last,
                                  self.opts.trace_source)
-        cut = cut_tokens(self.gm, self.facts, block.mid, self.facts.blocks[-1].output, make, plan.n - plan.r,
+        end = self.facts.stack_of(block)[-1].output  # tokens are restored where their stream ends
+        cut = cut_tokens(self.gm, self.facts, block.mid, end, make, plan.n - plan.r,
                          self.example_inputs, self.options.verify, shapes=self.shapes)
-        self.last = cut.reduction
+        self.last, self.last_stack = cut.reduction, block.stack
         return f"merge r={plan.r}: {plan.n} -> {plan.n - plan.r} tokens after attention"
 
     def _apply_local(self, block, plan: MergePlan) -> str:

@@ -96,13 +96,21 @@ class Prune(GraphPass):
     def match(self) -> list:
         blocks = self.facts.blocks
         self.cuts = resolve_cuts(self.opts, blocks)
-        beyond = [at for at, _ in self.cuts if blocks and at >= len(blocks) - 1]
+        beyond = [at for at, _ in self.cuts if blocks and (at >= len(blocks) or not self.facts.blocks_after(blocks[at]))]
         if beyond:  # another graph of the model (a VLM's other tower) may hold it: no error here
-            after = f"prune after 0..{len(blocks) - 2}" if len(blocks) > 1 else "none to prune after"
             note_unchanged(self.report, NAME, f"option 'prune.at': block {beyond[0]} is not followed by another "
-                                              f"block in this graph ({len(blocks)} found: {after})")
+                                              f"block of its stack in this graph (blocks found: "
+                                              f"{_stacks_text(blocks)})")
             self.cuts = [(at, keep) for at, keep in self.cuts if at not in beyond]
-        self.causal = any(b.attention.causal for b in blocks)
+        if blocks and len({blocks[at].stack for at, _ in self.cuts}) > 1:  # one stream's tokens per pass
+            first = blocks[self.cuts[0][0]].stack
+            other = next(at for at, _ in self.cuts if blocks[at].stack != first)
+            note_unchanged(self.report, NAME, f"option 'prune.at': block {other} lies on another stack of blocks "
+                                              f"than block {self.cuts[0][0]} ({_stacks_text(blocks)}); one stack "
+                                              f"is cut per graph")
+            self.cuts = [(at, keep) for at, keep in self.cuts if blocks[at].stack == first]
+        cut_stack = self.facts.stack_of(blocks[self.cuts[0][0]]) if self.cuts and blocks else blocks
+        self.causal = any(b.attention.causal for b in cut_stack)  # of the stream cut (an encoder's, not its decoder's)
         self.score = self.opts.score or ("query" if self.causal else "cls")
         self.protected = self.facts.protected_tokens
         self.fused_tokens = 0  # fused tokens appended by earlier cuts stay at the end, never pruned
@@ -122,7 +130,12 @@ class Prune(GraphPass):
         opts, blocks, at = self.opts, self.facts.blocks, block.index
         shape = shape_of(block.output)
         n = shape[1] if shape is not None else None
-        reason = _cannot_prune(block, self.score, opts.fuse, self.causal, self.protected, blocks[at + 1:])
+        reason = _cannot_prune(block, self.score, opts.fuse, self.causal, self.protected,
+                               self.facts.blocks_after(block))
+        scored = blocks[max(0, at - opts.accumulate + 1):at + 1]
+        if at - opts.accumulate + 1 < 0 or any(b.stack != block.stack for b in scored):
+            reason = reason or (f"option 'prune.accumulate': the {opts.accumulate} blocks ending at block {at} "
+                                f"reach before the first block of its stack")
         if n is None:
             reason = reason or "the residual stream at the block output has no known shape"
         if reason:
@@ -158,8 +171,9 @@ class Prune(GraphPass):
             (lambda g, stream: g.call_function(interval_candidates, (stream, lo, hi)))
         sources = [(self.reduced.get(b.input, b.input), b) for b in blocks[plan.at - opts.accumulate + 1:plan.at + 1]]
         make = _reduction(block, self.score, opts, plan, candidates, sources, self.last)
-        cut = cut_tokens(self.gm, self.facts, block.output, blocks[-1].output, make, plan.m, self.example_inputs,
-                         self.options.verify, kv_outputs=_kv_outputs(blocks[plan.at + 1:]), shapes=self.shapes)
+        later = self.facts.blocks_after(block)
+        cut = cut_tokens(self.gm, self.facts, block.output, later[-1].output, make, plan.m, self.example_inputs,
+                         self.options.verify, kv_outputs=_kv_outputs(later), shapes=self.shapes)
         self.last = cut.reduction
         self.cache_outputs |= cut.cache_outputs
         self.reduced[cut.stream] = cut.gathered
@@ -189,6 +203,17 @@ class Prune(GraphPass):
         self.gm.graph.eliminate_dead_code()  # e.g. the candidates after the last cut
         self.report.note(f"prune: {len(self.rewritten)} cut(s), score={self.score}, {self.protected} protected "
                          f"leading tokens, pruned tokens exit early")
+
+
+def _stacks_text(blocks: list) -> str:
+    """The graph's blocks by stack, e.g. "0..1 (encoder.block.0..1), 2..3 (decoder.block.0..1)"."""
+    parts = []
+    for stack in dict.fromkeys(b.stack for b in blocks):
+        members = [b for b in blocks if b.stack == stack]
+        span = f"{members[0].index}..{members[-1].index}" if len(members) > 1 else str(members[0].index)
+        parts.append(f"{span} ({members[0].module}{'..' if len(members) > 1 else ''}"
+                     f"{members[-1].module.rsplit('.', 1)[-1] if len(members) > 1 else ''})")
+    return ", ".join(parts)
 
 
 def _cannot_prune(block, score: str, fuse: bool, causal: bool, protected: int, later=()) -> str:

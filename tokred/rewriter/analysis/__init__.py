@@ -53,6 +53,14 @@ class GraphFacts:
         readout = [p for p in self.readout_positions if 0 <= p < 8]
         return max([self.prefix_tokens] + [p + 1 for p in readout])
 
+    def stack_of(self, block: Block) -> list:
+        """The blocks of ``block``'s stack (its residual stream), in order."""
+        return [b for b in self.blocks if b.stack == block.stack]
+
+    def blocks_after(self, block: Block) -> list:
+        """The blocks after ``block`` on its residual stream (they see a cut made after it)."""
+        return [b for b in self.stack_of(block) if b.index > block.index]
+
     def block_of(self, site: AttentionSite) -> Optional[Block]:
         return next((b for b in self.blocks if b.attention is site), None)
 
@@ -98,6 +106,7 @@ def analyze(gm: fx.GraphModule) -> GraphFacts:
     projections = find_projections(graph)
     blocks = find_blocks([s for s in sites_static if s.q_len == s.kv_len and not s.skip_reason], nxg,
                          post_dominators(graph, nxg))
+    assign_stacks(blocks, nxg)
     for site in sites:
         site.role = attention_role(site)
     for site in sites_static:
@@ -112,6 +121,17 @@ def analyze(gm: fx.GraphModule) -> GraphFacts:
     return GraphFacts(gm=gm, attention_sites=sites, projections=projections, blocks=blocks,
                       token_axes=axes, token_count=token_count, prefix_tokens=prefix,
                       shape_literals=literals, readout_positions=readout, nx_graph=nxg)
+
+
+def assign_stacks(blocks: list, nxg: nx.DiGraph) -> None:
+    """Number the stacks of ``blocks``: a block continues the previous one's stack when its input
+    is computed from that block's output with the same shape [B, N, C]."""
+    stack = 0
+    for prev, block in zip(blocks, blocks[1:]):
+        same = prev.output is not None and shape_of(prev.output) == shape_of(block.input) and (
+            prev.output is block.input or nx.has_path(nxg, prev.output, block.input))
+        stack += 0 if same else 1
+        block.stack = stack
 
 
 def _site_seeds(site: AttentionSite) -> dict:

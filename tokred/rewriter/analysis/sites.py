@@ -130,6 +130,9 @@ class Block:
     module: str = ""
     post_norm: bool = False
     parallel: bool = False
+    # blocks chained on one residual stream share a stack: an encoder and its decoder, or two
+    # towers, or stages with a pooling between them (another token count) are separate stacks
+    stack: int = 0
 
     @property
     def unsupported(self) -> str:
