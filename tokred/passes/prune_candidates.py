@@ -26,7 +26,7 @@ from torch import fx
 
 from tokred.compat import torch_api
 from tokred.passes.prune_graph import candidate_mask
-from tokred.rewriter.analysis.graph import is_call, shape_of
+from tokred.rewriter.analysis.graph import is_call, shape_of, walk
 from tokred.rewriter.analysis.sites import skip_layout
 from tokred.rewriter.surgery import RewriteError
 
@@ -82,7 +82,7 @@ def token_ids_input(gm: fx.GraphModule, n: int) -> Optional[fx.Node]:
 def scattered_positions(gm: fx.GraphModule, n: int, stream: fx.Node) -> Optional[tuple]:
     """(the mask input [B, n, ...], the features' node) of an ``x.masked_scatter(mask, features)``
     that builds ``stream`` [B, n, C] from another input; None if there is none."""
-    ancestors = _ancestors(stream)
+    ancestors = set(walk(stream))
     for node in gm.graph.nodes:
         if not (is_call(node, "masked_scatter", torch.Tensor.masked_scatter) and node in ancestors):
             continue
@@ -93,16 +93,6 @@ def scattered_positions(gm: fx.GraphModule, n: int, stream: fx.Node) -> Optional
         if mask_shape is not None and len(mask_shape) >= 2 and mask_shape[1] == n:
             return mask, node.args[2]
     return None
-
-
-def _ancestors(node: fx.Node) -> set:
-    frontier, seen = [node], set()
-    while frontier:
-        cur = frontier.pop()
-        if cur not in seen:
-            seen.add(cur)
-            frontier.extend(cur.all_input_nodes)
-    return seen
 
 
 def _example(node: fx.Node, placeholders: list, example_inputs) -> torch.Tensor:

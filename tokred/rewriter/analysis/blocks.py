@@ -12,7 +12,7 @@ from torch import fx
 
 from tokred.rewriter.analysis.graph import (
     ADD_FUNCS, common_module_path, is_call, is_parameter_like,
-    module_path, shape_of,
+    module_path, shape_of, walk,
 )
 from tokred.rewriter.analysis.sites import (
     LAYOUT_FUNCS, LAYOUT_METHODS, AttentionSite, Block, is_projection_node, projection_input, skip_layout,
@@ -263,16 +263,7 @@ def assign_roles(projections: list, sites: list, blocks: list, graph: fx.Graph) 
 
 def _reaches_node(node: fx.Node, target: fx.Node, max_nodes: int = 256) -> bool:
     """``target`` is ``node`` or one of its ancestors (within ``max_nodes``)."""
-    frontier, seen = [node], set()
-    while frontier and len(seen) < max_nodes:
-        cur = frontier.pop()
-        if cur is target:
-            return True
-        if cur in seen:
-            continue
-        seen.add(cur)
-        frontier.extend(cur.all_input_nodes)
-    return False
+    return any(cur is target for cur in walk(node, max_nodes=max_nodes))
 
 
 def _set_role(by_node: dict, node, role: str) -> None:

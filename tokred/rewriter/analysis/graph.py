@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Any, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import networkx as nx
 import torch
@@ -155,3 +155,19 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
         for inp in node.all_input_nodes:
             g.add_edge(inp, node)
     return g
+
+
+def walk(node: fx.Node, step: Callable[[fx.Node], Any] = lambda n: n.all_input_nodes,
+         max_nodes: Optional[int] = None) -> Iterator[fx.Node]:
+    """The nodes reached from ``node`` (itself first) through ``step`` (default: a node's inputs,
+    so its ancestors; ``lambda n: n.users`` for its descendants), each once, at most ``max_nodes``.
+
+    On the graph as it is now: the facts' networkx graph is the one taken before the passes ran."""
+    frontier, seen = [node], set()
+    while frontier and (max_nodes is None or len(seen) < max_nodes):
+        cur = frontier.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        yield cur
+        frontier.extend(step(cur))

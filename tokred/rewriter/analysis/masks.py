@@ -11,7 +11,7 @@ import torch
 from torch import fx
 
 from tokred.compat import torch_api
-from tokred.rewriter.analysis.graph import arg, is_call
+from tokred.rewriter.analysis.graph import arg, is_call, walk
 from tokred.rewriter.analysis.sites import AttentionSite, find_manual_site
 
 
@@ -29,27 +29,10 @@ def reads_padding(mask: fx.Node) -> bool:
     """Whether ``mask`` may hold padding: it is computed from a user input other than positions.
     A causal, sliding-window or prefix-LM mask built from aranges, shapes and position ids (inputs
     that also feed the rotary embedding's cos/sin) holds none."""
-    frontier, seen = [mask], set()
-    while frontier:
-        cur = frontier.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        if cur.op == "placeholder" and not torch_api.is_module_state(cur) and not _feeds_rotary(cur):
-            return True
-        frontier.extend(cur.all_input_nodes)
-    return False
+    return any(cur.op == "placeholder" and not torch_api.is_module_state(cur) and not _feeds_rotary(cur)
+               for cur in walk(mask))
 
 
 def _feeds_rotary(node: fx.Node, max_nodes: int = 256) -> bool:
     """Whether ``node`` (a positions input) reaches a cos or sin: a rotary embedding's table."""
-    frontier, seen = [node], set()
-    while frontier and len(seen) < max_nodes:
-        cur = frontier.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        if is_call(cur, torch.cos, torch.sin, "cos", "sin"):
-            return True
-        frontier.extend(cur.users)
-    return False
+    return any(is_call(cur, torch.cos, torch.sin, "cos", "sin") for cur in walk(node, lambda n: n.users, max_nodes))

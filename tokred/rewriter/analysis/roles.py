@@ -8,7 +8,7 @@ import operator
 import torch
 from torch import fx
 
-from tokred.rewriter.analysis.graph import is_call
+from tokred.rewriter.analysis.graph import is_call, walk
 from tokred.rewriter.analysis.sites import AttentionSite, projection_input, skip_layout
 
 
@@ -51,13 +51,5 @@ def _concatenated_to_cache(k: fx.Node) -> bool:
 
 def _derived_from(node: fx.Node, source: fx.Node, max_nodes: int = 64) -> bool:
     """``node`` is computed from ``source`` within a few ops (a slice, a pooling, a norm)."""
-    frontier, seen = [node], set()
-    while frontier and len(seen) < max_nodes:
-        cur = frontier.pop()
-        if cur is source:
-            return True
-        if cur in seen or cur.op == "placeholder":
-            continue
-        seen.add(cur)
-        frontier.extend(cur.all_input_nodes)
-    return False
+    inputs = lambda n: () if n.op == "placeholder" else n.all_input_nodes
+    return any(cur is source for cur in walk(node, inputs, max_nodes))
