@@ -24,7 +24,7 @@ from zoo import BATCH, DEPTH, GQA_HEAD_DIM, GQA_HEADS, SEQ_LEN, ZOO
 
 import tokred
 from tokred.rewriter.options import parse_options
-from tokred.rewriter.report import REWRITTEN, SKIPPED, Report, SiteRecord, note_unchanged, unchanged_reason
+from tokred.rewriter.report import FOUND, REWRITTEN, SKIPPED, Report, SiteRecord, note_unchanged, unchanged_reason
 from tokred.triton_ops.sparse_attention import SparsePattern, sparse_attention
 
 backend_module = importlib.import_module("tokred.backend")
@@ -196,6 +196,9 @@ def test_unchanged_reason_reads_the_sites_of_any_pass():
     assert unchanged_reason(report, "merge") == ("every site skipped: causal attention: merging would mix "
                                                  "later tokens into earlier ones (2 sites)")
     assert unchanged_reason(report, "prune") == "none of the 2 attention sites was selected"
+    window = "kv_cache: a sliding-window layer, left as it is"
+    kept = Report(attention_sites=[site(FOUND, window, ["kv_cache"])])
+    assert unchanged_reason(kept, "kv_cache") == "every site left as it was: a sliding-window layer, left as it is (1 site)"
     report.attention_sites.append(site(REWRITTEN, "merge r=2", ["merge"]))
     assert unchanged_reason(report, "merge") is None
     note_unchanged(report, "merge", "first")

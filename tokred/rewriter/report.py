@@ -205,6 +205,11 @@ def unchanged_reason(report: Report, name: str) -> Optional[str]:
         return None
     skipped = Counter(s.reason_of(name).removeprefix(f"{name}: ") for s in sites if s.status_of(name) == SKIPPED)
     if not skipped:
+        kept = Counter(s.reason_of(name).removeprefix(f"{name}: ") for s in sites
+                       if s.status_of(name) == FOUND and s.reason_of(name))  # planned, but left as they were
+        if kept:
+            return "every site left as it was: " + "; ".join(
+                f"{reason} ({n} site{'s' if n > 1 else ''})" for reason, n in kept.items())
         return f"none of the {len(sites)} attention sites was selected"
     parts = [f"{reason} ({n} site{'s' if n > 1 else ''})" for reason, n in skipped.items()]
     head = "every site skipped" if sum(skipped.values()) == len(sites) else "every selected site skipped"
