@@ -160,7 +160,7 @@ def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_red
 
 
 def mask_node(graph: fx.Graph, masks: tuple) -> Optional[fx.Node]:
-    """A node holding a site's ``masks`` (:func:`~tokred.rewriter.analysis.sites.site_masks`) in
+    """A node holding a site's ``masks`` (:func:`~tokred.rewriter.analysis.masks.site_masks`) in
     SDPA's convention, inserted at the graph's insertion point: the mask itself where it already is
     one (an SDPA attn_mask, or a float mask added to the logits), else a ``tokens.attention_bias``
     call; None when there is no mask."""

@@ -388,8 +388,8 @@ def _untranspose(kt):
     is left as it is: its input is not the key as [B, H, N, D]."""
     if is_call(kt, "transpose", torch.transpose) or is_call(kt, "mT", "t"):
         return kt.args[0]
-    if is_call(kt, "permute", torch.permute):
-        dims = kt.args[1:] if len(kt.args) > 2 else kt.args[1]
+    if is_call(kt, "permute", torch.permute) and len(kt.args) >= 2:
+        dims = kt.args[1:] if len(kt.args) > 2 or not isinstance(kt.args[1], (list, tuple)) else kt.args[1]
         rank = len(dims)
         norm = [d % rank for d in dims] if all(isinstance(d, int) for d in dims) else None
         if norm == list(range(rank - 2)) + [rank - 1, rank - 2]:
