@@ -8,6 +8,7 @@ import operator
 import torch
 from torch import fx
 
+from tokred.compat import torch_api
 from tokred.rewriter.analysis.graph import is_call, walk
 from tokred.rewriter.analysis.sites import AttentionSite, projection_input, skip_layout
 
@@ -17,7 +18,8 @@ def attention_role(site: AttentionSite) -> str:
     (new queries over keys concatenated to a cache input), "class attention" (queries from a slice
     of the tokens the keys come from, CaiT), "pooled-KV self-attention" (keys pooled from the
     queries' tokens, PVT/SegFormer) or "cross-attention" (keys from another sequence)."""
-    if site.q_len == site.kv_len and site.self_attention:
+    same_len = _known_equal(site.q_len, site.kv_len)
+    if same_len and site.self_attention:
         return "self-attention"
     if _concatenated_to_cache(site.k):
         return "cached decode"
@@ -30,7 +32,15 @@ def attention_role(site: AttentionSite) -> str:
         if _derived_from(k_in, q_in) and isinstance(site.q_len, int) and isinstance(site.kv_len, int) \
                 and site.kv_len < site.q_len:
             return "pooled-KV self-attention"
-    return "self-attention" if site.q_len == site.kv_len and q_in is k_in else "cross-attention"
+    return "self-attention" if same_len and q_in is k_in else "cross-attention"
+
+
+def _known_equal(a, b) -> bool:
+    """a == b for ints; for symbolic lengths only when it holds for every value (no guard is added:
+    the analysis must not pin a dynamic graph's sizes)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return torch_api.statically_known_true(a == b)
 
 
 def _concatenated_to_cache(k: fx.Node) -> bool:
