@@ -283,6 +283,7 @@ def _select(graph: fx.Graph, block, score: str, opts: PruneOptions, stream: fx.N
     or None). ``cands``: the candidates node [B, N]; ``sources``: (input, block) of every block
     whose scores are accumulated, the cut's last."""
     site = block.attention
+    masks = site_masks(site)  # as the site reads them now (an earlier cut gathered them)
     p, k, n = plan.count, plan.k, plan.n
     pool = opts.pool
     if score in ATTENTION_SCORES and (len(sources) > 1 or pool > 1):
@@ -294,12 +295,12 @@ def _select(graph: fx.Graph, block, score: str, opts: PruneOptions, stream: fx.N
             _query_rows(score, opts, n), tuple(_scale(s) for s in sites), tuple(s.causal for s in sites)))
         if pool > 1:
             scores = graph.call_function(pooled_scores, (scores, pool))
-            if site_masks(site):  # a pooled padding key beside real tokens is no longer 0
-                scores = graph.call_function(demote_padding, (scores, mask_node(graph, site_masks(site))))
+            if masks:  # a pooled padding key beside real tokens is no longer 0
+                scores = graph.call_function(demote_padding, (scores, mask_node(graph, masks)))
         index = graph.call_function(select_kept, (scores, cands, p, k))
         return graph.call_function(tokens.gather_stream, (stream, index)), index, scores
     if score in ATTENTION_SCORES:
-        pruned = graph.call_function(prune_by_attention, (stream, site.q, site.k, mask_node(graph, site_masks(site)),
+        pruned = graph.call_function(prune_by_attention, (stream, site.q, site.k, mask_node(graph, masks),
                                                           _query_rows(score, opts, n), _scale(site), site.causal,
                                                           cands, p, k))
         return tuple(graph.call_function(getitem, (pruned, i)) for i in range(3))
@@ -316,8 +317,8 @@ def _select(graph: fx.Graph, block, score: str, opts: PruneOptions, stream: fx.N
         else:  # random: a seeded table per cut, a constant of the graph
             table = torch.rand(n, generator=torch.Generator().manual_seed(opts.seed))
             scores = graph.call_function(constant_scores, (stream, tuple(table.tolist())))
-        if site_masks(site):
-            scores = graph.call_function(demote_padding, (scores, mask_node(graph, site_masks(site))))
+        if masks:
+            scores = graph.call_function(demote_padding, (scores, mask_node(graph, masks)))
         index = graph.call_function(select_kept, (scores, cands, p, k))
     return graph.call_function(tokens.gather_stream, (stream, index)), index, scores
 

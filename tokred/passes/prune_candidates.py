@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx
 
 from tokred.compat import torch_api
-from tokred.passes.prune_graph import candidate_mask
+from tokred.passes.prune_graph import candidate_positions
 from tokred.rewriter.analysis.graph import is_call, shape_of, walk
 from tokred.rewriter.analysis.sites import skip_layout
 from tokred.rewriter.surgery import RewriteError
@@ -52,12 +52,12 @@ def find_candidates(gm: fx.GraphModule, ids: tuple, start: int, end: int, n: int
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     found = token_ids_input(gm, n)
     if found is not None:
-        rows = _rows(_example(found, placeholders, example_inputs), ids, start, end, n)
+        rows = _rows(_example(found, placeholders, example_inputs), ids, start, end)
         return Candidates("ids", found, rows, "prunable_ids tokens per row")
     scatter = scattered_positions(gm, n, stream)
     if scatter is not None:
         mask, source = scatter
-        rows = _rows(_example(mask, placeholders, example_inputs), None, start, end, n)
+        rows = _rows(_example(mask, placeholders, example_inputs), None, start, end)
         return Candidates("scatter", mask, rows, f"image-token positions per row: where the model scatters "
                                                  f"{source.name} into the embeddings (the ids are not in this graph)")
     raise RewriteError(f"{OPTION} needs the token ids as a graph input [B, {n}] (feeding the embedding), or "
@@ -104,11 +104,9 @@ def _example(node: fx.Node, placeholders: list, example_inputs) -> torch.Tensor:
     return example
 
 
-def _rows(example: torch.Tensor, ids: Optional[tuple], start: int, end: int, n: int) -> int:
+def _rows(example: torch.Tensor, ids: Optional[tuple], start: int, end: int) -> int:
     """Candidates per row of the example (the same in every row, else RewriteError)."""
-    found = torch.isin(example, torch.tensor(ids)) if ids is not None else \
-        example.reshape(example.shape[0], n, -1).bool().any(dim=-1)
-    rows = (found & candidate_mask(n, start, end, example.device)).sum(dim=1)
+    rows = candidate_positions(example, ids, start, end).sum(dim=1)
     if rows.numel() == 0 or (rows != rows[0]).any():
         raise RewriteError(f"{OPTION}: the rows of the example input hold different numbers of those tokens "
                            f"({rows.tolist()}); every row must hold the same number")

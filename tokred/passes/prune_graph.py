@@ -131,18 +131,21 @@ def interval_candidates(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
     return candidate_mask(x.shape[1], start, end, x.device)
 
 
-def token_candidates(source: torch.Tensor, ids: Optional[tuple], start: int, end: int, count: int) -> torch.Tensor:
+def candidate_positions(source: torch.Tensor, ids: Optional[tuple], start: int, end: int) -> torch.Tensor:
     """Prunable positions [B, N] bool inside [start, end): tokens whose id is in ``ids`` (``source``:
     the token ids [B, N]) or, with ``ids`` None, the positions ``source`` [B, N, ...] marks (a VLM's
-    image-token mask).
-
-    Every row must hold ``count`` of them (the kept count is static); a batch that does not stops
-    with an error at run time instead of pruning the wrong number of tokens.
-    """
+    image-token mask)."""
     n = source.shape[1]
     found = torch.isin(source, torch.tensor(ids, device=source.device)) if ids is not None else \
         source.reshape(source.shape[0], n, -1).bool().any(dim=-1)
-    candidates = found & candidate_mask(n, start, end, source.device)
+    return found & candidate_mask(n, start, end, source.device)
+
+
+def token_candidates(source: torch.Tensor, ids: Optional[tuple], start: int, end: int, count: int) -> torch.Tensor:
+    """:func:`candidate_positions`, of which every row must hold ``count`` (the kept count is
+    static); a batch that does not stops with an error at run time instead of pruning the wrong
+    number of tokens."""
+    candidates = candidate_positions(source, ids, start, end)
     torch_api.assert_async((candidates.sum(dim=1) == count).all(),
                         "tokred prune: a row of the batch holds another number of prunable_ids tokens than "
                         "the example input the model was compiled for")

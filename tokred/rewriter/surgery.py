@@ -166,7 +166,7 @@ def mask_node(graph: fx.Graph, masks: tuple) -> Optional[fx.Node]:
     call; None when there is no mask."""
     if not masks:
         return None
-    (kind, node), = masks[:1]
+    kind, node = masks[0]
     value = node.meta.get("example_value")
     if len(masks) == 1 and (kind == "sdpa" or (kind == "add" and value is not None and value.dtype.is_floating_point)):
         return node

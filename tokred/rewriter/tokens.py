@@ -54,7 +54,12 @@ def attention_bias(kinds: tuple, *masks: torch.Tensor) -> torch.Tensor:
         else:
             term = m.float()
         bias = term if bias is None else bias + term
-    return bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+    return _rank4(bias)
+
+
+def _rank4(mask: torch.Tensor) -> torch.Tensor:
+    """A mask of rank < 4 as broadcasting reads it against [B, H, Nq, Nk]: [N, N] -> [1, 1, N, N]."""
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
 
 
 def scatter_stream(base: torch.Tensor, index: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
@@ -75,7 +80,7 @@ def padding_keys(mask, batch: int, n: int) -> torch.Tensor:
     reads it ([B|1, 1|H, N|1, N], boolean "may attend" or additive); None: no padding."""
     if mask is None:
         return torch.zeros(batch, n, dtype=torch.bool)
-    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # [N, N] broadcasts as [1, 1, N, N]
+    m = _rank4(mask)
     m = m.expand(batch, *m.shape[1:]) if m.shape[0] != batch else m
     m = m[:, 0]
     allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
