@@ -6,6 +6,7 @@ cache is cut per layer and head with full N x N attention maps, argsort and Pyth
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -94,6 +95,39 @@ def kept_positions(scores: torch.Tensor, kept: int, sinks: int, protect_last: in
     return out
 
 
+def adaptive_positions(scores: torch.Tensor, kept: int, sinks: int, protect_last: int, floor: int,
+                       most: int) -> list:
+    """AdaKV's budget, one (b, layer) at a time: every head first takes its sinks, last tokens and
+    its ``floor`` best; the layer's other ``heads * kept`` - those entries go to the best scores
+    left in any head, no head past ``most``. -> [b][head] sorted position lists."""
+    b, h, n = scores.shape
+    out = []
+    for i in range(b):
+        heads = []
+        candidates = []
+        for j in range(h):
+            always = [p for p in range(n) if p < sinks or p >= n - protect_last]
+            others = [p for p in torch.argsort(scores[i, j], descending=True).tolist() if p not in always]
+            ranked = (always + others)[:most]
+            first = max(floor, len(always))
+            heads.append(ranked[:first])
+            candidates += [(float(scores[i, j, p]), j, p) for p in ranked[first:]]
+        left = h * kept - sum(len(x) for x in heads)
+        for _, j, p in sorted(candidates, key=lambda c: -c[0])[:left]:
+            heads[j].append(p)
+        out.append([sorted(x) for x in heads])
+    return out
+
+
+def padded(x: torch.Tensor, positions: list, slots: int) -> torch.Tensor:
+    """Each head's kept entries of x [B, Hkv, N, D] in position order, then zeros up to ``slots``."""
+    out = torch.zeros(x.shape[0], x.shape[1], slots, x.shape[-1], dtype=x.dtype)
+    for i, heads in enumerate(positions):
+        for j, kept in enumerate(heads):
+            out[i, j, :len(kept)] = x[i, j, kept]
+    return out
+
+
 def merged(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple:
     """Each evicted entry joins the kept entry of the same head whose key is the most similar
     (cosine); each kept entry is the plain mean of the entries that joined it and itself."""
@@ -117,9 +151,10 @@ def merged(k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> tuple:
 
 def compress(model, input_ids: torch.Tensor, method: str = "snapkv", keep=0.5, window: int = 32,
              pool=None, sinks=None, protect_last=None, merge: bool = False, seed: int = 0,
-             budgets=None, layers: str = "uniform", heads=None) -> tuple:
+             budgets=None, layers: str = "uniform", heads=None, head_max: float = 2.0, kept_masks=None) -> tuple:
     """The dense prefill and its compressed cache: (logits [B, N, V], [(keys, values) per layer]);
-    ``budgets``: each layer's kept count where ``layers`` is not "uniform"."""
+    ``budgets``: each layer's kept count where ``layers`` is not "uniform"; ``kept_masks``: a list
+    that receives each layer's [B, Hkv, N] kept positions (for :func:`decode` with heads="adaptive")."""
     assert layers == "uniform" or budgets is not None
     out, queries, scales = queries_by_layer(model, input_ids)
     cache = returned_cache(out)
@@ -139,6 +174,17 @@ def compress(model, input_ids: torch.Tensor, method: str = "snapkv", keep=0.5, w
             (max(1, min(n, round(keep * n))) if isinstance(keep, float) else min(keep, n))
         shared = (heads or ("shared" if method == "tova" else "uniform")) == "shared"
         scores = method_scores(method, q, k, scale, window, pool, layer, seed, shared)
+        if heads == "adaptive":
+            most = min(n, math.ceil(head_max * kept))
+            floor = min(kept, max(min(sinks + protect_last, n), round(0.2 * kept)))
+            positions = adaptive_positions(scores, kept, min(sinks, n), min(protect_last, n), floor, most)
+            cut.append((padded(k, positions, most), padded(v, positions, most)))
+            mask = torch.zeros(k.shape[:3], dtype=torch.bool)
+            for i, per_head in enumerate(positions):
+                for j, kept_here in enumerate(per_head):
+                    mask[i, j, kept_here] = True
+            kept_masks.append(mask)
+            continue
         positions = kept_positions(scores, kept, min(sinks, n), min(protect_last, n))
         if merge:
             cut.append(merged(k, v, positions))
@@ -149,11 +195,45 @@ def compress(model, input_ids: torch.Tensor, method: str = "snapkv", keep=0.5, w
     return out.logits, cut
 
 
-def decode(model, layers: list, first: torch.Tensor, n: int, steps: int, forced=None) -> tuple:
+def kept_attention(kept_masks: list):
+    """An eager attention function for transformers' AttentionInterface that attends to a dense
+    cache as if only the kept prefill entries of each (layer, KV head) were there: ``kept_masks``
+    [B, Hkv, N] per layer; keys past N (the decode steps') always attend."""
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        kept = kept_masks[module.layer_idx]
+        b, hkv, n = kept.shape
+        allowed = torch.cat([kept, torch.ones(b, hkv, key.shape[2] - n, dtype=torch.bool)], dim=-1)
+        group = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(group, 1).double(), value.repeat_interleave(group, 1).double()
+        allowed = allowed.repeat_interleave(group, 1)[:, :, None, :]
+        logits = (query.double() @ k.transpose(-1, -2)) * scaling
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        if attention_mask is not None:
+            mask = attention_mask[..., :key.shape[2]]
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+        out = logits.softmax(-1) @ v
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return attention
+
+
+def decode(model, layers: list, first: torch.Tensor, n: int, steps: int, forced=None, kept_masks=None) -> tuple:
     """Greedy decode from a cache holding ``layers``' entries: the new tokens at positions n, n+1, ...
     ``forced`` [B, Q] (a question): fed first, at n..n+Q-1; ``first`` is then ignored and the greedy
-    tokens start at n+Q from the last forced token's logits.
+    tokens start at n+Q from the last forced token's logits. ``kept_masks`` (heads="adaptive"):
+    ``layers`` is the dense cache and each step attends only to these kept entries of it.
     -> (tokens [B, steps], [logits [B, 1, V] per step])."""
+    if kept_masks is not None:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register("tokred_kept_reference", kept_attention(kept_masks))
+        saved = model.config._attn_implementation
+        model.set_attn_implementation("tokred_kept_reference")
+        try:
+            return decode(model, layers, first, n, steps, forced)
+        finally:
+            model.set_attn_implementation(saved)
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)  # sliding-window layers (Gemma3) keep their window

@@ -222,6 +222,78 @@ def test_gemma3_sliding_window_layers_keep_their_window():
     assert len(sliding) == 1 and [k.shape[2] for k, _ in got[1]] == [window - 1, N // 2]
 
 
+def adaptive_reference(name: str, options: dict):
+    """The reference's adaptive cut (each head's kept entries, zero-padded) and decode: the dense
+    cache, each step attending only to the kept entries of each (layer, KV head)."""
+    m, ids, kept_masks = model(name), prompt(), []
+    logits, layers = kv_reference.compress(m, ids, kept_masks=kept_masks, **options)
+    with torch.no_grad():
+        dense = [(layer.keys, layer.values) for layer in returned_cache(m(input_ids=ids, use_cache=True)).layers]
+    tokens, steps = kv_reference.decode(m, dense, logits[:, -1:].argmax(-1), N, STEPS, kept_masks=kept_masks)
+    return (logits, layers, tokens, steps), kept_masks
+
+
+@pytest.mark.parametrize("name, method, more", [
+    ("hf_llama_cache_sdpa", "snapkv", {}), ("hf_qwen2_sdpa", "snapkv", {"window": 3, "pool": 3}),
+    ("hf_llama_cache_sdpa", "h2o", {"protect_last": 1}), ("hf_llama_cache_sdpa", "knorm", {}),
+    ("hf_llama_cache_sdpa", "random", {})])
+def test_adaptive_heads_equal_reference(name, method, more):
+    """heads="adaptive" (AdaKV): a layer keeps keep x N x Hkv entries, shared across its heads by
+    score (each at least its floor, at most head_max x the per-head budget); the cache is stored
+    rectangular, zero-padded, and the decode steps attend to the kept entries only (the reference
+    masks a dense cache instead)."""
+    options = method_options(method, keep=0.25, heads="adaptive", **more)
+    got = run(name, options)
+    want, kept_masks = adaptive_reference(name, options)
+    assert_same_run(got, want)
+    for (k, _), kept in zip(got[1], kept_masks):
+        per_head = (k != 0).any(-1).sum(-1)  # [B, Hkv] real entries
+        assert k.shape[2] == N // 2 and torch.equal(per_head, kept.sum(-1))
+        assert (per_head.sum(-1) == 4 * (N // 4)).all()
+        # the heads' shares differ (h2o's accumulated attention favours the first positions alike
+        # in every head of these random models, so its heads may keep as many)
+        assert per_head.min() < per_head.max() or method == "h2o"
+    before, after = got[4].kv_cache_bytes
+    assert after * 2 == before  # stored: half of the prompt's slots (head_max 2 x a quarter)
+    # the decode steps' masks matter: the same padded cache decoded without them differs
+    unmasked, _ = kv_reference.decode(model(name), got[1], want[0][:, -1:].argmax(-1), N, STEPS)
+    assert not torch.equal(unmasked, got[2]) or not torch.allclose(
+        kv_reference.decode(model(name), got[1], want[0][:, -1:].argmax(-1), N, 1)[1][0], got[3][0], atol=TOL)
+
+
+def test_adaptive_heads_keep_everything_is_the_identity():
+    got = run("hf_llama_cache_sdpa", method_options("snapkv", keep=1.0, heads="adaptive"))
+    m = model("hf_llama_cache_sdpa")
+    with torch.no_grad():
+        dense = m(input_ids=prompt(), use_cache=True)
+    for (k, v), layer in zip(got[1], returned_cache(dense).layers):
+        assert torch.equal(k, layer.keys) and torch.equal(v, layer.values)
+    tokens, steps = kv_reference.decode(m, got[1], dense.logits[:, -1:].argmax(-1), N, STEPS)
+    assert torch.equal(got[2], tokens)
+    for got_step, want_step in zip(got[3], steps):
+        torch.testing.assert_close(got_step, want_step, atol=TOL, rtol=TOL)
+
+
+def test_adaptive_heads_generate_on_the_compiled_forward(fresh_dynamo):
+    """generate() on a forward compiled with heads="adaptive": its decode graphs mask the padding
+    (the report says so) and the greedy tokens are the reference's."""
+    options = method_options("snapkv", keep=0.25, heads="adaptive")
+    m = model("hf_llama_cache_sdpa")
+    ids = prompt()
+    (_, _, want, _), _ = adaptive_reference("hf_llama_cache_sdpa", options)
+    be = tokred.backend(inner="aot_eager", kv_cache=options)
+    eager = m.forward
+    m.forward = torch.compile(eager, backend=be)
+    try:
+        with torch.no_grad():
+            got = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=STEPS,
+                             pad_token_id=0)
+    finally:
+        m.forward = eager
+    assert torch.equal(got[:, N:], want)
+    assert any("block their cache's padding slots" in note for note in be.report.notes)
+
+
 # ----------------------------------------------------------------------------- report and reasons
 
 def test_report_says_tokens_and_bytes_per_layer():
@@ -288,7 +360,10 @@ def test_option_defaults_per_method():
     ({"method": "nope"}, "kv_cache.method"), ({"keep": 0.0}, "kv_cache.keep"), ({"keep": 1.5}, "kv_cache.keep"),
     ({"pool": 4}, "kv_cache.pool"), ({"method": "knorm", "pool": 3}, "kv_cache.pool"),
     ({"method": "knorm", "window": 3}, "kv_cache.window"), ({"layers": "cone"}, "kv_cache.layers"),
-    ({"heads": "adaptive"}, "kv_cache.heads"), ({"merge": 1}, "kv_cache.merge"), ({"sinks": -1}, "kv_cache.sinks"),
+    ({"heads": "all"}, "kv_cache.heads"), ({"method": "streaming", "heads": "adaptive"}, "kv_cache.heads"),
+    ({"head_max": 2.0}, "kv_cache.head_max"), ({"heads": "adaptive", "head_max": 0.5}, "kv_cache.head_max"),
+    ({"heads": "adaptive", "merge": True}, "kv_cache.merge"),
+    ({"merge": 1}, "kv_cache.merge"), ({"sinks": -1}, "kv_cache.sinks"),
     ({"decode": {"every": 64}}, "kv_cache.decode"), ("snapkv", "kv_cache"),
 ])
 def test_bad_options_are_refused_by_name(value, named):

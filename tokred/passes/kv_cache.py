@@ -33,6 +33,7 @@ saved.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -42,7 +43,7 @@ from torch import fx
 
 from tokred.passes import kv_scores
 from tokred.passes.prune_graph import getitem
-from tokred.rewriter.analysis.graph import example_value, is_call, shape_of
+from tokred.rewriter.analysis.graph import arg, example_value, is_call, shape_of
 from tokred.rewriter.analysis.masks import site_masks
 from tokred.rewriter.driver import GraphPass, Keep, Skip
 from tokred.rewriter.surgery import output_positions
@@ -52,10 +53,13 @@ METHODS = ("snapkv", "tova", "h2o", "knorm", "streaming", "random")
 ATTENTION_METHODS = ("snapkv", "tova", "h2o")
 POOLED_METHODS = ("snapkv", "h2o")
 LAYER_BUDGETS = ("uniform", "pyramid")
-KNOWN = ("method", "keep", "window", "pool", "sinks", "protect_last", "layers", "heads", "merge", "seed")
+KNOWN = ("method", "keep", "window", "pool", "sinks", "protect_last", "layers", "heads", "head_max", "merge",
+         "seed")
 # how far a cached key or value may be from the node the attention reads (repeat_kv's
 # reshape(expand(x[:, :, None])) is three ops)
-HEAD_BUDGETS = ("uniform", "shared")
+HEAD_BUDGETS = ("uniform", "shared", "adaptive")
+# AdaKV: every head keeps at least this fraction of the layer's per-head budget (its safeguard)
+ADAPTIVE_FLOOR = 0.2
 LAYOUT_OPS = ("reshape", "view", "expand", "unsqueeze", "contiguous", "repeat_interleave", "clone")
 LAYOUT_DEPTH = 6
 PYRAMID_SPREAD = 0.5  # layer 0 gets (1 + spread) x the uniform budget, the last layer (1 - spread) x
@@ -81,9 +85,11 @@ class KVCacheOptions:
     each layer keeps, or a count; window: snapkv's observation window (and h2o's recent tokens);
     pool: an odd window the attention scores are averaged over; sinks / protect_last: leading /
     trailing tokens always kept (None: the method's default); layers: "uniform" or "pyramid"
-    budgets; heads: "uniform" (every KV head keeps as many, by its own scores) or "shared" (the same
-    positions in every head, by the scores averaged over the layer's heads; TOVA's default); merge: evicted entries are
-    merged into kept ones; seed: method "random"'s."""
+    budgets; heads: "uniform" (every KV head keeps as many, by its own scores), "shared" (the same
+    positions in every head, by the scores averaged over the layer's heads; TOVA's default) or
+    "adaptive" (AdaKV: the layer's budget shared across its heads by score); head_max: with
+    "adaptive", the most one head keeps as a multiple of the per-head budget (the cache's stored
+    length); merge: evicted entries are merged into kept ones; seed: method "random"'s."""
 
     method: str = "snapkv"
     keep: Any = 0.5
@@ -93,6 +99,7 @@ class KVCacheOptions:
     protect_last: int = 0
     layers: str = "uniform"
     heads: str = "uniform"
+    head_max: float = 2.0
     merge: bool = False
     seed: int = 0
 
@@ -132,16 +139,28 @@ class KVCacheOptions:
         heads = value.get("heads", "shared" if method == "tova" else "uniform")
         if heads not in HEAD_BUDGETS:
             raise _error("heads", f"must be 'uniform' (each KV head keeps as many entries, chosen by its own "
-                         f"scores) or 'shared' (one choice per layer, by the scores averaged over its heads); "
-                         f"per-head budgets, AdaKV's 'adaptive', are not implemented yet; got {heads!r}")
+                         f"scores), 'shared' (one choice per layer, by the scores averaged over its heads) or "
+                         f"'adaptive' (AdaKV: a layer's budget shared across its heads by score); got {heads!r}")
+        if heads == "adaptive" and method == "streaming":
+            raise _error("heads", "'adaptive' shares a layer's budget by score, and streaming's scores are the "
+                         "positions, alike in every head: use 'uniform'")
+        head_max = value.get("head_max", 2.0)
+        if "head_max" in value and heads != "adaptive":
+            raise _error("head_max", f"applies to heads='adaptive' only, not {heads!r}")
+        if isinstance(head_max, bool) or not isinstance(head_max, (int, float)) or head_max < 1:
+            raise _error("head_max", f"must be a number >= 1 (the most one head keeps, as a multiple of the "
+                         f"layer's per-head budget), got {head_max!r}")
         merge = value.get("merge", False)
         if not isinstance(merge, bool):
             raise _error("merge", f"must be True or False, got {merge!r}")
+        if merge and heads == "adaptive":
+            raise _error("merge", "with heads='adaptive' is not implemented: merging needs every head's kept "
+                         "entries to be real, and adaptive heads hold padding slots")
         seed = value.get("seed", 0)
         if not _is_int(seed):
             raise _error("seed", f"must be an int, got {seed!r}")
         return cls(method=method, keep=keep, window=window, pool=pool, sinks=sinks, protect_last=protect_last,
-                   layers=layers, heads=heads, merge=merge, seed=seed)
+                   layers=layers, heads=heads, head_max=float(head_max), merge=merge, seed=seed)
 
 
 def layer_budgets(keep, n: int, layers: int, schedule: str, always: int) -> list:
@@ -162,7 +181,9 @@ def layer_budgets(keep, n: int, layers: int, schedule: str, always: int) -> list
 @dataclass(frozen=True)
 class KVPlan:
     """One layer's cache cut: ``n`` entries per KV head become ``kept`` (the first ``sinks`` and
-    last ``protect_last`` among them); ``bytes_before`` / ``bytes_after``: the layer's K and V."""
+    last ``protect_last`` among them), stored in ``stored`` slots per head (``kept``; with adaptive
+    heads, the most one head may keep: the others' free slots are zero padding, ``floor`` the
+    fewest a head keeps); ``bytes_before`` / ``bytes_after``: the layer's K and V as stored."""
 
     layer: int
     method: str
@@ -173,6 +194,18 @@ class KVPlan:
     kv_heads: int
     bytes_before: int
     bytes_after: int
+    stored: int
+    floor: int = 0
+
+
+@dataclass(frozen=True)
+class PaddingPlan:
+    """A decode step over a cache whose heads keep different counts (heads="adaptive"): the SDPA
+    call at ``layer`` is given a mask that blocks the padding slots (zero keys)."""
+
+    layer: Optional[int]
+    heads: int
+    keys: int
 
 
 @dataclass(frozen=True)
@@ -261,7 +294,7 @@ class KVCache(GraphPass):
             elif isinstance(site.k, fx.Node) and sliding_window_cache(site.k, outputs) is not None:
                 self.sliding[id(site)] = sliding_window_cache(site.k, outputs)
         sites = [s for s in self.facts.attention_sites if id(s) in self.caches]
-        if sites and all(self._decode_step(s) for s in sites):
+        if sites and all(self._decode_step(s) for s in sites) and self.opts.heads != "adaptive":
             return "a decode step (new tokens over a cache): the cache was compressed in the prefill"
         return ""
 
@@ -278,6 +311,7 @@ class KVCache(GraphPass):
         self.budgets = dict(zip(self.prefill, layer_budgets(opts.keep, n, len(prefill), opts.layers, always)))
         self.changed_outputs = set()
         self.bytes = [0, 0]
+        self.padding_masks = 0
         return list(self.facts.attention_sites)
 
     def _length(self, site) -> Optional[int]:
@@ -294,6 +328,8 @@ class KVCache(GraphPass):
         keys, values = shape_of(self.caches[id(site)].keys), shape_of(self.caches[id(site)].values)
         q = shape_of(site.q)
         n = self._length(site)
+        if opts.heads == "adaptive" and q is not None and n is not None and self._decode_step(site):
+            return self._padding_plan(site)
         if q is None or values is None or n is None or not all(isinstance(s, int) for s in (*q, *keys, *values)):
             return Skip("the token count is dynamic (a symbolic shape): compile with static shapes "
                         "(dynamic=False) to compress the cache")
@@ -316,21 +352,43 @@ class KVCache(GraphPass):
         value = example_value(self.caches[id(site)].keys)
         dtype = value.dtype if isinstance(value, torch.Tensor) else torch.float32
         before = _nbytes(keys, dtype) + _nbytes(values, dtype)
-        after = before * kept // n
+        stored, floor = kept, 0
+        if opts.heads == "adaptive":
+            stored = min(n, int(math.ceil(opts.head_max * kept)))
+            floor = min(kept, max(min(always, n), int(round(ADAPTIVE_FLOOR * kept))))
         return KVPlan(layer=self.prefill.index(id(site)), method=opts.method, n=n, kept=kept,
                       sinks=min(opts.sinks, n), protect_last=min(opts.protect_last, n), kv_heads=keys[1],
-                      bytes_before=before, bytes_after=after)
+                      bytes_before=before, bytes_after=before * stored // n, stored=stored, floor=floor)
 
-    def apply(self, site, plan: KVPlan) -> str:
+    def _padding_plan(self, site):
+        """The decode-step half of heads="adaptive": SDPA learns which cache slots are padding."""
+        if site.kind != "sdpa":
+            return Skip("heads='adaptive': a decode step must block the cache's padding slots, and this "
+                        "layer's attention is written out (eager), not SDPA")
+        if arg(site.node, 5, "is_causal", False):
+            return Skip("heads='adaptive': this decode step's SDPA is called with is_causal=True, which "
+                        "takes no mask to block the cache's padding slots")
+        return PaddingPlan(layer=site.layer, heads=site.heads, keys=self._length(site))
+
+    def apply(self, site, plan) -> str:
+        if isinstance(plan, PaddingPlan):
+            return self._mask_padding(site, plan)
         graph, opts, cache = self.gm.graph, self.opts, self.caches[id(site)]
         out = next(n for n in reversed(graph.nodes) if n.op == "output")
         with graph.inserting_before(out):
             scores = self._scores(graph, site, plan, cache.keys)
-            index = graph.call_function(kv_scores.select_kept, (scores, plan.kept, plan.sinks, plan.protect_last))
-            if opts.merge:
+            if opts.heads == "adaptive":
+                chosen = graph.call_function(kv_scores.select_adaptive, (scores, plan.kept, plan.sinks,
+                                                                         plan.protect_last, plan.floor, plan.stored))
+                index, valid = (graph.call_function(getitem, (chosen, i)) for i in range(2))
+                keys = graph.call_function(kv_scores.gather_valid, (cache.keys, index, valid))
+                values = graph.call_function(kv_scores.gather_valid, (cache.values, index, valid))
+            elif opts.merge:
+                index = graph.call_function(kv_scores.select_kept, (scores, plan.kept, plan.sinks, plan.protect_last))
                 merged = graph.call_function(kv_scores.merge_evicted, (cache.keys, cache.values, index))
                 keys, values = (graph.call_function(getitem, (merged, i)) for i in range(2))
             else:
+                index = graph.call_function(kv_scores.select_kept, (scores, plan.kept, plan.sinks, plan.protect_last))
                 keys = graph.call_function(kv_scores.gather_kept, (cache.keys, index))
                 values = graph.call_function(kv_scores.gather_kept, (cache.values, index))
         for node, new in ((cache.keys, keys), (cache.values, values)):
@@ -340,8 +398,26 @@ class KVCache(GraphPass):
         self.bytes[0] += plan.bytes_before
         self.bytes[1] += plan.bytes_after
         merged = ", merged" if opts.merge else ""
+        if opts.heads == "adaptive":
+            return (f"kv_cache {plan.method} keep={opts.keep}, adaptive heads: layer {_layer(site, plan)} caches "
+                    f"{plan.kept * plan.kv_heads} of {plan.n * plan.kv_heads} entries over {plan.kv_heads} KV heads "
+                    f"({plan.floor} to {plan.stored} a head, stored in {plan.stored} slots), "
+                    f"{_mb(plan.bytes_before - plan.bytes_after)} saved")
         return (f"kv_cache {plan.method} keep={opts.keep}{merged}: layer {_layer(site, plan)} caches {plan.kept} of "
                 f"{plan.n} tokens x {plan.kv_heads} KV heads, {_mb(plan.bytes_before - plan.bytes_after)} saved")
+
+    def _mask_padding(self, site, plan: PaddingPlan) -> str:
+        node = site.node
+        mask = arg(node, 3, "attn_mask")
+        with self.gm.graph.inserting_before(node):
+            new = self.gm.graph.call_function(kv_scores.mask_padding, (mask, site.k, plan.heads))
+        if len(node.args) > 3:
+            node.update_arg(3, new)
+        else:
+            node.update_kwarg("attn_mask", new)
+        self.padding_masks += 1
+        layer = f"layer {plan.layer}" if plan.layer is not None else site.module
+        return f"kv_cache adaptive heads: {layer}'s decode step blocks the cache's padding slots"
 
     def _scores(self, graph: fx.Graph, site, plan: KVPlan, keys: fx.Node) -> fx.Node:
         opts = self.opts
@@ -367,11 +443,15 @@ class KVCache(GraphPass):
         return scores
 
     def finish(self) -> None:
-        if not self.rewritten:
+        cut = len(self.rewritten) - self.padding_masks
+        if self.padding_masks:
+            self.report.note(f"kv_cache adaptive heads: {self.padding_masks} decode-step attentions block their "
+                             f"cache's padding slots")
+        if not cut:
             return
         before, after = self.bytes
         self.report.kv_cache_bytes = (self.report.kv_cache_bytes[0] + before, self.report.kv_cache_bytes[1] + after)
-        self.report.note(f"kv_cache: {len(self.rewritten)} layers' caches cut, {_mb(before)} -> {_mb(after)} "
+        self.report.note(f"kv_cache: {cut} layers' caches cut, {_mb(before)} -> {_mb(after)} "
                          f"after the prefill ({after / before:.2f}x)")
 
 

@@ -1,6 +1,8 @@
 """The functions a KV-compressed prefill graph calls: per-head token scores, the selection of the
-kept cache entries, and their gather or merge. Plain torch over the cache layout; tokred/passes/
-kv_cache.py inserts them beside each layer's attention, which stays as it was (SDPA included).
+kept cache entries, and their gather or merge; and the one a decode step calls on a cache whose
+heads keep different counts (AdaKV), to attend past its padding. Plain torch over the cache layout;
+tokred/passes/kv_cache.py inserts them beside each layer's attention, which stays as it was (SDPA
+included).
 
 Shapes: q [B, H, N, D] (the queries as the attention reads them, rotary applied), k [B, Hkv, N, D]
 and v [B, Hkv, N, Dv] (what the layer stores in its cache), H = g * Hkv (GQA groups of g query
@@ -97,6 +99,52 @@ def select_kept(scores: torch.Tensor, kept: int, sinks: int, protect_last: int) 
     always = (pos < sinks) | (pos >= n - protect_last)
     ranked = scores.float().masked_fill(always, float("inf"))
     return ranked.topk(kept, dim=-1).indices.sort(dim=-1).values
+
+
+def select_adaptive(scores: torch.Tensor, kept: int, sinks: int, protect_last: int, floor: int,
+                    length: int) -> tuple:
+    """AdaKV's head-adaptive budget: a layer keeps ``kept`` entries per KV head on average
+    (Hkv * kept in all), shared across its heads by score. Each head keeps its first ``sinks`` and
+    last ``protect_last`` positions and its ``floor`` best (AdaKV's safeguard); the rest of the
+    layer's budget goes to the best remaining scores of any head, at most ``length`` per head.
+
+    scores [B, Hkv, N] -> (index [B, Hkv, length], valid [B, Hkv, length]): each head's kept
+    positions in position order, then padding slots (valid False, index 0)."""
+    b, h, n = scores.shape
+    pos = torch.arange(n, device=scores.device)
+    always = (pos < sinks) | (pos >= n - protect_last)
+    ranked = scores.float().masked_fill(always, float("inf"))
+    best = ranked.topk(length, dim=-1)  # each head's candidates, best first
+    ranks = torch.arange(length, device=scores.device)
+    forced = best.values.masked_fill(ranks < floor, float("inf"))
+    chosen = forced.reshape(b, h * length).topk(h * kept, dim=-1).indices
+    valid = torch.zeros(b, h * length, dtype=torch.bool, device=scores.device).scatter(1, chosen, True)
+    valid = valid.reshape(b, h, length)
+    order = best.indices.masked_fill(~valid, n).sort(dim=-1).values  # padding (n) sorts last
+    valid = order < n
+    return order.masked_fill(~valid, 0), valid
+
+
+def gather_valid(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """x [B, Hkv, N, D], index / valid [B, Hkv, M] -> [B, Hkv, M, D], zeros in the padding slots
+    (a zero key is how a decode step tells padding: :func:`mask_padding`)."""
+    return gather_kept(x, index).masked_fill(~valid.unsqueeze(-1), 0)
+
+
+def mask_padding(mask, k: torch.Tensor, heads: int) -> torch.Tensor:
+    """A decode step's attention mask extended to block the cache's padding slots (all-zero keys,
+    :func:`gather_valid`). mask: the step's SDPA attn_mask (None, bool "may attend", or additive),
+    k [B, Hk, Nk, D] the keys as SDPA reads them (Hk = heads, or Hkv with enable_gqa), heads: the
+    query heads. -> bool [B, H, 1, Nk] (mask None or bool) or the additive mask with -inf there."""
+    padding = (k == 0).all(dim=-1)  # [B, Hk, Nk]
+    if padding.shape[1] != heads:
+        padding = padding.repeat_interleave(heads // padding.shape[1], dim=1)
+    padding = padding.unsqueeze(2)
+    if mask is None:
+        return ~padding
+    if mask.dtype == torch.bool:
+        return mask & ~padding
+    return mask.masked_fill(padding, float("-inf"))
 
 
 def gather_kept(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
