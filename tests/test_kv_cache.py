@@ -294,6 +294,23 @@ def test_adaptive_heads_generate_on_the_compiled_forward(fresh_dynamo):
     assert any("block their cache's padding slots" in note for note in be.report.notes)
 
 
+def test_adaptive_heads_compressed_context_masks_the_padding(fresh_dynamo):
+    """CompressedContext on an adaptive cut steps through the compiled forward (its decode graphs
+    mask the padding), answering as the reference's masked decode does."""
+    m = model("hf_llama_cache_sdpa")
+    context, question = prompt(), prompt(4).flip(1)
+    options = method_options("snapkv", keep=0.25, heads="adaptive")
+    compressed = tokred.CompressedContext(torch.compile(m, backend=tokred.backend(inner="aot_eager",
+                                                                                  kv_cache=options)), context)
+    assert compressed.padded and compressed.cache_entries == [N // 2, N // 2]
+    kept_masks = []
+    kv_reference.compress(m, context, kept_masks=kept_masks, **options)
+    with torch.no_grad():
+        dense = [(layer.keys, layer.values) for layer in returned_cache(m(input_ids=context, use_cache=True)).layers]
+    want, _ = kv_reference.decode(m, dense, None, N, STEPS, forced=question, kept_masks=kept_masks)
+    assert torch.equal(compressed.answer(question, max_new_tokens=STEPS), want)
+
+
 # ----------------------------------------------------------------------------- report and reasons
 
 def test_report_says_tokens_and_bytes_per_layer():

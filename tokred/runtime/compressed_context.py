@@ -11,7 +11,9 @@ cache, feeds the question one token at a time at positions N, N+1, ... (N: the c
 not the compressed cache's), then decodes greedily. One token per step is what keeps this right for
 any cut: layers may hold different counts (PyramidKV), and a multi-token chunk would need a mask
 that each layer's shorter cache does not match. Steps run on the eager model under the compiled one
-(``step_model``), so no decode graph is compiled.
+(``step_model``), so no decode graph is compiled; except where the cut left padding slots (the
+zero keys of ``heads="adaptive"``): then the steps run through the compiled forward, whose decode
+graphs mask them.
 """
 
 from __future__ import annotations
@@ -37,12 +39,15 @@ class CompressedContext:
     def __init__(self, model: torch.nn.Module, context_ids: torch.Tensor, step_model: Optional[torch.nn.Module] = None):
         if context_ids.dim() != 2:
             raise ValueError(f"CompressedContext: context_ids must be [batch, tokens], got shape {tuple(context_ids.shape)}")
-        self.step_model = step_model if step_model is not None else _eager(model)
         with torch.no_grad():
             out = model(input_ids=context_ids, use_cache=True)
         self.cache = returned_cache(out)
         if self.cache is None:
             raise ValueError("CompressedContext: the model returned no KV cache for use_cache=True (not a decoder?)")
+        self.padded = any(bool((layer.keys == 0).all(-1).any()) for layer in self.cache.layers)
+        if step_model is None:
+            step_model = model if self.padded else _eager(model)
+        self.step_model = step_model
         self.length = context_ids.shape[1]
         self.last_logits = out.logits[:, -1]
         self.cache_entries = [layer.keys.shape[-2] for layer in self.cache.layers]
