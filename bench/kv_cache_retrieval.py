@@ -21,10 +21,14 @@ Two settings:
 
 The prefill runs through ``torch.compile(model, backend=tokred.backend(inner="eager", kv_cache=...))``
 (the pass's graph as it is; the inner compiler does not change which entries are kept beyond float
-noise), inside ``tokred.CompressedContext``, whose answers decode on the eager model. ``kept`` is
-measured on that cache: the entries all layers hold after the prefill over the dense count. The control row (snapkv,
-keep=1.0, question setting) must equal dense. ``snapkv-shared``: SnapKV's scores averaged over
-each layer's KV heads, one choice per layer (``heads="shared"``). Writes bench/results/kv_cache_retrieval.md and .png.
+noise), inside ``tokred.CompressedContext``, whose answers decode on the eager model (on the compiled
+one for adaptive heads, whose decode graphs mask the padding). ``kept`` is measured on that cache:
+the real entries all layers hold after the prefill over the dense count; ``stored``: the slots
+they take (padding included). The control row (snapkv, keep=1.0, question setting) must equal
+dense. ``snapkv-shared``: SnapKV's scores averaged over each layer's KV heads, one choice per layer
+(``heads="shared"``); ``-adaptive``: AdaKV's budgets (``heads="adaptive"``, a layer's budget shared
+across its heads by score, stored at 2x the per-head budget). Writes
+bench/results/kv_cache_retrieval.md and .png.
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ from tokred.tools.offline import load_causal_lm, wiki_token_ids  # noqa: E402
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 METHODS = ["snapkv", "tova", "h2o", "knorm", "streaming", "random"]
 # configurations beyond a method's defaults: name -> extra kv_cache options
-VARIANTS = {"snapkv-shared": {"method": "snapkv", "heads": "shared"}}
+VARIANTS = {"snapkv-shared": {"method": "snapkv", "heads": "shared"},
+            "snapkv-adaptive": {"method": "snapkv", "heads": "adaptive"},
+            "h2o-adaptive": {"method": "h2o", "heads": "adaptive"}}
 INSTRUCTION = ("There is a secret passkey hidden inside a lot of irrelevant text. Find it and memorize it. "
                "I will quiz you about the passkey.\n\n")
 NEEDLE = " The secret passkey is {key}. Remember it. {key} is the secret passkey. "
@@ -91,7 +97,7 @@ def run_config(model, tokenizer, prompts: list, options, setting: str, batch: in
         forward = model
     else:
         forward = torch.compile(model, backend=tokred.backend(inner="eager", kv_cache=options), dynamic=False)
-    hits, kept, dense = [], 0, 0
+    hits, kept, stored, dense = [], 0, 0, 0
     for i in range(0, len(prompts), batch):
         group = prompts[i:i + batch]
         context = torch.tensor([p["context"] for p in group])
@@ -101,13 +107,16 @@ def run_config(model, tokenizer, prompts: list, options, setting: str, batch: in
         else:                      # the context alone compressed, the question read from its cache
             compressed = tokred.CompressedContext(forward, context)
         answer = compressed.answer(question[:, :0] if setting == "question" else question, ANSWER_TOKENS)
-        kept += sum(compressed.cache_entries)
+        for layer in compressed.cache.layers:  # [B, Hkv, M, D]: real entries are the nonzero keys
+            heads = layer.keys.shape[0] * layer.keys.shape[1]
+            kept += int((layer.keys != 0).any(-1).sum()) / heads
+            stored += layer.keys.shape[2]
         dense += compressed.length * len(compressed.cache_entries)
         for p, ids in zip(group, answer.tolist()):
             hits.append(p["key"] in tokenizer.decode(ids))
         bar.update(len(group))
     torch._dynamo.reset()  # a bench script, not the library: each configuration compiles afresh
-    return {"hits": sum(hits), "per_prompt": hits, "kept": kept / dense}
+    return {"hits": sum(hits), "per_prompt": hits, "kept": kept / dense, "stored": stored / dense}
 
 
 # ----------------------------------------------------------------------------- output
@@ -148,17 +157,20 @@ def table(results: dict, args, seconds: float, load: tuple) -> str:
              f"{load[1]})\n",
              f"{p} prompts of {args.length} tokens (Wikipedia haystack, a five-digit passkey at depths 0 to 1, "
              f"question last); retrieved: the key in the {ANSWER_TOKENS} greedy tokens. `kept`: KV entries all "
-             f"layers hold after the prefill / dense. `question`: the question is inside the compressed prefill; "
+             f"layers hold after the prefill / dense; `stored`: the slots they take, padding included (adaptive "
+             f"heads). `question`: the question is inside the compressed prefill; "
              f"`context`: the context alone is compressed, the question fed afterwards on the compressed cache.\n"]
-    header = "| method | keep | " + " | ".join(f"{s}: retrieved | kept" for s in args.settings) + " |"
-    lines += [header, "|" + "---|" * (2 + 2 * len(args.settings))]
+    header = "| method | keep | " + " | ".join(f"{s}: retrieved" for s in args.settings) + " | kept | stored |"
+    lines += [header, "|" + "---|" * (4 + len(args.settings))]
     rows = [("dense", 1.0), ("control: snapkv", 1.0)] + [(m, k) for k in args.keep for m in args.methods]
     for method, keep in rows:
         name = "snapkv" if method.startswith("control") else method
-        cells = []
+        cells, size = [], None
         for s in args.settings:
             r = results.get((s, name if method != "dense" else "dense", keep))
-            cells += [f"{r['hits']}/{p}", f"{r['kept']:.3f}"] if r else ["", ""]
+            cells.append(f"{r['hits']}/{p}" if r else "")
+            size = size or r
+        cells += [f"{size['kept']:.3f}", f"{size['stored']:.3f}"] if size else ["", ""]
         lines.append(f"| {method} | {keep} | " + " | ".join(cells) + " |")
     lines.append("")
     if "question" in args.settings:
@@ -199,8 +211,9 @@ def main() -> None:
                 bar.set_description(f"{setting} {method} {keep}")
                 results[setting, method, keep] = run_config(model, tokenizer, prompts, options, setting,
                                                             args.batch, bar)
-                tqdm.write(f"{setting:8s} {method:9s} keep={keep}: {results[setting, method, keep]['hits']}"
-                           f"/{len(prompts)}, kept {results[setting, method, keep]['kept']:.3f}")
+                r = results[setting, method, keep]
+                tqdm.write(f"{setting:8s} {method:15s} keep={keep}: {r['hits']}/{len(prompts)}, kept {r['kept']:.3f}, "
+                           f"stored {r['stored']:.3f}")
     load.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load")[-1])
     write_results(table(results, args, time.time() - started, tuple(load)), args.out + ".md")
     plot(results, args, args.out + ".png")

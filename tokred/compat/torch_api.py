@@ -113,6 +113,8 @@ assert_async = torch._assert_async
 OP_TYPES = (torch._ops.OpOverload, torch._ops.OpOverloadPacket)
 allow_in_graph = torch._dynamo.allow_in_graph
 mark_dynamic = torch._dynamo.mark_dynamic
+# a dimension Dynamo compiles as symbolic where it can (no error where a graph specializes it)
+maybe_mark_dynamic = torch._dynamo.maybe_mark_dynamic
 
 
 def detect_fake_mode(inputs) -> Optional[FakeTensorMode]:

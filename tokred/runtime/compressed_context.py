@@ -13,7 +13,9 @@ any cut: layers may hold different counts (PyramidKV), and a multi-token chunk w
 that each layer's shorter cache does not match. Steps run on the eager model under the compiled one
 (``step_model``), so no decode graph is compiled; except where the cut left padding slots (the
 zero keys of ``heads="adaptive"``): then the steps run through the compiled forward, whose decode
-graphs mask them.
+graphs mask them, with the cache's length marked dynamic so that one decode graph serves every
+step (each length compiled apart would reach Dynamo's recompile limit, and its eager fallback
+would not mask the padding).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from tokred.compat.torch_api import maybe_mark_dynamic
 from tokred.compat.transformers_api import cache_argument, returned_cache
 
 
@@ -54,6 +57,10 @@ class CompressedContext:
 
     def _step(self, cache: Any, token: torch.Tensor, position: int) -> torch.Tensor:
         """One token [B, 1] at ``position`` on ``cache`` -> its next-token logits [B, V]."""
+        if self.padded:  # each step's tensors (the copy's, then the graph's): marking writes to them
+            for layer in cache.layers:
+                maybe_mark_dynamic(layer.keys, 2)
+                maybe_mark_dynamic(layer.values, 2)
         out = self.step_model(input_ids=token, position_ids=torch.full_like(token, position), use_cache=True,
                               **cache_argument(self.step_model, cache))
         return out.logits[:, -1]
