@@ -17,9 +17,9 @@ from tokred.compat.transformers_api import returned_cache
 DEFAULTS = {"snapkv": (0, "window"), "h2o": (0, "window"), "tova": (0, 1), "streaming": (4, 0)}
 
 
-def queries_by_layer(model, input_ids: torch.Tensor):
-    """Run ``model`` densely with a cache; -> (output, [q [B, H, N, D] per layer, rotary applied],
-    [scale per layer])."""
+def queries_by_layer(model, input_ids: torch.Tensor, **inputs):
+    """Run ``model`` densely with a cache (``inputs``: more keyword inputs, e.g. a cache to extend);
+    -> (output, [q [B, H, N, D] per layer, rotary applied], [scale per layer])."""
     records = []
 
     def hook(module, args, kwargs):
@@ -36,7 +36,7 @@ def queries_by_layer(model, input_ids: torch.Tensor):
     handles = [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
     try:
         with torch.no_grad():
-            out = model(input_ids=input_ids, use_cache=True)
+            out = model(input_ids=input_ids, use_cache=True, **inputs)
     finally:
         for h in handles:
             h.remove()
@@ -44,12 +44,13 @@ def queries_by_layer(model, input_ids: torch.Tensor):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """The full causal attention map [B, H, N, N] of one layer (keys repeated per query head)."""
+    """The causal attention map [B, H, R, N] of one layer's last R queries (R = N in a prefill)
+    over its N keys (repeated per query head)."""
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
-    n = k.shape[2]
+    r, n = q.shape[2], k.shape[2]
     logits = (q.double() @ k.double().transpose(-1, -2)) * scale
-    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    upper = torch.ones(r, n, dtype=torch.bool).triu(n - r + 1)
     return logits.masked_fill(upper, float("-inf")).softmax(-1)
 
 
@@ -66,8 +67,9 @@ def method_scores(method: str, q, k, scale, window: int, pool: int, layer: int, 
     b, hkv, n, _ = k.shape
     if method in ("snapkv", "tova", "h2o"):
         attn = causal_attention(q, k, scale)
-        rows = {"snapkv": min(window, n), "tova": 1, "h2o": n}[method]
-        scores = per_kv_head(attn[:, :, n - rows:].sum(2), hkv)
+        r = q.shape[2]
+        rows = {"snapkv": min(window, r), "tova": 1, "h2o": r}[method]
+        scores = per_kv_head(attn[:, :, r - rows:].sum(2), hkv)
     elif method == "knorm":
         scores = -torch.linalg.vector_norm(k.double(), dim=-1)
     elif method == "streaming":
@@ -259,3 +261,57 @@ def _cache_keyword(model) -> str:
     from tokred.compat.transformers_api import cache_keyword
 
     return cache_keyword(model)
+
+
+def answer_within_budget(model, layers: list, context: torch.Tensor, question: torch.Tensor, steps: int,
+                         every: int, most: int, chunk: int, method: str, window: int = 32, pool=None, sinks=None,
+                         protect_last=None, seed: int = 0, heads=None) -> tuple:
+    """Greedy answer to ``question`` from a cache holding ``layers`` (the context's cut), the cache
+    kept under ``most`` entries: whenever it holds most + every, its last ``chunk`` entries are
+    dropped, the last ``chunk`` tokens fed are run again over it (eagerly, queries recorded), and
+    the method's scores of that chunk's queries choose the ``most`` entries each head keeps.
+    -> (tokens [B, steps], cuts made)."""
+    from transformers import DynamicCache
+
+    pool = pool if pool is not None else (5 if method == "snapkv" else 1)
+    default_sinks, default_last = DEFAULTS.get(method, (0, 0))
+    sinks = default_sinks if sinks is None else sinks
+    protect_last = (window if default_last == "window" else default_last) if protect_last is None else protect_last
+    shared = (heads or ("shared" if method == "tova" else "uniform")) == "shared"
+    cache = DynamicCache(config=model.config)
+    for i, (k, v) in enumerate(layers):
+        cache.update(k.clone(), v.clone(), i)
+    fed, n, cuts, tokens = [context], context.shape[1], 0, []
+
+    def step(ids):
+        nonlocal n, cuts
+        out = model(input_ids=ids, position_ids=torch.full_like(ids, n), use_cache=True,
+                    **{_cache_keyword(model): cache})
+        n += 1
+        fed.append(ids)
+        if cache.layers[0].keys.shape[2] >= most + every:
+            again = torch.cat(fed, 1)[:, -chunk:]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, :-chunk], layer.values[:, :, :-chunk]
+            positions = torch.arange(n - chunk, n).expand_as(again)
+            _, queries, scales = queries_by_layer(model, again, position_ids=positions,
+                                                  **{_cache_keyword(model): cache})
+            for index, (layer, q, scale) in enumerate(zip(cache.layers, queries, scales)):
+                k, v = layer.keys, layer.values
+                scores = method_scores(method, q, k, scale, window, pool, index, seed, shared)
+                kept = kept_positions(scores, most, min(sinks, k.shape[2]), min(protect_last, k.shape[2]))
+                gather = kept.unsqueeze(-1)
+                layer.keys = k.gather(2, gather.expand(-1, -1, -1, k.shape[-1]))
+                layer.values = v.gather(2, gather.expand(-1, -1, -1, v.shape[-1]))
+            cuts += 1
+        return out.logits[:, -1:]
+
+    with torch.no_grad():
+        for i in range(question.shape[1]):
+            logits = step(question[:, i:i + 1])
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            tokens.append(token)
+            if len(tokens) < steps:
+                logits = step(token)
+    return torch.cat(tokens, 1), cuts

@@ -311,6 +311,41 @@ def test_adaptive_heads_compressed_context_masks_the_padding(fresh_dynamo):
     assert torch.equal(compressed.answer(question, max_new_tokens=STEPS), want)
 
 
+@pytest.mark.parametrize("method, chunk", [("snapkv", WINDOW), ("tova", 2), ("knorm", 2)])
+def test_decode_budget_equals_reference(fresh_dynamo, method, chunk):
+    """kv_cache.decode: while answering, the cache (12 entries after the prefill's cut) grows to
+    max + every = 14 and is cut back to max = 10 by the scores of the last ``chunk`` tokens, fed
+    again over the cropped cache; every cut as the reference makes it, the chunk's graph compiled
+    once for all of them."""
+    m = model("hf_llama_cache_sdpa")
+    context, question = prompt(), prompt(3).flip(1)
+    options = method_options(method, decode={"every": 4, "max": 10})
+    be = tokred.backend(inner="aot_eager", kv_cache=options)
+    compressed = tokred.CompressedContext(torch.compile(m, backend=be), context)
+    got = compressed.answer(question, max_new_tokens=12)
+    prefill = {k: v for k, v in options.items() if k != "decode"}
+    _, layers = kv_reference.compress(m, context, **prefill)
+    scoring = {k: v for k, v in prefill.items() if k != "keep"}
+    want, cuts = kv_reference.answer_within_budget(m, layers, context, question, 12, 4, 10, chunk, **scoring)
+    assert torch.equal(got, want)
+    assert compressed.decode_cuts == cuts >= 3
+    assert sum("kv_cache decode" in " ".join(r.notes) for r in be.reports) == 1
+
+
+def test_decode_budget_cuts_nothing_below_it(fresh_dynamo):
+    """A budget the answer never reaches: the answer is the one without it."""
+    m = model("hf_llama_cache_sdpa")
+    context, question = prompt(), prompt(3)
+    answers = []
+    for decode in ({"every": 8, "max": 32}, None):
+        options = method_options("snapkv", **({"decode": decode} if decode else {}))
+        compressed = tokred.CompressedContext(torch.compile(m, backend=tokred.backend(inner="aot_eager",
+                                                                                      kv_cache=options)), context)
+        answers.append(compressed.answer(question, max_new_tokens=STEPS))
+        assert compressed.decode_cuts == 0
+    assert torch.equal(*answers)
+
+
 # ----------------------------------------------------------------------------- report and reasons
 
 def test_report_says_tokens_and_bytes_per_layer():
@@ -381,7 +416,9 @@ def test_option_defaults_per_method():
     ({"head_max": 2.0}, "kv_cache.head_max"), ({"heads": "adaptive", "head_max": 0.5}, "kv_cache.head_max"),
     ({"heads": "adaptive", "merge": True}, "kv_cache.merge"),
     ({"merge": 1}, "kv_cache.merge"), ({"sinks": -1}, "kv_cache.sinks"),
-    ({"decode": {"every": 64}}, "kv_cache.decode"), ("snapkv", "kv_cache"),
+    ({"decode": {"every": 64}}, "kv_cache.decode"), ({"decode": {"every": 64, "max": 8}}, "kv_cache.decode.max"),
+    ({"method": "knorm", "decode": {"every": 1, "max": 8}}, "kv_cache.decode.every"),
+    ({"decode": {"every": 64, "max": 512}, "layers": "pyramid"}, "kv_cache.decode"), ("snapkv", "kv_cache"),
 ])
 def test_bad_options_are_refused_by_name(value, named):
     with pytest.raises(ValueError, match=named.replace(".", r"\.")):

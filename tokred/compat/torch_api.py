@@ -115,6 +115,25 @@ allow_in_graph = torch._dynamo.allow_in_graph
 mark_dynamic = torch._dynamo.mark_dynamic
 # a dimension Dynamo compiles as symbolic where it can (no error where a graph specializes it)
 maybe_mark_dynamic = torch._dynamo.maybe_mark_dynamic
+mark_static = torch._dynamo.mark_static
+
+
+def compile_backend(model: Any) -> tuple:
+    """(backend, kwargs) a ``torch.compile``'d module was compiled with: the backend object or
+    function as given (behind Dynamo's wrappers) and the ``options`` torch.compile passed it
+    ({"options": {...}} or {}); (None, {}) for a module that is not compiled."""
+    current = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
+    kwargs: dict = {}
+    for _ in range(16):
+        if current is None:
+            return None, {}
+        if not kwargs and isinstance(getattr(current, "kwargs", None), dict):
+            kwargs = current.kwargs
+        inner = getattr(current, "_torchdynamo_orig_backend", None) or getattr(current, "compiler_fn", None)
+        if inner is None:
+            return current, kwargs
+        current = inner
+    return None, {}
 
 
 def detect_fake_mode(inputs) -> Optional[FakeTensorMode]:

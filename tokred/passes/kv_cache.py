@@ -36,146 +36,29 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import fx
 
 from tokred.passes import kv_scores
+from tokred.passes.kv_options import (  # noqa: F401  (KVCacheOptions, layer_budgets: the pass's API)
+    ADAPTIVE_FLOOR,
+    ATTENTION_METHODS,
+    KVCacheOptions,
+    layer_budgets,
+)
 from tokred.passes.prune_graph import getitem
 from tokred.rewriter.analysis.graph import arg, example_value, is_call, shape_of
-from tokred.rewriter.analysis.masks import site_masks
+from tokred.rewriter.analysis.masks import reads_padding, site_masks
 from tokred.rewriter.driver import GraphPass, Keep, Skip
 from tokred.rewriter.surgery import output_positions
 
 NAME = "kv_cache"
-METHODS = ("snapkv", "tova", "h2o", "knorm", "streaming", "random")
-ATTENTION_METHODS = ("snapkv", "tova", "h2o")
-POOLED_METHODS = ("snapkv", "h2o")
-LAYER_BUDGETS = ("uniform", "pyramid")
-KNOWN = ("method", "keep", "window", "pool", "sinks", "protect_last", "layers", "heads", "head_max", "merge",
-         "seed")
 # how far a cached key or value may be from the node the attention reads (repeat_kv's
 # reshape(expand(x[:, :, None])) is three ops)
-HEAD_BUDGETS = ("uniform", "shared", "adaptive")
-# AdaKV: every head keeps at least this fraction of the layer's per-head budget (its safeguard)
-ADAPTIVE_FLOOR = 0.2
 LAYOUT_OPS = ("reshape", "view", "expand", "unsqueeze", "contiguous", "repeat_interleave", "clone")
 LAYOUT_DEPTH = 6
-PYRAMID_SPREAD = 0.5  # layer 0 gets (1 + spread) x the uniform budget, the last layer (1 - spread) x
-
-
-def _error(key: str, message: str) -> ValueError:
-    return ValueError(f"tokred option 'kv_cache.{key}' {message}")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _count(key: str, value, low: int = 0) -> int:
-    if not _is_int(value) or value < low:
-        raise _error(key, f"must be an int >= {low}, got {value!r}")
-    return value
-
-
-@dataclass(frozen=True)
-class KVCacheOptions:
-    """method: how cache entries are scored (METHODS); keep: the fraction of the prompt's tokens
-    each layer keeps, or a count; window: snapkv's observation window (and h2o's recent tokens);
-    pool: an odd window the attention scores are averaged over; sinks / protect_last: leading /
-    trailing tokens always kept (None: the method's default); layers: "uniform" or "pyramid"
-    budgets; heads: "uniform" (every KV head keeps as many, by its own scores), "shared" (the same
-    positions in every head, by the scores averaged over the layer's heads; TOVA's default) or
-    "adaptive" (AdaKV: the layer's budget shared across its heads by score); head_max: with
-    "adaptive", the most one head keeps as a multiple of the per-head budget (the cache's stored
-    length); merge: evicted entries are merged into kept ones; seed: method "random"'s."""
-
-    method: str = "snapkv"
-    keep: Any = 0.5
-    window: int = 32
-    pool: int = 1
-    sinks: int = 0
-    protect_last: int = 0
-    layers: str = "uniform"
-    heads: str = "uniform"
-    head_max: float = 2.0
-    merge: bool = False
-    seed: int = 0
-
-    @classmethod
-    def parse(cls, value: Any) -> "KVCacheOptions":
-        if isinstance(value, float):
-            value = {"keep": value}
-        if not isinstance(value, dict):
-            raise ValueError(f"tokred option 'kv_cache' must be a dict like {{'method': 'snapkv', 'keep': 0.5}}, "
-                             f"got {value!r}")
-        for key in value:
-            if key not in KNOWN:
-                raise ValueError(f"unknown tokred option 'kv_cache.{key}'; known: {', '.join(KNOWN)}")
-        method = value.get("method", "snapkv")
-        if method not in METHODS:
-            raise _error("method", f"must be one of {METHODS}, got {method!r}")
-        keep = value.get("keep", 0.5)
-        if _is_int(keep):
-            _count("keep", keep, 1)
-        elif not (isinstance(keep, float) and 0.0 < keep <= 1.0):
-            raise _error("keep", f"must be a fraction in (0, 1] or a count >= 1, got {keep!r}")
-        window = _count("window", value.get("window", 32), 1)
-        pool = value.get("pool", 5 if method == "snapkv" else 1)
-        if not _is_int(pool) or pool < 1 or pool % 2 == 0:
-            raise _error("pool", f"must be an odd window of positions >= 1 (1: no pooling), got {pool!r}")
-        if pool > 1 and method not in POOLED_METHODS:
-            raise _error("pool", f"applies to the methods {POOLED_METHODS} only, not {method!r}")
-        if "window" in value and method not in POOLED_METHODS:
-            raise _error("window", f"applies to the methods {POOLED_METHODS} only, not {method!r}")
-        defaults = {"snapkv": (0, window), "h2o": (0, window), "tova": (0, 1), "streaming": (4, 0)}
-        sinks, protect_last = defaults.get(method, (0, 0))
-        sinks = _count("sinks", value.get("sinks", sinks))
-        protect_last = _count("protect_last", value.get("protect_last", protect_last))
-        layers = value.get("layers", "uniform")
-        if layers not in LAYER_BUDGETS:
-            raise _error("layers", f"must be one of {LAYER_BUDGETS}, got {layers!r}")
-        heads = value.get("heads", "shared" if method == "tova" else "uniform")
-        if heads not in HEAD_BUDGETS:
-            raise _error("heads", f"must be 'uniform' (each KV head keeps as many entries, chosen by its own "
-                         f"scores), 'shared' (one choice per layer, by the scores averaged over its heads) or "
-                         f"'adaptive' (AdaKV: a layer's budget shared across its heads by score); got {heads!r}")
-        if heads == "adaptive" and method == "streaming":
-            raise _error("heads", "'adaptive' shares a layer's budget by score, and streaming's scores are the "
-                         "positions, alike in every head: use 'uniform'")
-        head_max = value.get("head_max", 2.0)
-        if "head_max" in value and heads != "adaptive":
-            raise _error("head_max", f"applies to heads='adaptive' only, not {heads!r}")
-        if isinstance(head_max, bool) or not isinstance(head_max, (int, float)) or head_max < 1:
-            raise _error("head_max", f"must be a number >= 1 (the most one head keeps, as a multiple of the "
-                         f"layer's per-head budget), got {head_max!r}")
-        merge = value.get("merge", False)
-        if not isinstance(merge, bool):
-            raise _error("merge", f"must be True or False, got {merge!r}")
-        if merge and heads == "adaptive":
-            raise _error("merge", "with heads='adaptive' is not implemented: merging needs every head's kept "
-                         "entries to be real, and adaptive heads hold padding slots")
-        seed = value.get("seed", 0)
-        if not _is_int(seed):
-            raise _error("seed", f"must be an int, got {seed!r}")
-        return cls(method=method, keep=keep, window=window, pool=pool, sinks=sinks, protect_last=protect_last,
-                   layers=layers, heads=heads, head_max=float(head_max), merge=merge, seed=seed)
-
-
-def layer_budgets(keep, n: int, layers: int, schedule: str, always: int) -> list:
-    """Entries each of ``layers`` layers keeps of ``n``: ``keep`` (a fraction rounds, a count is
-    capped at n) in every layer, or PyramidKV's linear schedule from (1 + PYRAMID_SPREAD) x to
-    (1 - PYRAMID_SPREAD) x that budget (the total the same up to rounding); never fewer than the
-    ``always`` kept entries where the schedule (not ``keep`` itself) goes below them, never more
-    than n. A ``keep`` below ``always`` is returned as it is: the pass refuses it with the reason."""
-    base = max(1, min(n, int(round(keep * n)))) if isinstance(keep, float) else min(keep, n)
-    if schedule == "uniform" or layers == 1:
-        shares = [1.0] * layers
-    else:
-        shares = [1.0 + PYRAMID_SPREAD - 2 * PYRAMID_SPREAD * i / (layers - 1) for i in range(layers)]
-    floor = min(always, n) if base >= min(always, n) else 0
-    return [max(floor, min(n, int(round(base * s)))) for s in shares]
 
 
 @dataclass(frozen=True)
@@ -196,6 +79,7 @@ class KVPlan:
     bytes_after: int
     stored: int
     floor: int = 0
+    decode: bool = False  # a cut during decode (the runtime's re-fed chunk), not the prefill's
 
 
 @dataclass(frozen=True)
@@ -294,7 +178,7 @@ class KVCache(GraphPass):
             elif isinstance(site.k, fx.Node) and sliding_window_cache(site.k, outputs) is not None:
                 self.sliding[id(site)] = sliding_window_cache(site.k, outputs)
         sites = [s for s in self.facts.attention_sites if id(s) in self.caches]
-        if sites and all(self._decode_step(s) for s in sites) and self.opts.heads != "adaptive":
+        if sites and all(self._decode_step(s) and not self._chunk(s) for s in sites) and self.opts.heads != "adaptive":
             return "a decode step (new tokens over a cache): the cache was compressed in the prefill"
         return ""
 
@@ -302,8 +186,14 @@ class KVCache(GraphPass):
         q = shape_of(site.q)
         return q is not None and len(q) == 4 and q[2] != self._length(site)
 
+    def _chunk(self, site) -> bool:
+        """A forward of several tokens over a cache, with ``decode`` set: the runtime's re-fed chunk."""
+        q = shape_of(site.q)
+        return self.opts.decode is not None and self._decode_step(site) and isinstance(q[2], int) and q[2] > 1
+
     def match(self) -> list:
-        prefill = [s for s in self.facts.attention_sites if id(s) in self.caches and not self._decode_step(s)]
+        prefill = [s for s in self.facts.attention_sites
+                   if id(s) in self.caches and (not self._decode_step(s) or self._chunk(s))]
         opts = self.opts
         always = opts.sinks + opts.protect_last
         n = max((self._length(s) for s in prefill), default=0)
@@ -311,7 +201,7 @@ class KVCache(GraphPass):
         self.budgets = dict(zip(self.prefill, layer_budgets(opts.keep, n, len(prefill), opts.layers, always)))
         self.changed_outputs = set()
         self.bytes = [0, 0]
-        self.padding_masks = 0
+        self.padding_masks = self.decode_cuts = 0
         return list(self.facts.attention_sites)
 
     def _length(self, site) -> Optional[int]:
@@ -333,18 +223,22 @@ class KVCache(GraphPass):
         if q is None or values is None or n is None or not all(isinstance(s, int) for s in (*q, *keys, *values)):
             return Skip("the token count is dynamic (a symbolic shape): compile with static shapes "
                         "(dynamic=False) to compress the cache")
-        if q[2] != n:
+        chunk = self._chunk(site)
+        if q[2] != n and not chunk:
             return Keep(f"a decode step ({q[2]} new over {n} cached): the cache was compressed in the prefill")
-        if site_masks(site):
+        if chunk and n <= opts.decode.max:
+            return Keep(f"{q[2]} tokens over a cache of {n - q[2]}: within decode.max={opts.decode.max}")
+        masks = site_masks(site)
+        if masks and (not chunk or any(reads_padding(m) for _, m in masks)):
             return Skip("the layer reads an attention mask (a padded batch, or eager attention): a decode "
                         "step's mask would cover all N + t keys, not the compressed cache; use "
                         "attn_implementation='sdpa' and unpadded prompts")
-        if not site.causal:
+        if not site.causal and not chunk:  # a chunk's causality is its mask's (built from positions)
             return Skip("bidirectional attention: a KV cache is a decoder's")
         if opts.method in ATTENTION_METHODS and site.logit_ops:
             return Skip(f"{opts.method} recomputes plain scaled attention; this layer's logits also go through "
                         f"other ops")
-        kept = self.budgets[id(site)]
+        kept = opts.decode.max if chunk else self.budgets[id(site)]
         always = opts.sinks + opts.protect_last
         if kept < min(always, n):
             return Skip(f"keep={opts.keep} leaves {kept} entries, fewer than the {always} always kept "
@@ -358,7 +252,8 @@ class KVCache(GraphPass):
             floor = min(kept, max(min(always, n), int(round(ADAPTIVE_FLOOR * kept))))
         return KVPlan(layer=self.prefill.index(id(site)), method=opts.method, n=n, kept=kept,
                       sinks=min(opts.sinks, n), protect_last=min(opts.protect_last, n), kv_heads=keys[1],
-                      bytes_before=before, bytes_after=before * stored // n, stored=stored, floor=floor)
+                      bytes_before=before, bytes_after=before * stored // n, stored=stored, floor=floor,
+                      decode=chunk)
 
     def _padding_plan(self, site):
         """The decode-step half of heads="adaptive": SDPA learns which cache slots are padding."""
@@ -395,9 +290,15 @@ class KVCache(GraphPass):
             node.replace_all_uses_with(new, delete_user_cb=lambda user: user.op == "output")
         self.changed_outputs |= {keys, values}
         self.cache_outputs = output_positions(graph, self.changed_outputs)
-        self.bytes[0] += plan.bytes_before
-        self.bytes[1] += plan.bytes_after
+        if not plan.decode:
+            self.bytes[0] += plan.bytes_before
+            self.bytes[1] += plan.bytes_after
         merged = ", merged" if opts.merge else ""
+        if plan.decode:
+            self.decode_cuts += 1
+            return (f"kv_cache {plan.method} decode: layer {_layer(site, plan)}'s cache cut from {plan.n} to "
+                    f"{plan.kept} entries x {plan.kv_heads} KV heads (decode.max), scored by the last "
+                    f"{shape_of(site.q)[2]} tokens")
         if opts.heads == "adaptive":
             return (f"kv_cache {plan.method} keep={opts.keep}, adaptive heads: layer {_layer(site, plan)} caches "
                     f"{plan.kept * plan.kv_heads} of {plan.n * plan.kv_heads} entries over {plan.kv_heads} KV heads "
@@ -443,7 +344,10 @@ class KVCache(GraphPass):
         return scores
 
     def finish(self) -> None:
-        cut = len(self.rewritten) - self.padding_masks
+        cut = len(self.rewritten) - self.padding_masks - self.decode_cuts
+        if self.decode_cuts:
+            self.report.note(f"kv_cache decode: {self.decode_cuts} layers' caches cut back to decode.max="
+                             f"{self.opts.decode.max}")
         if self.padding_masks:
             self.report.note(f"kv_cache adaptive heads: {self.padding_masks} decode-step attentions block their "
                              f"cache's padding slots")

@@ -4,9 +4,10 @@ heads keep different counts (AdaKV), to attend past its padding. Plain torch ove
 tokred/passes/kv_cache.py inserts them beside each layer's attention, which stays as it was (SDPA
 included).
 
-Shapes: q [B, H, N, D] (the queries as the attention reads them, rotary applied), k [B, Hkv, N, D]
-and v [B, Hkv, N, Dv] (what the layer stores in its cache), H = g * Hkv (GQA groups of g query
-heads share one KV head). Every score is [B, Hkv, N]: higher is kept.
+Shapes: q [B, H, R, D] (the queries as the attention reads them, rotary applied: the last R of the
+N positions; R = N in a prefill, the re-fed chunk during decode), k [B, Hkv, N, D] and
+v [B, Hkv, N, Dv] (what the layer stores in its cache), H = g * Hkv (GQA groups of g query heads
+share one KV head). Every score is [B, Hkv, N]: higher is kept.
 """
 
 from __future__ import annotations
@@ -41,19 +42,19 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, window: int, scale: float
     """SnapKV's observation: the attention the last ``window`` queries pay each key, summed over
     those queries and averaged over each KV head's query heads. -> [B, Hkv, N]."""
     n = k.shape[2]
-    w = min(window, n)
-    probs = _row_probabilities(q[:, :, n - w:], k, n - w, scale)
+    w = min(window, q.shape[2])
+    probs = _row_probabilities(q[:, :, q.shape[2] - w:], k, n - w, scale)
     return probs.sum(dim=3).mean(dim=2)
 
 
 def accumulated_attention(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """H2O's heavy hitters: the attention every query pays each key, summed over all N queries
+    """H2O's heavy hitters: the attention every query pays each key, summed over all R queries
     (causal), computed ``ACCUMULATE_BLOCK`` queries at a time; averaged over each KV head's query
     heads. -> [B, Hkv, N]."""
-    n = k.shape[2]
+    n, rows = k.shape[2], q.shape[2]
     total = None
-    for start in range(0, n, ACCUMULATE_BLOCK):
-        part = _row_probabilities(q[:, :, start:start + ACCUMULATE_BLOCK], k, start, scale).sum(dim=3)
+    for start in range(0, rows, ACCUMULATE_BLOCK):
+        part = _row_probabilities(q[:, :, start:start + ACCUMULATE_BLOCK], k, n - rows + start, scale).sum(dim=3)
         total = part if total is None else total + part
     return total.mean(dim=2)
 

@@ -16,6 +16,12 @@ zero keys of ``heads="adaptive"``): then the steps run through the compiled forw
 graphs mask them, with the cache's length marked dynamic so that one decode graph serves every
 step (each length compiled apart would reach Dynamo's recompile limit, and its eager fallback
 would not mask the padding).
+
+With ``kv_cache={"decode": {"every": E, "max": M}}`` the cache is also kept under a budget while
+answering: once the layers hold M + E entries, the last ``chunk`` tokens fed are cropped from the
+cache and fed again as one forward through the compiled model, whose kv_cache pass scores the cache
+by that chunk's queries and cuts it back to M (their keys and values come back as they were: same
+tokens, same positions). The chunk's graph has one shape at every cut, so it compiles once.
 """
 
 from __future__ import annotations
@@ -25,13 +31,28 @@ from typing import Any, Optional
 
 import torch
 
-from tokred.compat.torch_api import maybe_mark_dynamic
-from tokred.compat.transformers_api import cache_argument, returned_cache
+from tokred.compat.torch_api import compile_backend, mark_static, maybe_mark_dynamic
+from tokred.compat.transformers_api import cache_argument, cache_layers, layer_states, returned_cache, set_layer_states
+from tokred.passes.kv_options import DecodeBudget, KVCacheOptions
 
 
 def _eager(model: torch.nn.Module) -> torch.nn.Module:
     """The module under a torch.compile wrapper (``_orig_mod``), or ``model`` itself."""
     return getattr(model, "_orig_mod", model)
+
+
+def decode_budget(model: torch.nn.Module) -> Optional[DecodeBudget]:
+    """The ``kv_cache.decode`` budget ``model`` was compiled with by tokred (None: none, or not
+    compiled by tokred): read from the backend object (``tokred.backend(...)``) or from the options
+    torch.compile passed to ``backend="tokred"``."""
+    backend, kwargs = compile_backend(model)
+    passes = getattr(getattr(backend, "options", None), "passes", None)
+    if passes is None:
+        passes = kwargs.get("options") or {}
+    value = passes.get("kv_cache") if hasattr(passes, "get") else None
+    if value is None:
+        return None
+    return (value if isinstance(value, KVCacheOptions) else KVCacheOptions.parse(value)).decode
 
 
 class CompressedContext:
@@ -47,13 +68,20 @@ class CompressedContext:
         self.cache = returned_cache(out)
         if self.cache is None:
             raise ValueError("CompressedContext: the model returned no KV cache for use_cache=True (not a decoder?)")
-        self.padded = any(bool((layer.keys == 0).all(-1).any()) for layer in self.cache.layers)
+        keys = [layer_states(layer)[0] for layer in cache_layers(self.cache)]
+        self.padded = any(bool((k == 0).all(-1).any()) for k in keys)
         if step_model is None:
             step_model = model if self.padded else _eager(model)
-        self.step_model = step_model
+        self.model, self.step_model, self.context_ids = model, step_model, context_ids
         self.length = context_ids.shape[1]
         self.last_logits = out.logits[:, -1]
-        self.cache_entries = [layer.keys.shape[-2] for layer in self.cache.layers]
+        self.cache_entries = [k.shape[-2] for k in keys]
+        self.budget = decode_budget(model)
+        if self.budget is not None and len(set(self.cache_entries)) > 1:
+            raise ValueError(f"CompressedContext: kv_cache.decode needs every layer's cache at one length (a re-fed "
+                             f"chunk's mask spans one key length), but the layers hold {self.cache_entries} entries "
+                             f"(sliding-window layers?)")
+        self.decode_cuts = 0
 
     def _step(self, cache: Any, token: torch.Tensor, position: int) -> torch.Tensor:
         """One token [B, 1] at ``position`` on ``cache`` -> its next-token logits [B, V]."""
@@ -74,10 +102,13 @@ class CompressedContext:
             raise ValueError(f"CompressedContext.answer: question_ids must be [{self.last_logits.shape[0]}, tokens], "
                              f"got shape {tuple(question_ids.shape)}")
         cache, logits, position = copy.deepcopy(self.cache), self.last_logits, self.length
+        fed = [self.context_ids]
         with torch.no_grad():
             for i in range(question_ids.shape[1]):
                 logits = self._step(cache, question_ids[:, i:i + 1], position)
                 position += 1
+                fed.append(question_ids[:, i:i + 1])
+                self._keep_in_budget(cache, fed, position)
             tokens = []
             done = torch.zeros(question_ids.shape[0], dtype=torch.bool, device=question_ids.device)
             for _ in range(max_new_tokens):
@@ -89,4 +120,31 @@ class CompressedContext:
                     break
                 logits = self._step(cache, token, position)
                 position += 1
+                fed.append(token)
+                self._keep_in_budget(cache, fed, position)
         return torch.cat(tokens, 1) if tokens else question_ids[:, :0]
+
+    def _keep_in_budget(self, cache: Any, fed: list, position: int) -> None:
+        """Cut ``cache`` back to ``budget.max`` once it holds ``max + every`` entries: the last
+        ``chunk`` fed tokens (``fed``: [B, *] pieces, all fed so far; ``position``: the next one's)
+        are cropped and fed again as one forward, whose graph cuts the cache."""
+        budget = self.budget
+        layers = cache_layers(cache)
+        if budget is None or layer_states(layers[0])[0].shape[-2] < budget.max + budget.every:
+            return
+        chunk = torch.cat(fed, 1)[:, -budget.chunk:].contiguous()  # one stride at every cut: no recompile
+        for layer in layers:
+            k, v = layer_states(layer)
+            set_layer_states(layer, k[:, :, :-budget.chunk], v[:, :, :-budget.chunk])
+            mark_static(layer_states(layer)[0], 2)  # the same shapes at every cut: one graph, compiled once
+            mark_static(layer_states(layer)[1], 2)
+        positions = torch.arange(position - budget.chunk, position, device=chunk.device).expand_as(chunk).contiguous()
+        mark_static(chunk, 1)
+        mark_static(positions, 1)
+        self.model(input_ids=chunk, position_ids=positions, use_cache=True, **cache_argument(self.model, cache))
+        lengths = {layer_states(layer)[0].shape[-2] for layer in cache_layers(cache)}
+        if lengths != {budget.max}:
+            raise RuntimeError(f"CompressedContext: the re-fed chunk's graph did not cut the cache to "
+                               f"kv_cache.decode.max={budget.max} (the layers hold {sorted(lengths)}); the tokred "
+                               f"report says why")
+        self.decode_cuts += 1
