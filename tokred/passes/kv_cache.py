@@ -27,8 +27,14 @@ Kept keys keep the rotary position they were computed at, and the model's genera
 positions N, N+1, ... to the decode steps, which attend to the shorter cache; sites that read an
 attention mask (a padded batch, eager attention) are skipped with the reason, because a decode
 step's mask covers all N + t keys. Sliding-window layers (Gemma3's local layers) return only their
-window's last entries: they are left as they are, with the reason. The report says, per layer, the KV tokens kept and the bytes
-saved.
+window's last entries: they are left as they are, with the reason. The report says, per layer, the
+KV tokens kept and the bytes saved.
+
+``heads="adaptive"`` (AdaKV) stores each layer at the most one head may keep, zero-padded; in the
+decode steps' graphs this pass then gives every SDPA call a mask that blocks the zero keys.
+``decode={"every", "max"}``: in a graph of several tokens over a cache (the chunk
+``tokred.CompressedContext`` feeds again once the cache holds max + every), the returned cache is
+cut to ``max`` entries, scored by that chunk's queries.
 """
 
 from __future__ import annotations
