@@ -330,6 +330,7 @@ def test_decode_budget_equals_reference(fresh_dynamo, method, chunk):
     assert torch.equal(got, want)
     assert compressed.decode_cuts == cuts >= 3
     assert sum("kv_cache decode" in " ".join(r.notes) for r in be.reports) == 1
+    assert any("model.generate decodes on the prefill's cut alone" in note for note in be.report.notes)
 
 
 def test_decode_budget_cuts_nothing_below_it(fresh_dynamo):

@@ -363,6 +363,10 @@ class KVCache(GraphPass):
         self.report.kv_cache_bytes = (self.report.kv_cache_bytes[0] + before, self.report.kv_cache_bytes[1] + after)
         self.report.note(f"kv_cache: {cut} layers' caches cut, {_mb(before)} -> {_mb(after)} "
                          f"after the prefill ({after / before:.2f}x)")
+        if self.opts.decode is not None:
+            self.report.note(f"kv_cache.decode (max {self.opts.decode.max}, every {self.opts.decode.every}) is kept "
+                             f"by tokred.CompressedContext, which feeds the chunks this forward cuts; model.generate "
+                             f"decodes on the prefill's cut alone")
 
 
 def _layer(site, plan: KVPlan) -> int:
