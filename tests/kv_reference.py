@@ -173,7 +173,7 @@ def compress(model, input_ids: torch.Tensor, method: str = "snapkv", keep=0.5, w
             continue
         n = k.shape[2]
         kept = budgets[layer] if budgets is not None else \
-            (max(1, min(n, round(keep * n))) if isinstance(keep, float) else min(keep, n))
+            (max(1, min(n, math.floor(keep * n + 0.5))) if isinstance(keep, float) else min(keep, n))
         shared = (heads or ("shared" if method == "tova" else "uniform")) == "shared"
         scores = method_scores(method, q, k, scale, window, pool, layer, seed, shared)
         if heads == "adaptive":

@@ -347,6 +347,73 @@ def test_decode_budget_cuts_nothing_below_it(fresh_dynamo):
     assert torch.equal(*answers)
 
 
+@pytest.mark.parametrize("method, more", [("snapkv", {}), ("h2o", {"merge": True}), ("tova", {"keep": 9})])
+def test_symbolic_token_count_compresses_every_prompt_length(fresh_dynamo, method, more):
+    """dynamic=True: one prefill graph for every prompt length, the kept count computed per call
+    (half up, or a count); each length's cache and decode steps are the reference's. (Not knorm
+    here: layer 0's keys of one token at two positions have the same norm, rotary being a rotation,
+    and the random prompts repeat tokens: a tie either order may break.)"""
+    m = model("hf_llama_cache_sdpa")
+    options = method_options(method, **more)
+    be = tokred.backend(inner="aot_eager", kv_cache=options)
+    fn = torch.compile(m, backend=be, dynamic=True)
+    for n in (N, 19):
+        ids = prompt(n)
+        with torch.no_grad():
+            out = fn(input_ids=ids, use_cache=True)
+            cache = returned_cache(out)
+            layers = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+            token, tokens = out.logits[:, -1:].argmax(-1), []
+            for step in range(STEPS):
+                tokens.append(token)
+                step_out = fn(input_ids=token, position_ids=torch.full_like(token, n + step), use_cache=True,
+                              **tokred.cache_argument(m, cache))
+                token = step_out.logits[:, -1:].argmax(-1)
+        want_logits, want_layers = kv_reference.compress(m, ids, **options)
+        want_tokens, _ = kv_reference.decode(m, want_layers, want_logits[:, -1:].argmax(-1), n, STEPS)
+        torch.testing.assert_close(out.logits, want_logits, atol=TOL, rtol=TOL)
+        for (k, v), (wk, wv) in zip(layers, want_layers):
+            torch.testing.assert_close(k, wk, atol=TOL, rtol=TOL)
+            torch.testing.assert_close(v, wv, atol=TOL, rtol=TOL)
+        assert torch.equal(torch.cat(tokens, 1), want_tokens)
+    assert [k.shape[2] for k, _ in layers] == [9 if "keep" in more else 10] * 2  # 19 tokens: 9.5 rounds up
+    assert any("of each call's tokens (a symbolic token count)" in note for note in be.report.notes)
+
+
+def test_generate_on_two_prompt_lengths_compresses_both(fresh_dynamo):
+    """model.generate on prompts of two lengths: Dynamo makes the second prefill's length symbolic
+    (automatic dynamic shapes), and that prefill is compressed too: both answers the reference's."""
+    options = method_options("snapkv")
+    m = model("hf_llama_cache_sdpa")
+    prompts = [prompt(N), prompt(19)]
+    wants = []
+    for ids in prompts:  # the reference first: it runs the eager forward
+        logits, layers = kv_reference.compress(m, ids, **options)
+        wants.append(kv_reference.decode(m, layers, logits[:, -1:].argmax(-1), ids.shape[1], STEPS)[0])
+    eager = m.forward
+    be = tokred.backend(inner="aot_eager", kv_cache=options)
+    m.forward = torch.compile(eager, backend=be)
+    try:
+        for ids, want in zip(prompts, wants):
+            with torch.no_grad():
+                got = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=STEPS, pad_token_id=0)
+            assert torch.equal(got[:, ids.shape[1]:], want)
+    finally:
+        m.forward = eager
+    assert any("a symbolic token count" in note for note in be.report.notes)
+
+
+def test_symbolic_token_count_refusals_say_why(fresh_dynamo):
+    m = model("hf_llama_cache_sdpa")
+    be = tokred.backend(inner="aot_eager", kv_cache=method_options("snapkv", layers="pyramid"))
+    with torch.no_grad():
+        torch.compile(m, backend=be, dynamic=True)(input_ids=prompt(), use_cache=True)
+    assert not be.report.changed
+    assert all("PyramidKV's per-layer budgets needs it at compile time" in s.reason
+               for s in be.report.attention_sites)
+
+
 # ----------------------------------------------------------------------------- report and reasons
 
 def test_report_says_tokens_and_bytes_per_layer():

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import fx
@@ -86,6 +86,8 @@ class KVPlan:
     stored: int
     floor: int = 0
     decode: bool = False  # a cut during decode (the runtime's re-fed chunk), not the prefill's
+    # a symbolic token count: n, kept and stored are None, and each call keeps kept_count(fraction, N)
+    fraction: Any = None
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,9 @@ class KVCache(GraphPass):
         always = opts.sinks + opts.protect_last
         n = max((self._length(s) for s in prefill), default=0)
         self.prefill = [id(s) for s in prefill]
-        self.budgets = dict(zip(self.prefill, layer_budgets(opts.keep, n, len(prefill), opts.layers, always)))
+        self.budgets = {}  # a symbolic token count: each call's count is computed in the graph
+        if isinstance(n, int):
+            self.budgets = dict(zip(self.prefill, layer_budgets(opts.keep, n, len(prefill), opts.layers, always)))
         self.changed_outputs = set()
         self.bytes = [0, 0]
         self.padding_masks = self.decode_cuts = 0
@@ -226,9 +230,9 @@ class KVCache(GraphPass):
         n = self._length(site)
         if opts.heads == "adaptive" and q is not None and n is not None and self._decode_step(site):
             return self._padding_plan(site)
-        if q is None or values is None or n is None or not all(isinstance(s, int) for s in (*q, *keys, *values)):
-            return Skip("the token count is dynamic (a symbolic shape): compile with static shapes "
-                        "(dynamic=False) to compress the cache")
+        if q is None or values is None or n is None:
+            return Skip("the layer's query or cache shapes are unknown (no shape metadata)")
+        symbolic = not all(isinstance(s, int) for s in (*q, *keys, *values))
         chunk = self._chunk(site)
         if q[2] != n and not chunk:
             return Keep(f"a decode step ({q[2]} new over {n} cached): the cache was compressed in the prefill")
@@ -244,6 +248,8 @@ class KVCache(GraphPass):
         if opts.method in ATTENTION_METHODS and site.logit_ops:
             return Skip(f"{opts.method} recomputes plain scaled attention; this layer's logits also go through "
                         f"other ops")
+        if symbolic:
+            return self._symbolic_plan(site, keys)
         kept = opts.decode.max if chunk else self.budgets[id(site)]
         always = opts.sinks + opts.protect_last
         if kept < min(always, n):
@@ -260,6 +266,22 @@ class KVCache(GraphPass):
                       sinks=min(opts.sinks, n), protect_last=min(opts.protect_last, n), kv_heads=keys[1],
                       bytes_before=before, bytes_after=before * stored // n, stored=stored, floor=floor,
                       decode=chunk)
+
+    def _symbolic_plan(self, site, keys: tuple):
+        """A prefill compiled for every token count (``dynamic=True``, or Dynamo's automatic dynamic
+        shapes after a second prompt length): the kept count is computed in the graph at each call."""
+        opts = self.opts
+        why = {"pyramid": opts.layers == "pyramid", "adaptive": opts.heads == "adaptive",
+               "random": opts.method == "random", "chunk": self._chunk(site) or not isinstance(keys[1], int)}
+        reasons = {"pyramid": "PyramidKV's per-layer budgets", "adaptive": "adaptive heads' stored length",
+                   "random": "the random baseline's seeded table", "chunk": "the decode budget's re-fed chunk"}
+        for key, refused in why.items():
+            if refused:
+                return Skip(f"the token count is dynamic (a symbolic shape), and {reasons[key]} needs it at "
+                            f"compile time: compile with dynamic=False to compress the cache")
+        return KVPlan(layer=self.prefill.index(id(site)), method=opts.method, n=None, kept=None, sinks=opts.sinks,
+                      protect_last=opts.protect_last, kv_heads=keys[1], bytes_before=0, bytes_after=0, stored=None,
+                      fraction=opts.keep)
 
     def _padding_plan(self, site):
         """The decode-step half of heads="adaptive": SDPA learns which cache slots are padding."""
@@ -285,11 +307,11 @@ class KVCache(GraphPass):
                 keys = graph.call_function(kv_scores.gather_valid, (cache.keys, index, valid))
                 values = graph.call_function(kv_scores.gather_valid, (cache.values, index, valid))
             elif opts.merge:
-                index = graph.call_function(kv_scores.select_kept, (scores, plan.kept, plan.sinks, plan.protect_last))
+                index = self._select(graph, scores, plan)
                 merged = graph.call_function(kv_scores.merge_evicted, (cache.keys, cache.values, index))
                 keys, values = (graph.call_function(getitem, (merged, i)) for i in range(2))
             else:
-                index = graph.call_function(kv_scores.select_kept, (scores, plan.kept, plan.sinks, plan.protect_last))
+                index = self._select(graph, scores, plan)
                 keys = graph.call_function(kv_scores.gather_kept, (cache.keys, index))
                 values = graph.call_function(kv_scores.gather_kept, (cache.values, index))
         for node, new in ((cache.keys, keys), (cache.values, values)):
@@ -300,6 +322,9 @@ class KVCache(GraphPass):
             self.bytes[0] += plan.bytes_before
             self.bytes[1] += plan.bytes_after
         merged = ", merged" if opts.merge else ""
+        if plan.fraction is not None:
+            return (f"kv_cache {plan.method} keep={opts.keep}{merged}: layer {_layer(site, plan)} caches keep={opts.keep} "
+                    f"of each call's tokens x {plan.kv_heads} KV heads (a symbolic token count: counted per call)")
         if plan.decode:
             self.decode_cuts += 1
             return (f"kv_cache {plan.method} decode: layer {_layer(site, plan)}'s cache cut from {plan.n} to "
@@ -325,6 +350,12 @@ class KVCache(GraphPass):
         self.padding_masks += 1
         layer = f"layer {plan.layer}" if plan.layer is not None else site.module
         return f"kv_cache adaptive heads: {layer}'s decode step blocks the cache's padding slots"
+
+    def _select(self, graph: fx.Graph, scores: fx.Node, plan: KVPlan) -> fx.Node:
+        """The kept positions [B, Hkv, kept]: a count fixed at compile time, or computed per call."""
+        if plan.fraction is not None:
+            return graph.call_function(kv_scores.select_fraction, (scores, plan.fraction, plan.sinks, plan.protect_last))
+        return graph.call_function(kv_scores.select_kept, (scores, plan.kept, plan.sinks, plan.protect_last))
 
     def _scores(self, graph: fx.Graph, site, plan: KVPlan, keys: fx.Node) -> fx.Node:
         opts = self.opts
@@ -360,6 +391,10 @@ class KVCache(GraphPass):
         if not cut:
             return
         before, after = self.bytes
+        if not before:  # symbolic token counts: the bytes depend on each call
+            self.report.note(f"kv_cache: {cut} layers' caches cut to keep={self.opts.keep} of each call's tokens "
+                             f"(a symbolic token count)")
+            return
         self.report.kv_cache_bytes = (self.report.kv_cache_bytes[0] + before, self.report.kv_cache_bytes[1] + after)
         self.report.note(f"kv_cache: {cut} layers' caches cut, {_mb(before)} -> {_mb(after)} "
                          f"after the prefill ({after / before:.2f}x)")

@@ -4,7 +4,10 @@ and the per-layer budgets (uniform, PyramidKV)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Optional
+
+import torch
 
 METHODS = ("snapkv", "tova", "h2o", "knorm", "streaming", "random")
 ATTENTION_METHODS = ("snapkv", "tova", "h2o")
@@ -152,13 +155,23 @@ class KVCacheOptions:
                    layers=layers, heads=heads, head_max=float(head_max), merge=merge, seed=seed, decode=decode)
 
 
+def kept_count(keep, n):
+    """The entries ``keep`` leaves of ``n``: a fraction rounds half up (at least 1), a count is
+    capped at n. ``n`` may be a symbolic size (a graph compiled for every token count): the count is
+    then the same integer expression, evaluated at each call, with no guard on ``n``."""
+    if isinstance(keep, float):
+        ratio = Fraction(keep).limit_denominator(1 << 20)
+        half_up = (2 * n * ratio.numerator + ratio.denominator) // (2 * ratio.denominator)
+        return torch.sym_max(1, torch.sym_min(n, half_up))
+    return torch.sym_min(keep, n)
+
+
 def layer_budgets(keep, n: int, layers: int, schedule: str, always: int) -> list:
-    """Entries each of ``layers`` layers keeps of ``n``: ``keep`` (a fraction rounds, a count is
-    capped at n) in every layer, or PyramidKV's linear schedule from (1 + PYRAMID_SPREAD) x to
+    """Entries each of ``layers`` layers keeps of ``n``: :func:`kept_count` in every layer, or PyramidKV's linear schedule from (1 + PYRAMID_SPREAD) x to
     (1 - PYRAMID_SPREAD) x that budget (the total the same up to rounding); never fewer than the
     ``always`` kept entries where the schedule (not ``keep`` itself) goes below them, never more
     than n. A ``keep`` below ``always`` is returned as it is: the pass refuses it with the reason."""
-    base = max(1, min(n, int(round(keep * n)))) if isinstance(keep, float) else min(keep, n)
+    base = kept_count(keep, n)
     if schedule == "uniform" or layers == 1:
         shares = [1.0] * layers
     else:

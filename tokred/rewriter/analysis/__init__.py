@@ -92,9 +92,9 @@ def analyze(gm: fx.GraphModule) -> GraphFacts:
     for i, site in enumerate(sites):
         site.layer = i
         if not (isinstance(site.q_len, int) and isinstance(site.kv_len, int)) and not site.skip_reason:
-            # dynamic=True: the token count is a symbol; rewrites need it fixed
-            site.skip_reason = ("the token count is dynamic (a symbolic shape); compile with dynamic=False "
-                                "to rewrite this site")
+            # dynamic=True: the token count is a symbol; the token-cutting rewrites need it fixed
+            site.skip_reason = ("the token count is dynamic (a symbolic shape): merge, prune and sparse "
+                                "attention need it fixed (compile with dynamic=False)")
     sites_static = [s for s in sites if isinstance(s.q_len, int) and isinstance(s.kv_len, int)]
     counts = Counter(s.q_len for s in sites_static if s.q_len == s.kv_len)
     token_counts = set(counts)
