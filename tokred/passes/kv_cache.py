@@ -76,14 +76,14 @@ class KVPlan:
 
     layer: int
     method: str
-    n: int
-    kept: int
+    n: Optional[int]
+    kept: Optional[int]
     sinks: int
     protect_last: int
     kv_heads: int
     bytes_before: int
     bytes_after: int
-    stored: int
+    stored: Optional[int]
     floor: int = 0
     decode: bool = False  # a cut during decode (the runtime's re-fed chunk), not the prefill's
     # a symbolic token count: n, kept and stored are None, and each call keeps kept_count(fraction, N)
@@ -323,8 +323,9 @@ class KVCache(GraphPass):
             self.bytes[1] += plan.bytes_after
         merged = ", merged" if opts.merge else ""
         if plan.fraction is not None:
-            return (f"kv_cache {plan.method} keep={opts.keep}{merged}: layer {_layer(site, plan)} caches keep={opts.keep} "
-                    f"of each call's tokens x {plan.kv_heads} KV heads (a symbolic token count: counted per call)")
+            return (f"kv_cache {plan.method} keep={opts.keep}{merged}: layer {_layer(site, plan)} caches "
+                    f"keep={opts.keep} of each call's tokens x {plan.kv_heads} KV heads (a symbolic token count: "
+                    f"counted per call)")
         if plan.decode:
             self.decode_cuts += 1
             return (f"kv_cache {plan.method} decode: layer {_layer(site, plan)}'s cache cut from {plan.n} to "
@@ -354,7 +355,8 @@ class KVCache(GraphPass):
     def _select(self, graph: fx.Graph, scores: fx.Node, plan: KVPlan) -> fx.Node:
         """The kept positions [B, Hkv, kept]: a count fixed at compile time, or computed per call."""
         if plan.fraction is not None:
-            return graph.call_function(kv_scores.select_fraction, (scores, plan.fraction, plan.sinks, plan.protect_last))
+            return graph.call_function(kv_scores.select_fraction,
+                                       (scores, plan.fraction, plan.sinks, plan.protect_last))
         return graph.call_function(kv_scores.select_kept, (scores, plan.kept, plan.sinks, plan.protect_last))
 
     def _scores(self, graph: fx.Graph, site, plan: KVPlan, keys: fx.Node) -> fx.Node:

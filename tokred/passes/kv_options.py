@@ -167,7 +167,8 @@ def kept_count(keep, n):
 
 
 def layer_budgets(keep, n: int, layers: int, schedule: str, always: int) -> list:
-    """Entries each of ``layers`` layers keeps of ``n``: :func:`kept_count` in every layer, or PyramidKV's linear schedule from (1 + PYRAMID_SPREAD) x to
+    """Entries each of ``layers`` layers keeps of ``n``: :func:`kept_count` in every layer, or
+    PyramidKV's linear schedule from (1 + PYRAMID_SPREAD) x to
     (1 - PYRAMID_SPREAD) x that budget (the total the same up to rounding); never fewer than the
     ``always`` kept entries where the schedule (not ``keep`` itself) goes below them, never more
     than n. A ``keep`` below ``always`` is returned as it is: the pass refuses it with the reason."""
