@@ -333,6 +333,26 @@ def test_decode_budget_equals_reference(fresh_dynamo, method, chunk):
     assert any("model.generate decodes on the prefill's cut alone" in note for note in be.report.notes)
 
 
+def test_log_likelihood_of_a_continuation_is_the_dense_models_at_keep_one(fresh_dynamo):
+    """CompressedContext.log_likelihood at keep=1.0: the dense model's teacher-forced log-probs of
+    the continuation (its perplexity); at keep=0.25 they differ."""
+    m = model("hf_llama_cache_sdpa")
+    context, continuation = prompt(), prompt(6).flip(1)
+    with torch.no_grad():
+        dense = m(input_ids=torch.cat([context, continuation], 1)).logits[:, N - 1:-1].float().log_softmax(-1)
+    want = dense.gather(-1, continuation.unsqueeze(-1)).squeeze(-1)
+    got = {}
+    for keep in (1.0, 0.25):
+        compressed = tokred.CompressedContext(torch.compile(m, backend=tokred.backend(
+            inner="aot_eager", kv_cache=method_options("snapkv", keep=keep))), context)
+        got[keep] = compressed.log_likelihood(continuation)
+        torch._dynamo.reset()
+    torch.testing.assert_close(got[1.0], want, atol=TOL, rtol=TOL)
+    assert not torch.allclose(got[0.25], want, atol=TOL)
+    with pytest.raises(ValueError, match="continuation_ids must be"):
+        compressed.log_likelihood(continuation[:1])
+
+
 def test_decode_budget_cuts_nothing_below_it(fresh_dynamo):
     """A budget the answer never reaches: the answer is the one without it."""
     m = model("hf_llama_cache_sdpa")

@@ -124,6 +124,26 @@ class CompressedContext:
                 self._keep_in_budget(cache, fed, position)
         return torch.cat(tokens, 1) if tokens else question_ids[:, :0]
 
+    def log_likelihood(self, continuation_ids: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced log-probabilities of ``continuation_ids`` [B, T] after the context, read
+        from a copy of the compressed cache (one token per step, as :meth:`answer` feeds them, the
+        decode budget kept): -> [B, T]; exp(-mean) is the continuation's perplexity."""
+        if continuation_ids.dim() != 2 or continuation_ids.shape[0] != self.last_logits.shape[0]:
+            raise ValueError(f"CompressedContext.log_likelihood: continuation_ids must be "
+                             f"[{self.last_logits.shape[0]}, tokens], got shape {tuple(continuation_ids.shape)}")
+        cache, logits, position = copy.deepcopy(self.cache), self.last_logits, self.length
+        fed, scores = [self.context_ids], []
+        with torch.no_grad():
+            for i in range(continuation_ids.shape[1]):
+                token = continuation_ids[:, i:i + 1]
+                scores.append(logits.float().log_softmax(-1).gather(-1, token))
+                if i + 1 < continuation_ids.shape[1]:
+                    logits = self._step(cache, token, position)
+                    position += 1
+                    fed.append(token)
+                    self._keep_in_budget(cache, fed, position)
+        return torch.cat(scores, 1)
+
     def _keep_in_budget(self, cache: Any, fed: list, position: int) -> None:
         """Cut ``cache`` back to ``budget.max`` once it holds ``max + every`` entries: the last
         ``chunk`` fed tokens (``fed``: [B, *] pieces, all fed so far; ``position``: the next one's)
