@@ -6,6 +6,8 @@ Benchmarks run as ``python bench/<name>.py`` from the repository root; each puts
 
 from __future__ import annotations
 
+import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -32,3 +34,11 @@ def alternating_medians(fns: dict, repeats: int) -> dict[str, float]:
             fn()
             times[name].append(time.perf_counter() - start)
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+
+
+def load_average() -> str:
+    """The 1/5/15-minute load averages as ``uptime`` prints them."""
+    try:
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load: " + " ".join(f"{v:.2f}" for v in os.getloadavg())

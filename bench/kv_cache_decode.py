@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -31,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
-from bench.common import alternating_medians, write_results  # noqa: E402
+from bench.common import alternating_medians, load_average, write_results  # noqa: E402
 from tokred.tools.offline import load_causal_lm, wiki_token_ids  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -95,7 +94,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
-    load = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load")[-1]]
+    load = [load_average().split("load")[-1]]
     started = time.time()
     model, tokenizer = load_causal_lm("smollm2")
     texts = [wiki_token_ids(tokenizer, args.length + args.continuation, start=40 * i) for i in range(args.texts)]
@@ -112,7 +111,7 @@ def main() -> None:
     empty = texts[0][:, :0]
     fns = {f"{r['name']} {r['keep']}": (lambda c=r["context"]: c.answer(empty, args.decode_tokens)) for r in timed}
     seconds = alternating_medians(fns, args.repeats)
-    load.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load")[-1])
+    load.append(load_average().split("load")[-1])
     dense = rows[0]
     lines = ["# KV-cache compression: SmolLM2-135M perplexity, KV memory and decode speed\n",
              f"`python bench/kv_cache_decode.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}, cpu, "

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 
@@ -44,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
-from bench.common import write_results  # noqa: E402
+from bench.common import load_average, write_results  # noqa: E402
 from tokred.tools.offline import load_causal_lm, wiki_token_ids  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -151,7 +150,7 @@ def plot(results: dict, args, path: str) -> None:
 
 def table(results: dict, args, seconds: float, load: tuple) -> str:
     p = args.prompts
-    lines = [f"# KV-cache compression: SmolLM2-135M passkey retrieval\n",
+    lines = ["# KV-cache compression: SmolLM2-135M passkey retrieval\n",
              f"`python bench/kv_cache_retrieval.py {' '.join(sys.argv[1:])}` (torch {torch.__version__}, "
              f"cpu, {torch.get_num_threads()} threads, {seconds / 60:.1f} min; load before: {load[0]}, after: "
              f"{load[1]})\n",
@@ -195,7 +194,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from tqdm import tqdm
 
-    load = [subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load")[-1]]
+    load = [load_average().split("load")[-1]]
     started = time.time()
     model, tokenizer = load_causal_lm("smollm2")
     prompts = [build_prompt(tokenizer, args.length, i, args.prompts, args.seed) for i in range(args.prompts)]
@@ -214,7 +213,7 @@ def main() -> None:
                 r = results[setting, method, keep]
                 tqdm.write(f"{setting:8s} {method:15s} keep={keep}: {r['hits']}/{len(prompts)}, kept {r['kept']:.3f}, "
                            f"stored {r['stored']:.3f}")
-    load.append(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip().split("load")[-1])
+    load.append(load_average().split("load")[-1])
     write_results(table(results, args, time.time() - started, tuple(load)), args.out + ".md")
     plot(results, args, args.out + ".png")
     print(f"plot: {args.out}.png")

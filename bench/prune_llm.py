@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import subprocess
 import sys
 import time
 
@@ -46,6 +45,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
+from bench.common import load_average  # noqa: E402
 from tokred.tools.offline import load_causal_lm, wiki_token_ids  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -77,14 +77,6 @@ def perturbed(ids: torch.Tensor, fraction: float, protect_last: int, vocab: int,
 def chunks(t: torch.Tensor, size: int) -> list:
     """t [P, ...] split along dim 0 into pieces of ``size`` rows (the last may be shorter)."""
     return list(torch.split(t, size, dim=0))
-
-
-def load_average() -> str:
-    """The 1/5/15-minute load averages as ``uptime`` prints them."""
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "load: " + " ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 # ----------------------------------------------------------------------------- model runs

@@ -103,6 +103,21 @@ def assert_same_run(got, want) -> None:
         torch.testing.assert_close(got_step, want_step, atol=TOL, rtol=TOL)
 
 
+def generate_compiled(m, be, prompts: list, warnings_are_errors: bool = False) -> list:
+    """transformers' greedy generate() of STEPS tokens after each of ``prompts``, on ``m`` with its
+    forward compiled by ``be`` (one compiled forward for all; the eager one put back after)."""
+    eager = m.forward
+    m.forward = torch.compile(eager, backend=be)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            if warnings_are_errors:
+                warnings.simplefilter("error", tokred.TokredWarning)
+            return [m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=STEPS,
+                               pad_token_id=0)[:, ids.shape[1]:] for ids in prompts]
+    finally:
+        m.forward = eager
+
+
 def test_kv_cache_pass_is_registered():
     from tokred.backend import PASSES
 
@@ -171,16 +186,8 @@ def test_generate_on_the_compiled_forward(fresh_dynamo):
     ids = prompt()
     _, _, want, _ = reference("hf_llama_cache_sdpa", options)
     be = tokred.backend(inner="aot_eager", kv_cache=options)
-    eager = m.forward
-    m.forward = torch.compile(eager, backend=be)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("error", tokred.TokredWarning)  # the decode graphs warn nothing
-            got = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=STEPS,
-                             pad_token_id=0)
-    finally:
-        m.forward = eager
-    assert torch.equal(got[:, N:], want)
+    got, = generate_compiled(m, be, [ids], warnings_are_errors=True)  # the decode graphs warn nothing
+    assert torch.equal(got, want)
     assert any("decode step" in note for note in be.report.notes)
 
 
@@ -282,15 +289,8 @@ def test_adaptive_heads_generate_on_the_compiled_forward(fresh_dynamo):
     ids = prompt()
     (_, _, want, _), _ = adaptive_reference("hf_llama_cache_sdpa", options)
     be = tokred.backend(inner="aot_eager", kv_cache=options)
-    eager = m.forward
-    m.forward = torch.compile(eager, backend=be)
-    try:
-        with torch.no_grad():
-            got = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=STEPS,
-                             pad_token_id=0)
-    finally:
-        m.forward = eager
-    assert torch.equal(got[:, N:], want)
+    got, = generate_compiled(m, be, [ids])
+    assert torch.equal(got, want)
     assert any("block their cache's padding slots" in note for note in be.report.notes)
 
 
@@ -410,17 +410,9 @@ def test_generate_on_two_prompt_lengths_compresses_both(fresh_dynamo):
     for ids in prompts:  # the reference first: it runs the eager forward
         logits, layers = kv_reference.compress(m, ids, **options)
         wants.append(kv_reference.decode(m, layers, logits[:, -1:].argmax(-1), ids.shape[1], STEPS)[0])
-    eager = m.forward
     be = tokred.backend(inner="aot_eager", kv_cache=options)
-    m.forward = torch.compile(eager, backend=be)
-    try:
-        for ids, want in zip(prompts, wants):
-            with torch.no_grad():
-                got = m.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=STEPS, pad_token_id=0)
-            assert torch.equal(got[:, ids.shape[1]:], want)
-    finally:
-        m.forward = eager
+    for got, want in zip(generate_compiled(m, be, prompts), wants):
+        assert torch.equal(got, want)
     assert any("a symbolic token count" in note for note in be.report.notes)
 
 

@@ -271,13 +271,13 @@ class KVCache(GraphPass):
         """A prefill compiled for every token count (``dynamic=True``, or Dynamo's automatic dynamic
         shapes after a second prompt length): the kept count is computed in the graph at each call."""
         opts = self.opts
-        why = {"pyramid": opts.layers == "pyramid", "adaptive": opts.heads == "adaptive",
-               "random": opts.method == "random", "chunk": self._chunk(site) or not isinstance(keys[1], int)}
-        reasons = {"pyramid": "PyramidKV's per-layer budgets", "adaptive": "adaptive heads' stored length",
-                   "random": "the random baseline's seeded table", "chunk": "the decode budget's re-fed chunk"}
-        for key, refused in why.items():
+        refusals = ((opts.layers == "pyramid", "PyramidKV's per-layer budgets"),
+                    (opts.heads == "adaptive", "adaptive heads' stored length"),
+                    (opts.method == "random", "the random baseline's seeded table"),
+                    (self._chunk(site) or not isinstance(keys[1], int), "the decode budget's re-fed chunk"))
+        for refused, what in refusals:
             if refused:
-                return Skip(f"the token count is dynamic (a symbolic shape), and {reasons[key]} needs it at "
+                return Skip(f"the token count is dynamic (a symbolic shape), and {what} needs it at "
                             f"compile time: compile with dynamic=False to compress the cache")
         return KVPlan(layer=self.prefill.index(id(site)), method=opts.method, n=None, kept=None, sinks=opts.sinks,
                       protect_last=opts.protect_last, kv_heads=keys[1], bytes_before=0, bytes_after=0, stored=None,

@@ -98,17 +98,13 @@ class CompressedContext:
         """Greedy answer to ``question_ids`` [B, Q] (Q may be 0: continue the context) read from a copy of
         the compressed cache. -> [B, T] new tokens, T <= max_new_tokens (fewer when every row has
         produced ``eos_token_id``)."""
-        if question_ids.dim() != 2 or question_ids.shape[0] != self.last_logits.shape[0]:
-            raise ValueError(f"CompressedContext.answer: question_ids must be [{self.last_logits.shape[0]}, tokens], "
-                             f"got shape {tuple(question_ids.shape)}")
+        self._check_ids("answer", "question_ids", question_ids)
         cache, logits, position = copy.deepcopy(self.cache), self.last_logits, self.length
         fed = [self.context_ids]
         with torch.no_grad():
             for i in range(question_ids.shape[1]):
-                logits = self._step(cache, question_ids[:, i:i + 1], position)
+                logits = self._feed(cache, fed, question_ids[:, i:i + 1], position)
                 position += 1
-                fed.append(question_ids[:, i:i + 1])
-                self._keep_in_budget(cache, fed, position)
             tokens = []
             done = torch.zeros(question_ids.shape[0], dtype=torch.bool, device=question_ids.device)
             for _ in range(max_new_tokens):
@@ -118,19 +114,15 @@ class CompressedContext:
                     done |= token[:, 0] == eos_token_id
                 if len(tokens) == max_new_tokens or bool(done.all()):
                     break
-                logits = self._step(cache, token, position)
+                logits = self._feed(cache, fed, token, position)
                 position += 1
-                fed.append(token)
-                self._keep_in_budget(cache, fed, position)
         return torch.cat(tokens, 1) if tokens else question_ids[:, :0]
 
     def log_likelihood(self, continuation_ids: torch.Tensor) -> torch.Tensor:
         """Teacher-forced log-probabilities of ``continuation_ids`` [B, T] after the context, read
         from a copy of the compressed cache (one token per step, as :meth:`answer` feeds them, the
         decode budget kept): -> [B, T]; exp(-mean) is the continuation's perplexity."""
-        if continuation_ids.dim() != 2 or continuation_ids.shape[0] != self.last_logits.shape[0]:
-            raise ValueError(f"CompressedContext.log_likelihood: continuation_ids must be "
-                             f"[{self.last_logits.shape[0]}, tokens], got shape {tuple(continuation_ids.shape)}")
+        self._check_ids("log_likelihood", "continuation_ids", continuation_ids)
         cache, logits, position = copy.deepcopy(self.cache), self.last_logits, self.length
         fed, scores = [self.context_ids], []
         with torch.no_grad():
@@ -138,11 +130,23 @@ class CompressedContext:
                 token = continuation_ids[:, i:i + 1]
                 scores.append(logits.float().log_softmax(-1).gather(-1, token))
                 if i + 1 < continuation_ids.shape[1]:
-                    logits = self._step(cache, token, position)
+                    logits = self._feed(cache, fed, token, position)
                     position += 1
-                    fed.append(token)
-                    self._keep_in_budget(cache, fed, position)
         return torch.cat(scores, 1)
+
+    def _check_ids(self, method: str, name: str, ids: torch.Tensor) -> None:
+        batch = self.last_logits.shape[0]
+        if ids.dim() != 2 or ids.shape[0] != batch:
+            raise ValueError(f"CompressedContext.{method}: {name} must be [{batch}, tokens], "
+                             f"got shape {tuple(ids.shape)}")
+
+    def _feed(self, cache: Any, fed: list, token: torch.Tensor, position: int) -> torch.Tensor:
+        """Step ``token`` [B, 1] at ``position``, record it in ``fed`` and keep the cache in its
+        decode budget. -> the next-token logits [B, V]."""
+        logits = self._step(cache, token, position)
+        fed.append(token)
+        self._keep_in_budget(cache, fed, position + 1)
+        return logits
 
     def _keep_in_budget(self, cache: Any, fed: list, position: int) -> None:
         """Cut ``cache`` back to ``budget.max`` once it holds ``max + every`` entries: the last
@@ -153,14 +157,16 @@ class CompressedContext:
         if budget is None or layer_states(layers[0])[0].shape[-2] < budget.max + budget.every:
             return
         chunk = torch.cat(fed, 1)[:, -budget.chunk:].contiguous()  # one stride at every cut: no recompile
-        for layer in layers:
-            k, v = layer_states(layer)
-            set_layer_states(layer, k[:, :, :-budget.chunk], v[:, :, :-budget.chunk])
-            mark_static(layer_states(layer)[0], 2)  # the same shapes at every cut: one graph, compiled once
-            mark_static(layer_states(layer)[1], 2)
-        positions = torch.arange(position - budget.chunk, position, device=chunk.device).expand_as(chunk).contiguous()
+        positions = torch.arange(position - budget.chunk, position, device=chunk.device).expand_as(chunk)
+        positions = positions.contiguous()
+        # the same shapes at every cut, marked static: one chunk graph, compiled once
         mark_static(chunk, 1)
         mark_static(positions, 1)
+        for layer in layers:
+            k, v = (t[:, :, :-budget.chunk] for t in layer_states(layer))
+            mark_static(k, 2)
+            mark_static(v, 2)
+            set_layer_states(layer, k, v)
         self.model(input_ids=chunk, position_ids=positions, use_cache=True, **cache_argument(self.model, cache))
         lengths = {layer_states(layer)[0].shape[-2] for layer in cache_layers(cache)}
         if lengths != {budget.max}:
