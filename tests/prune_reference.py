@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Optional, Sequence
 
 import torch
@@ -71,10 +72,10 @@ def prune_options(keep=0.5, at=1, score="cls", fuse=False, range=None, protect_l
 
 
 def kept_count(keep, prunable: int) -> int:
-    """How many of ``prunable`` tokens one cut keeps: round(keep * P) >= 1 for a float, else
-    min(keep, P)."""
+    """How many of ``prunable`` tokens one cut keeps: keep * P rounded half up, >= 1, for a float
+    (the decimal the user wrote, exactly: 0.7 * 5 = 3.5 -> 4), else min(keep, P)."""
     if isinstance(keep, float):
-        return min(prunable, max(1, round(keep * prunable)))
+        return min(prunable, max(1, math.floor(Fraction(str(keep)) * prunable + Fraction(1, 2))))
     return min(int(keep), prunable)
 
 

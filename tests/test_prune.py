@@ -152,9 +152,10 @@ def dense_output(name: str, depth: int = 2):
 # ----------------------------------------------------------------------------- the reference itself
 
 def test_reference_kept_count():
-    """round(keep * P) at least 1 for a float; an int is a count capped at P."""
+    """keep * P rounded half up, at least 1, for a float; an int is a count capped at P."""
     assert kept_count(0.5, 10) == 5
-    assert kept_count(0.25, 10) == round(2.5) == 2  # Python rounds half to even
+    assert kept_count(0.25, 10) == 3  # 2.5 rounds up (Python's round would give 2)
+    assert kept_count(0.7, 5) == 4  # 3.5 exactly, as written (the float 0.7 * 5 is 3.4999...)
     assert kept_count(0.01, 10) == 1
     assert kept_count(1.0, 7) == 7
     assert kept_count(3, 10) == 3 and kept_count(30, 10) == 10

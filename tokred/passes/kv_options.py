@@ -4,10 +4,9 @@ and the per-layer budgets (uniform, PyramidKV)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, Optional
 
-import torch
+from tokred.rewriter.tokens import kept_count
 
 METHODS = ("snapkv", "tova", "h2o", "knorm", "streaming", "random")
 ATTENTION_METHODS = ("snapkv", "tova", "h2o")
@@ -153,17 +152,6 @@ class KVCacheOptions:
                          "'shared'): a re-fed chunk's causal mask spans one key length for every layer")
         return cls(method=method, keep=keep, window=window, pool=pool, sinks=sinks, protect_last=protect_last,
                    layers=layers, heads=heads, head_max=float(head_max), merge=merge, seed=seed, decode=decode)
-
-
-def kept_count(keep, n):
-    """The entries ``keep`` leaves of ``n``: a fraction rounds half up (at least 1), a count is
-    capped at n. ``n`` may be a symbolic size (a graph compiled for every token count): the count is
-    then the same integer expression, evaluated at each call, with no guard on ``n``."""
-    if isinstance(keep, float):
-        ratio = Fraction(keep).limit_denominator(1 << 20)
-        half_up = (2 * n * ratio.numerator + ratio.denominator) // (2 * ratio.denominator)
-        return torch.sym_max(1, torch.sym_min(n, half_up))
-    return torch.sym_min(keep, n)
 
 
 def layer_budgets(keep, n: int, layers: int, schedule: str, always: int) -> list:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tokred.passes.kv_options import kept_count
+from tokred.rewriter.tokens import kept_count
 
 # queries per block of the accumulated attention (h2o): the [B, H, block, N] probabilities of one
 # block are the most it holds at once, never the N x N map
@@ -152,7 +152,7 @@ def mask_padding(mask, k: torch.Tensor, heads: int) -> torch.Tensor:
 
 def select_fraction(scores: torch.Tensor, keep, sinks: int, protect_last: int) -> torch.Tensor:
     """:func:`select_kept` with the count computed from this call's N (a graph compiled for every
-    token count): ``kv_options.kept_count(keep, N)``, and never fewer than the always-kept
+    token count): ``tokens.kept_count(keep, N)``, and never fewer than the always-kept
     positions. scores [B, Hkv, N] -> index [B, Hkv, kept(N)]."""
     n = scores.shape[-1]
     kept = torch.sym_max(kept_count(keep, n), torch.sym_min(sinks + protect_last, n))

@@ -46,7 +46,7 @@ from tokred.triton_ops.common import graph_calls_kernel
 from tokred.triton_ops.tome_match import tome_match_reference
 from tokred.triton_ops.tome_merge import tome_merge_reference
 from tokred.rewriter import tokens
-from tokred.rewriter.analysis.graph import shape_of
+from tokred.rewriter.analysis.graph import is_symbolic, shape_of, size_key
 from tokred.rewriter.analysis.masks import site_masks
 from tokred.rewriter.analysis.sites import is_projection_node, projection_input
 from tokred.rewriter.driver import GraphPass, Keep, Skip
@@ -166,6 +166,8 @@ def tome_step(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor
     b, n, _ = x.shape
     if size is None:
         size = torch.ones(b, n, 1, dtype=torch.float32, device=x.device)
+    # at most half of the unprotected tokens (the plan's cap; computed here for a symbolic N)
+    r = torch.sym_min(r, torch.sym_max(0, (n - prefix) // 2))
     aside, class_row = protected_split(prefix, protect)
     # ToMe leaves the kept A tokens in score order unless it has a class token (then it sorts them)
     kept_order = "score" if protect == "tome" and prefix == 0 else "index"
@@ -300,13 +302,15 @@ class LocalBranch:
 @dataclass(frozen=True)
 class MergePlan:
     """One block's merge: ``r`` of its ``n`` tokens (global mode), or, in local mode, each branch
-    as a :class:`LocalBranch`; ``prefix`` leading tokens protected."""
+    as a :class:`LocalBranch`; ``prefix`` leading tokens protected. ``symbolic``: n is a symbolic
+    token count's size key, and each call merges min(r, (N - prefix) // 2) of its own N."""
 
     block: int
     r: int
-    n: int
+    n: Any
     prefix: int
     branches: tuple = ()
+    symbolic: bool = False
 
 
 @dataclass
@@ -340,8 +344,11 @@ class Merge(GraphPass):
         if self.last is not None:
             self.sizes_before[block.index] = self.last.size
         reason = _cannot_merge(block, site)
+        symbolic = not reason and is_symbolic(size_key(shape_of(block.mid)[1]))
         if self.opts.mode == "local":
             reason = reason or ("the query projection was not found" if site.q_proj is None else "")
+            reason = reason or ("the token count is dynamic (a symbolic shape): r is taken of a fixed N at "
+                                "compile time; compile with dynamic=False, or use mode 'global'" if symbolic else "")
             if reason:
                 return Skip(f"(local) {reason}")
             branches = tuple(LocalBranch(name, start, end, shape_of(start)[1],
@@ -352,6 +359,9 @@ class Merge(GraphPass):
         reason = reason or _blocked_after(self.facts.blocks_after(block))
         if reason:
             return Skip(reason)
+        if symbolic:  # r of each call's N, capped in the graph (tome_step) as below
+            n, r = size_key(shape_of(block.mid)[1]), self.rs[block.index]
+            return MergePlan(block.index, r, n, self.prefix, symbolic=True) if r > 0 else Keep("r=0 at this block")
         n = shape_of(block.mid)[1]
         r = min(self.rs[block.index], (n - self.prefix) // 2)  # at most half of the unprotected tokens
         return MergePlan(block.index, r, n, self.prefix) if r > 0 else Keep(f"r=0 at this block ({n} tokens)")
@@ -362,9 +372,12 @@ class Merge(GraphPass):
         make = _global_reduction(block.attention, plan.r, plan.prefix, self.opts.protect, self.last,
                                  self.opts.trace_source)
         end = self.facts.stack_of(block)[-1].output  # tokens are restored where their stream ends
-        cut = cut_tokens(self.gm, self.facts, block.mid, end, make, plan.n - plan.r,
+        cut = cut_tokens(self.gm, self.facts, block.mid, end, make, None if plan.symbolic else plan.n - plan.r,
                          self.example_inputs, self.options.verify, shapes=self.shapes)
         self.last, self.last_stack = cut.reduction, block.stack
+        if plan.symbolic:
+            return (f"merge r={plan.r}: N -> N - {plan.r} tokens after attention (r at most (N - {plan.prefix}) // 2; "
+                    f"N = each call's token count: a symbolic token count)")
         return f"merge r={plan.r}: {plan.n} -> {plan.n - plan.r} tokens after attention"
 
     def _apply_local(self, block, plan: MergePlan) -> str:

@@ -41,10 +41,11 @@ from tokred.passes.prune_options import (  # noqa: F401  (kept_count, SCORES: th
 from tokred.passes.prune_graph import (
     accumulated_attention_scores, accumulated_transition_scores, constant_scores, demote_padding,
     fuse_pruned, getitem, init_exits, interval_candidates, k_center, next_candidates, pooled_scores,
-    prune_by_attention, select_kept, token_candidates, track_exits, transition_scores, uniform_weights,
+    prunable_counts, prune_by_attention, query_range, select_kept, token_candidates, track_exits,
+    transition_scores, uniform_weights,
 )
 from tokred.rewriter import tokens
-from tokred.rewriter.analysis.graph import shape_of
+from tokred.rewriter.analysis.graph import is_symbolic, shape_keys
 from tokred.rewriter.analysis.masks import reads_padding, site_masks
 from tokred.rewriter.driver import GraphPass, Skip
 from tokred.rewriter.report import note_unchanged
@@ -60,22 +61,41 @@ def prunable_interval(n: int, protected: int, token_range: Optional[tuple], prot
     return start, max(start, end)
 
 
+def symbolic_span(protected: int, token_range: Optional[tuple], protect_last: int):
+    """The prunable positions of a symbolic token count N as (start, tail): [start, N - tail), both
+    ints, so that one graph serves every N; None where ``range`` counts its start from the end or
+    its end from the start (then the span's ends move with N in a way two ints cannot hold)."""
+    start, tail = protected, protect_last
+    if token_range is not None:
+        lo, hi = token_range
+        if lo < 0 or hi >= 0:
+            return None
+        start, tail = max(start, lo), max(tail, -hi)
+    return start, tail
+
+
 # ----------------------------------------------------------------------------- the pass
 
 @dataclass(frozen=True)
 class PrunePlan:
     """One cut after block ``at``: ``n`` tokens, of which the ``count`` prunable ones (positions
-    ``start..end-1``, or the prunable_ids tokens) keep ``k``; ``m`` tokens leave the cut."""
+    ``start..end-1``, or the prunable_ids tokens) keep ``k``; ``m`` tokens leave the cut; ``tail``
+    tokens follow the prunable ones (protect_last, range, fused tokens).
+
+    At a symbolic token count (``symbolic``; ``n`` is its size key, e.g. ``s27``) end, count, k and
+    m are None: the graph computes them at each call from its N (``prune_graph.prunable_counts``)."""
 
     at: int
     keep: Any
-    n: int
+    n: Any
     start: int
-    end: int
-    count: int
-    k: int
-    m: int
+    end: Optional[int]
+    count: Optional[int]
+    k: Optional[int]
+    m: Optional[int]
     by_ids: bool = False
+    tail: int = 0
+    symbolic: bool = False
 
 
 @dataclass
@@ -114,7 +134,7 @@ class Prune(GraphPass):
         self.score = self.opts.score or ("query" if self.causal else "cls")
         self.protected = self.facts.protected_tokens
         self.fused_tokens = 0  # fused tokens appended by earlier cuts stay at the end, never pruned
-        self.interval = None  # (start, end) of the prunable tokens, fixed at the first cut
+        self.span = None  # (start, tail): the prunable tokens are [start, N - tail), fixed at the first cut
         self.candidates = None  # the candidates node [B, N] after the last cut (prunable_ids)
         self.ids_input = None  # prunable_ids: the input ids node and each row's count
         self.last: Optional[PruneReduction] = None
@@ -128,10 +148,13 @@ class Prune(GraphPass):
 
     def plan(self, block):
         opts, blocks, at = self.opts, self.facts.blocks, block.index
-        shape = shape_of(block.output)
+        shape = shape_keys(block.output)
         n = shape[1] if shape is not None else None
         reason = _cannot_prune(block, self.score, opts.fuse, self.causal, self.protected,
                                self.facts.blocks_after(block))
+        symbolic = n is not None and is_symbolic(n)
+        if symbolic:
+            reason = reason or _cannot_prune_symbolic(opts, self.score, self.protected)
         scored = blocks[max(0, at - opts.accumulate + 1):at + 1]
         if at - opts.accumulate + 1 < 0 or any(b.stack != block.stack for b in scored):
             reason = reason or (f"option 'prune.accumulate': the {opts.accumulate} blocks ending at block {at} "
@@ -140,8 +163,10 @@ class Prune(GraphPass):
             reason = reason or "the residual stream at the block output has no known shape"
         if reason:
             return Skip(reason)
-        if self.interval is None:
-            start, end = prunable_interval(n - self.fused_tokens, self.protected, opts.range, opts.protect_last)
+        if self.span is None and symbolic:
+            self.span = symbolic_span(self.protected, opts.range, opts.protect_last)
+        elif self.span is None:
+            start, end = prunable_interval(n, self.protected, opts.range, opts.protect_last)
             if opts.prunable_ids is not None:
                 try:
                     found = find_candidates(self.gm, opts.prunable_ids, start, end, n, self.example_inputs,
@@ -149,15 +174,19 @@ class Prune(GraphPass):
                 except RewriteError as exc:
                     return Skip(str(exc))
                 self.ids_input = (found, end)  # the candidates in [start, end)
-                end = start + found.count
-            self.interval = (start, end)
-        start, end = self.interval
-        if end - start == 0:
+                end = start + found.count  # only their count is read from here on
+            self.span = (start, n - end)
+        start, tail = self.span[0], self.span[1] + self.fused_tokens  # fused tokens stay last
+        fused = 1 if opts.fuse else 0
+        if symbolic:
+            return PrunePlan(at=at, keep=self.keeps[at], n=n, start=start, end=None, count=None, k=None, m=None,
+                             tail=tail, symbolic=True)
+        p = n - start - tail  # prunable tokens per row
+        if p <= 0:
             return Skip("no prunable tokens (protected, range, prunable_ids and protect_last cover all)")
-        p = end - start  # prunable tokens per row
         k = kept_count(self.keeps[at], p)
-        return PrunePlan(at=at, keep=self.keeps[at], n=n, start=start, end=end, count=p, k=k,
-                         m=n - p + k + (1 if opts.fuse else 0), by_ids=opts.prunable_ids is not None)
+        return PrunePlan(at=at, keep=self.keeps[at], n=n, start=start, end=start + p, count=p, k=k,
+                         m=n - p + k + fused, by_ids=opts.prunable_ids is not None, tail=tail)
 
     def apply(self, block, plan: PrunePlan) -> str:
         opts, blocks, graph = self.opts, self.facts.blocks, self.gm.graph
@@ -166,9 +195,9 @@ class Prune(GraphPass):
             with graph.inserting_before(next(iter(found.node.users))):
                 self.candidates = graph.call_function(token_candidates, (
                     found.node, opts.prunable_ids if found.kind == "ids" else None, plan.start, end, found.count))
-        lo, hi = plan.start, plan.end
+        start, tail = plan.start, plan.tail
         candidates = self.candidates if plan.by_ids else \
-            (lambda g, stream: g.call_function(interval_candidates, (stream, lo, hi)))
+            (lambda g, stream: g.call_function(interval_candidates, (stream, start, tail)))
         sources = [(self.reduced.get(b.input, b.input), b) for b in blocks[plan.at - opts.accumulate + 1:plan.at + 1]]
         make = _reduction(block, self.score, opts, plan, candidates, sources, self.last)
         later = self.facts.blocks_after(block)
@@ -181,12 +210,14 @@ class Prune(GraphPass):
         if plan.by_ids:  # the kept candidates, wherever the cut put them
             with graph.inserting_after(cut.index):
                 self.candidates = graph.call_function(next_candidates, (cut.reduction.candidates, cut.index, opts.fuse))
-        # the kept candidates are contiguous again: [start, start + k) (with prunable_ids only the
-        # count end - start is read from here on); fused tokens go last
-        self.interval = (plan.start, plan.start + plan.k)
+        # the kept candidates are contiguous again: [start, start + k), the tail tokens after them
+        how = "".join(f" {key}={getattr(opts, key)}" for key in ("accumulate", "pool") if getattr(opts, key) > 1)
+        if plan.symbolic:
+            return (f"prune score={self.score}{how} keep={plan.keep}: N -> {_kept_text(plan, opts.fuse)} tokens "
+                    f"after block {plan.at} (prunable {plan.start}..N-{plan.tail + 1}, P of them; N = each "
+                    f"call's token count: a symbolic token count)")
         where = f"prunable {plan.start}..{plan.end - 1}" if not plan.by_ids else \
             f"{plan.count} {self.ids_input[0].what}"
-        how = "".join(f" {key}={getattr(opts, key)}" for key in ("accumulate", "pool") if getattr(opts, key) > 1)
         return (f"prune score={self.score}{how} keep={plan.keep}: {plan.n} -> {plan.m} tokens after block "
                 f"{plan.at} ({where})")
 
@@ -262,14 +293,38 @@ def _kv_outputs(later_blocks) -> KVOutputs:
     return KVOutputs(True)
 
 
-def _query_rows(score: str, opts: PruneOptions, n: int) -> tuple:
+def _cannot_prune_symbolic(opts: PruneOptions, score: str, protected: int) -> str:
+    """Why a cut cannot be made at a symbolic token count ("" if it can): what would need N fixed."""
+    why = "with a symbolic token count (dynamic shapes)"
+    if opts.prunable_ids is not None:
+        return (f"option 'prune.prunable_ids' {why}: the kept count of each row's image tokens is fixed at "
+                f"compile time; compile with dynamic=False")
+    if score == "random":
+        return f"score 'random' {why}: its table of N seeded scores is drawn at compile time; compile with dynamic=False"
+    if symbolic_span(protected, opts.range, opts.protect_last) is None:
+        return (f"option 'prune.range' {opts.range} {why}: give the start from the beginning (>= 0) and the "
+                f"end from the end (< 0), or compile with dynamic=False")
+    return ""
+
+
+def _kept_text(plan: PrunePlan, fuse: bool) -> str:
+    """The tokens leaving a symbolic cut, in words: ``N - P + kept_count(keep, P)``."""
+    kept = f"min({plan.keep}, P)" if isinstance(plan.keep, int) else f"round({plan.keep} P)"
+    return f"N - P + {kept}{' + 1' if fuse else ''}"
+
+
+def _query_rows(score: str, opts: PruneOptions, n) -> tuple:
+    """The query rows of the attention scores as a (lo, hi) range (``prune_graph.query_range``);
+    checked against the ``n`` tokens where n is an int."""
     if score == "cls":
-        return (0,)
-    lo, hi = opts.query or (-1, n)
-    lo, hi = (n if v is None else v + n if v < 0 else v for v in (lo, hi))
+        return (0, 1)
+    rows = opts.query or (-1, None)
+    if not isinstance(n, int):
+        return rows  # resolved at each call, against its own N
+    lo, hi = query_range(rows, n)
     if not 0 <= lo < hi <= n:
         raise RewriteError(f"option 'prune.query' {opts['query']} is outside the {n} tokens")
-    return tuple(range(lo, hi))
+    return (lo, hi)
 
 
 def _scale(site) -> float:
@@ -278,13 +333,14 @@ def _scale(site) -> float:
 
 
 def _select(graph: fx.Graph, block, score: str, opts: PruneOptions, stream: fx.Node, plan: PrunePlan,
-            cands: fx.Node, sources: list) -> tuple:
+            cands: fx.Node, sources: list, counts: tuple) -> tuple:
     """Insert the selection at the cut after ``block``: (kept [B, M, C], index [B, M], scores [B, N]
     or None). ``cands``: the candidates node [B, N]; ``sources``: (input, block) of every block
-    whose scores are accumulated, the cut's last."""
+    whose scores are accumulated, the cut's last; ``counts``: (prunable, kept), ints or (at a
+    symbolic token count) nodes."""
     site = block.attention
     masks = site_masks(site)  # as the site reads them now (an earlier cut gathered them)
-    p, k, n = plan.count, plan.k, plan.n
+    (p, k), n = counts, plan.n
     pool = opts.pool
     if score in ATTENTION_SCORES and (len(sources) > 1 or pool > 1):
         # scores, pooling, then selection (the fused score + select + gather op scores one block
@@ -330,7 +386,11 @@ def _reduction(block, score: str, opts: PruneOptions, plan: PrunePlan, candidate
 
     def make(graph: fx.Graph, stream: fx.Node) -> PruneReduction:
         cands = candidates(graph, stream) if callable(candidates) else candidates
-        kept, index, scores = _select(graph, block, score, opts, stream, plan, cands, sources)
+        counts = (plan.count, plan.k)
+        if plan.symbolic:  # computed at each call from its own N
+            counted = graph.call_function(prunable_counts, (stream, plan.start, plan.tail, plan.keep))
+            counts = tuple(graph.call_function(getitem, (counted, i)) for i in range(2))
+        kept, index, scores = _select(graph, block, score, opts, stream, plan, cands, sources, counts)
         kept_index = index
         if opts.fuse:
             weights = scores if score in ATTENTION_SCORES else graph.call_function(uniform_weights, (stream,))

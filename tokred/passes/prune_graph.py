@@ -19,33 +19,43 @@ from tokred.triton_ops.prune import (
 from tokred.rewriter import tokens
 
 
+def query_range(rows: tuple, n) -> tuple:
+    """The query rows ``(lo, hi)`` (negative: from the end, hi None: to the end) of ``n`` tokens as
+    positions ``lo <= i < hi``; ``n`` may be symbolic (one graph for every length)."""
+    lo, hi = rows
+    return (lo + n if lo < 0 else lo), (n if hi is None else hi + n if hi < 0 else hi)
+
+
 def row_bias(mask: Optional[torch.Tensor], rows: tuple, n: int, causal: bool, dtype=torch.float32):
-    """The attention mask of the query ``rows`` as an additive float bias [B|1, H|1, R, N] (None: none).
+    """The attention mask of the query ``rows`` (``(lo, hi)``, :func:`query_range`) as an additive
+    float bias [B|1, H|1, R, N] (None: none).
 
     ``mask`` is the site's attn_mask as SDPA reads it (boolean "may attend" or additive, broadcastable
     to [B, H, N, N]); ``causal`` adds the causal mask of those rows (SDPA's is_causal).
     """
+    lo, hi = query_range(rows, n)
     bias = None
     if mask is not None:
-        m = mask if mask.shape[-2] == 1 else mask[..., list(rows), :]
+        m = mask if mask.shape[-2] == 1 else mask[..., lo:hi, :]
         if m.dtype == torch.bool:
             m = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
         bias = m.to(dtype)
     if causal:
         device = mask.device if mask is not None else None
         pos = torch.arange(n, device=device)
-        r = torch.tensor(rows, device=device)
-        future = torch.zeros(len(rows), n, dtype=dtype, device=device).masked_fill(
+        r = torch.arange(lo, hi, device=device)
+        future = torch.zeros(r.shape[0], n, dtype=dtype, device=device).masked_fill(
             pos.unsqueeze(0) > r.unsqueeze(1), float("-inf"))[None, None]
         bias = future if bias is None else bias + future
     return bias
 
 
 def score_rows(q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor], rows: tuple, causal: bool):
-    """What the attention scores read: the query ``rows`` of q [B, H, N, D] -> [B, H, R, D], and
-    their additive mask bias [B|1, H|1, R, N] on q's device (None: no mask)."""
+    """What the attention scores read: the query ``rows`` (``(lo, hi)``) of q [B, H, N, D] ->
+    [B, H, R, D], and their additive mask bias [B|1, H|1, R, N] on q's device (None: no mask)."""
+    lo, hi = query_range(rows, q.shape[2])
     bias = row_bias(mask, rows, k.shape[2], causal)
-    return q[:, :, list(rows)], None if bias is None else bias.to(q.device)
+    return q[:, :, lo:hi], None if bias is None else bias.to(q.device)
 
 
 def prune_by_attention(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, mask: Optional[torch.Tensor],
@@ -126,9 +136,17 @@ def candidate_mask(n: int, start: int, end: int, device) -> torch.Tensor:
     return (pos >= start) & (pos < end)
 
 
-def interval_candidates(x: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    """The prunable positions [start, end) of the tokens of x [B, N, ...] as [N] bool."""
-    return candidate_mask(x.shape[1], start, end, x.device)
+def interval_candidates(x: torch.Tensor, start: int, tail: int) -> torch.Tensor:
+    """The prunable positions [start, N - tail) of the N tokens of x [B, N, ...] as [N] bool."""
+    return candidate_mask(x.shape[1], start, x.shape[1] - tail, x.device)
+
+
+def prunable_counts(x: torch.Tensor, start: int, tail: int, keep) -> tuple:
+    """(prunable, kept): the tokens [start, N - tail) of x [B, N, ...] and how many of them ``keep``
+    (a fraction or a count, :func:`tokens.kept_count`) leaves. In the graph of a symbolic token
+    count, so that each call computes them from its own N, without a guard on it."""
+    prunable = torch.sym_max(0, x.shape[1] - start - tail)
+    return prunable, tokens.kept_count(keep, prunable)
 
 
 def candidate_positions(source: torch.Tensor, ids: Optional[tuple], start: int, end: int) -> torch.Tensor:
@@ -176,8 +194,9 @@ def k_center(x: torch.Tensor, candidates: torch.Tensor, num_candidates: int, k: 
     if candidates.dim() != 1:
         raise ValueError("tokred option 'prune.score' 'diversity' takes the same prunable positions in every "
                          "row ('range'), not 'prunable_ids'")
-    # a greedy loop: an opaque op on every device (inlined, it would unroll k steps into the graph)
-    if graph_calls_kernel(x, "k_center"):
+    # a greedy loop: an opaque op on every device (inlined, it would unroll k steps into the graph),
+    # and always at a symbolic k (a graph for every token count: no fixed number of steps)
+    if graph_calls_kernel(x, "k_center") or not isinstance(k, int):
         return torch.ops.tokred.k_center(x, candidates, k, num_candidates)
     keep_mask = ~candidates | k_center_selected_reference(x, candidates, k)
     return ascending_index_reference(keep_mask, x.shape[1] - num_candidates + k)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from tokred.rewriter.options import is_layer_entry, names_module
+from tokred.rewriter.tokens import kept_count  # noqa: F401  (the pass's count, re-exported)
 
 SCORES = ("cls", "query", "transition", "diversity", "random")
 ATTENTION_SCORES = ("cls", "query")
@@ -178,12 +179,3 @@ def resolve_cuts(opts: "PruneOptions", blocks: list) -> list:
         raise _error("at", f"names a block twice: {list(opts.at)}")
     _check_cuts([i for i, _ in cuts], opts.accumulate)
     return sorted(cuts)
-
-
-def kept_count(keep, prunable: int) -> int:
-    """Prunable tokens kept: a fraction rounds (at least 1), a count is capped at ``prunable``."""
-    if prunable == 0:
-        return 0
-    if isinstance(keep, float):
-        return max(1, min(prunable, int(round(keep * prunable))))
-    return min(keep, prunable)

@@ -12,6 +12,10 @@ replaced by the out-of-place one when nothing can see the difference:
 - nothing reads the mutated tensor after the in-place op, other than through its result.
 
 Anything else is left in place (the matcher then does not find that site, and says nothing wrong).
+
+A dynamic graph builds some shape arguments as a node, ``torch.Size([s52, s27, 192])``, where a
+static one passes the tuple ``(2, 9, 192)``: the sizes are inlined into the shape call, so that
+the token-count literals are found (and cut) the same way in both.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from torch import fx
 
 from tokred.rewriter.analysis.graph import example_value
+from tokred.rewriter.analysis.literals import size_arg_paths
 
 # in-place op -> its out-of-place twin, as functions and as methods
 IN_PLACE_FUNCTIONS = {operator.itruediv: operator.truediv, operator.imul: operator.mul,
@@ -45,10 +50,29 @@ def normalize(gm: fx.GraphModule) -> int:
         if _safe_to_respell(node, order, values):
             node.target = twin
             respelled += 1
+    respelled += _inline_sizes(gm.graph)
     if respelled:
         gm.graph.lint()
         gm.recompile()
     return respelled
+
+
+def _inline_sizes(graph: fx.Graph) -> int:
+    """Shape calls whose one size argument is a ``torch.Size([...])`` node read its sizes instead;
+    returns how many were changed (the Size node stays for any other reader)."""
+    changed = 0
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target is torch.Size and len(node.args) == 1
+                and isinstance(node.args[0], (list, tuple))):
+            continue
+        for user in list(node.users):
+            paths = size_arg_paths(user)
+            if paths == [paths[0]] and len(paths[0]) == 1 and user.args[paths[0][0]] is node:
+                args = list(user.args)
+                args[paths[0][0]] = tuple(node.args[0])
+                user.args = tuple(args)
+                changed += 1
+    return changed
 
 
 def _safe_to_respell(node: fx.Node, order: dict, values: set) -> bool:

@@ -21,6 +21,7 @@ shapes each cut predicts); on any failure the graph is restored and a
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -31,8 +32,8 @@ from torch import fx
 import tokred.triton_ops  # noqa: F401  (registers the tokred:: ops used below)
 from tokred.compat.torch_api import FakeTensor
 from tokred.rewriter import tokens
-from tokred.rewriter.analysis.graph import shape_of, to_networkx
-from tokred.rewriter.analysis.literals import literals_of, set_path
+from tokred.rewriter.analysis.graph import is_symbolic, shape_keys, shape_of, size_key, to_networkx
+from tokred.rewriter.analysis.literals import get_path, literals_of, set_path
 from tokred.rewriter.verify import PredictedShapes, check_output_contract, cut_shape, output_signature, propagate_shapes
 
 
@@ -111,7 +112,7 @@ def reduce_tokens(gm: fx.GraphModule, facts, block, make_index: Callable, keep: 
 
 
 def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_reduction: Callable,
-               keep: int, example_inputs=None, verify: bool = True, kv_outputs=False,
+               keep: Optional[int], example_inputs=None, verify: bool = True, kv_outputs=False,
                shapes: Optional[PredictedShapes] = None) -> TokenCut:
     """Run the nodes between ``start`` and ``end`` (both [B, N, C]) on ``keep`` tokens.
 
@@ -124,6 +125,9 @@ def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_red
     once per pass; without, with ``example_inputs`` the whole graph is propagated again, and
     ``verify`` checks every region node's new shape and the output contract at once.
 
+    ``keep`` None: the token count is symbolic (a dynamic graph) and the reduction computes the
+    kept count at each call; literals then read it from the reduced stream (``size(1)``).
+
     ``kv_outputs`` (a bool or a :class:`KVOutputs` with the reason it is not allowed): a region
     tensor laid out as a KV cache ([B, H, N, D], tokens at dim 2) may leave the graph as an output
     with ``keep`` tokens (the pruned prefill's cache: decode steps attend to the kept tokens); the
@@ -133,7 +137,7 @@ def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_red
         if not isinstance(node, fx.Node) or node.graph is not gm.graph:
             raise RewriteError(f"the residual stream {where} was not found")
     n = _token_count(facts, start)
-    if not 0 < keep <= n:
+    if keep is not None and not 0 < keep <= n:
         raise RewriteError(f"node {start.name}: cannot keep {keep} of {n} tokens")
     undo = GraphUndo(gm.graph)
     outputs_before = output_signature(gm)
@@ -145,10 +149,11 @@ def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_red
         if shapes is not None and shapes.predict(cut.region, cut.token_dims, n, keep, added):
             return cut
         if example_inputs is not None:
-            before = {node: shape_of(node) for node in cut.region}
+            before = {node: shape_keys(node) for node in cut.region}
             propagate_shapes(gm, example_inputs)
-            if verify:
-                _check_region_shapes(cut, before, keep, n)
+            if verify:  # a symbolic count (keep None) as the propagated one: sizes compare as keys
+                kept = keep if keep is not None else shape_keys(cut.gathered)[1]
+                _check_region_shapes(cut, before, kept, size_key(n))
                 check_output_contract(outputs_before, output_signature(gm), skip=cut.cache_outputs)
         return cut
     except Exception as exc:
@@ -234,11 +239,12 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
     side = []
     gathered_side = {}
     added = {node for node in graph.nodes if node not in existing}
+    n_key = size_key(n)
     for node in region:
         for inp in list(node.all_input_nodes):
             if inp in region_set or inp in added:
                 continue
-            dims = sorted(d for d in axes.of(inp) if shape_of(inp)[d] == n)
+            dims = sorted(d for d in axes.of(inp) if shape_keys(inp)[d] == n_key)
             if not dims:
                 continue
             if inp not in gathered_side:
@@ -250,9 +256,15 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
 
     # literals: N on a token dim of a shape argument becomes M (k*N -> k*M for merged dims)
     rewritten = 0
+    sizes = (n, keep) if keep is not None else None
     for node in region:
-        for lit in literals_of(node, axes, {n}):
-            set_path(node, lit.path, lit.value // n * keep)
+        for lit in literals_of(node, axes, {n_key}):
+            if not is_symbolic(lit.value):
+                set_path(node, lit.path, lit.value // n * keep)
+            else:  # a node (a symbolic N, or B*N with a symbolic batch): computed in the graph
+                sizes = sizes or _size_nodes(graph, stream, gathered)
+                with graph.inserting_before(node):
+                    set_path(node, lit.path, _symbolic_literal(graph, get_path(node, lit.path), lit, *sizes))
             rewritten += 1
 
     restored = None
@@ -270,6 +282,25 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
                     cache_outputs=output_positions(graph, cache_nodes), reduction=reduction)
 
 
+def _size_nodes(graph: fx.Graph, stream: fx.Node, gathered: fx.Node) -> tuple:
+    """Nodes of the token counts N (of ``stream``) and M (of ``gathered``), for the literals of a
+    symbolic cut: Dynamo's shape arguments there are nodes too (``s27``, ``s52*s27``)."""
+    with graph.inserting_after(gathered):
+        m = graph.call_method("size", (gathered, 1))
+    with graph.inserting_after(gathered):
+        n = graph.call_method("size", (stream, 1))
+    return n, m
+
+
+def _symbolic_literal(graph: fx.Graph, arg: fx.Node, lit, n, m):
+    """What stands for the symbolic literal ``arg`` (the size N, or k*N for merged dims) at M
+    tokens: ``m`` itself, or the node ``arg // n * m`` (k may itself be symbolic: the batch size);
+    n and m are ints or nodes."""
+    if lit.value == lit.tokens:
+        return m
+    return graph.call_function(operator.mul, (graph.call_function(operator.floordiv, (arg, n)), m))
+
+
 def _gather_side_input(graph: fx.Graph, inp: fx.Node, dims: list, reader: fx.Node, index: fx.Node) -> tuple:
     """Insert the gather of side input ``inp`` [B or 1, ..., N, ...] on its token ``dims``; returns the
     gathered node and its token dims.
@@ -284,7 +315,8 @@ def _gather_side_input(graph: fx.Graph, inp: fx.Node, dims: list, reader: fx.Nod
             raise RewriteError(f"node {inp.name} (read by {reader.name}) has its token axis at dim 0 and "
                                f"no batch dim to gather per sample on")
         lead = reader_rank - rank
-        inp = graph.call_method("reshape", (inp, (1,) * lead + tuple(shape_of(inp))))
+        for _ in range(lead):  # unsqueeze, not a reshape: its sizes may be symbolic
+            inp = graph.call_method("unsqueeze", (inp, 0))
         dims = [d + lead for d in dims]
     for d in dims:
         inp = graph.call_function(tokens.gather_token_dim, (inp, index, d))
@@ -341,17 +373,20 @@ def output_positions(graph: fx.Graph, nodes: set) -> frozenset:
     return frozenset(i for i, leaf in enumerate(leaves) if leaf in nodes)
 
 
-def _check_region_shapes(cut: TokenCut, before: dict, keep: int, n: int) -> None:
-    """Every region node's token dims now hold M (k*M for merged dims), its other dims as before."""
+def _check_region_shapes(cut: TokenCut, before: dict, keep, n) -> None:
+    """Every region node's token dims now hold M (k*M for merged dims), its other dims as before
+    (shapes, ``keep`` and ``n`` as size keys)."""
     for node in cut.region:
-        old, new = before[node], shape_of(node)
+        old, new = before[node], shape_keys(node)
         if old is None:
             continue
         if new is None or len(new) != len(old):
             raise RewriteError(f"node {node.name}: shape changed from {old} to {new}")
         expected = cut_shape(old, cut.token_dims[node], n, keep)
         for d, (a, b) in enumerate(zip(expected, new)):
-            if b != a:
+            # a symbolic size before and an int after: the graph was propagated with concrete
+            # inputs (an export's dynamic batch); the propagation itself checked that it fits
+            if b != a and is_symbolic(a) == is_symbolic(b):
                 raise RewriteError(f"node {node.name}: dim {d} is {b} after the rewrite, expected "
                                    f"{a} (shape before {old})")
 

@@ -8,6 +8,8 @@ their neighbours (a custom op is opaque to inductor: on CPU that costs more than
 
 from __future__ import annotations
 
+from fractions import Fraction
+
 import torch
 
 from tokred.triton_ops.common import graph_calls_kernel
@@ -85,3 +87,15 @@ def padding_keys(mask, batch: int, n: int) -> torch.Tensor:
     m = m[:, 0]
     allowed = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
     return ~allowed.any(dim=-2)
+
+
+def kept_count(keep, n):
+    """The tokens (or cache entries) ``keep`` leaves of ``n``: a fraction rounds half up (at least 1
+    where n > 0), a count is capped at n. ``n`` may be a symbolic size (a graph compiled for every
+    token count): the count is then one integer expression, evaluated at each call, with no guard
+    on ``n``; it is the same integer a static compile at that n computes."""
+    if isinstance(keep, float):
+        ratio = Fraction(keep).limit_denominator(1 << 20)
+        half_up = (2 * n * ratio.numerator + ratio.denominator) // (2 * ratio.denominator)
+        return torch.sym_min(n, torch.sym_max(1, half_up))
+    return torch.sym_min(keep, n)

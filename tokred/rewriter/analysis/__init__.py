@@ -21,7 +21,7 @@ from torch import fx
 from tokred.rewriter.analysis.blocks import (
     assign_roles, find_blocks, find_prefix_tokens, find_readout_positions, post_dominators,
 )
-from tokred.rewriter.analysis.graph import shape_of, to_networkx
+from tokred.rewriter.analysis.graph import shape_keys, shape_of, size_key, to_networkx
 from tokred.rewriter.analysis.literals import find_shape_literals
 from tokred.rewriter.analysis.roles import attention_role
 from tokred.rewriter.analysis.sites import (
@@ -91,26 +91,25 @@ def analyze(gm: fx.GraphModule) -> GraphFacts:
     sites = find_attention_sites(graph)
     for i, site in enumerate(sites):
         site.layer = i
-        if not (isinstance(site.q_len, int) and isinstance(site.kv_len, int)) and not site.skip_reason:
-            # dynamic=True: the token count is a symbol; the token-cutting rewrites need it fixed
-            site.skip_reason = ("the token count is dynamic (a symbolic shape): merge, prune and sparse "
-                                "attention need it fixed (compile with dynamic=False)")
-    sites_static = [s for s in sites if isinstance(s.q_len, int) and isinstance(s.kv_len, int)]
-    counts = Counter(s.q_len for s in sites_static if s.q_len == s.kv_len)
+    # token counts as size keys: ints, or in a dynamic graph sympy expressions (``s27``), so that a
+    # symbolic count is analysed like a static one without evaluating it
+    lengths = {id(s): (size_key(s.q_len), size_key(s.kv_len)) for s in sites}
+    known = [s for s in sites if None not in lengths[id(s)]]
+    counts = Counter(lengths[id(s)][0] for s in known if lengths[id(s)][0] == lengths[id(s)][1])
     token_counts = set(counts)
     seeds = {}
-    for site in sites_static:
+    for site in known:
         for node, dims in _site_seeds(site).items():
             seeds[node] = seeds.get(node, frozenset()) | dims
     axes = infer_token_axes(graph, token_counts, seeds)
     projections = find_projections(graph)
-    blocks = find_blocks([s for s in sites_static if s.q_len == s.kv_len and not s.skip_reason], nxg,
-                         post_dominators(graph, nxg))
+    self_attention = [s for s in known if lengths[id(s)][0] == lengths[id(s)][1] and not s.skip_reason]
+    blocks = find_blocks(self_attention, nxg, post_dominators(graph, nxg))
     assign_stacks(blocks, nxg)
     for site in sites:
         site.role = attention_role(site)
-    for site in sites_static:
-        if site.q_len != site.kv_len and not site.skip_reason:
+    for site in known:
+        if lengths[id(site)][0] != lengths[id(site)][1] and not site.skip_reason:
             queries = "1 query" if site.q_len == 1 else f"{site.q_len} queries"
             site.skip_reason = f"{site.role} ({queries}, {site.kv_len} keys)"
     assign_roles(projections, sites, blocks, graph)
@@ -128,7 +127,7 @@ def assign_stacks(blocks: list, nxg: nx.DiGraph) -> None:
     is computed from that block's output with the same shape [B, N, C]."""
     stack = 0
     for prev, block in zip(blocks, blocks[1:]):
-        same = prev.output is not None and shape_of(prev.output) == shape_of(block.input) and (
+        same = prev.output is not None and shape_keys(prev.output) == shape_keys(block.input) and (
             prev.output is block.input or nx.has_path(nxg, prev.output, block.input))
         stack += 0 if same else 1
         block.stack = stack

@@ -12,7 +12,7 @@ from torch import fx
 
 from tokred.rewriter.analysis.graph import (
     ADD_FUNCS, common_module_path, is_call, is_parameter_like,
-    module_path, shape_of, walk,
+    module_path, shape_keys, shape_of, walk,
 )
 from tokred.rewriter.analysis.sites import (
     LAYOUT_FUNCS, LAYOUT_METHODS, AttentionSite, Block, is_projection_node, projection_input, skip_layout,
@@ -62,7 +62,7 @@ def find_residual_add(start: fx.Node, residual_candidates: set, max_nodes: int =
                 operands = [a for a in user.args[:2] if isinstance(a, fx.Node)]
                 others = [a for a in operands if a is not cur]
                 if len(operands) == 2 and others and others[0] in residual_candidates and \
-                        shape_of(user) == shape_of(others[0]):
+                        shape_keys(user) == shape_keys(others[0]):
                     return user
             frontier.append(user)
     return None
@@ -82,7 +82,7 @@ def norm_chain(add: fx.Node, ipdom: dict, max_steps: int = 4) -> list:
     for _ in range(max_steps):
         nxt = ipdom.get(cur)
         if nxt is None or nxt is cur or nxt.op != "call_function" and nxt.op != "call_method" or \
-                is_projection_node(nxt) or shape_of(nxt) != shape_of(add):
+                is_projection_node(nxt) or shape_keys(nxt) != shape_keys(add):
             break
         chain.append(nxt)
         cur = nxt

@@ -65,6 +65,28 @@ def _static_size(s):
     return int(s)
 
 
+def size_key(s):
+    """A size as the analysis compares it: an int, or for a symbolic size (a dynamic graph) its
+    sympy expression (``s27``, ``2*s27``). Keys compare, hash and divide structurally, so a
+    comparison of two symbolic sizes never evaluates them (which would guard the compiled graph
+    on their values, as ``SymInt == SymInt`` does when they differ). None stays None."""
+    if s is None:
+        return None
+    s = _static_size(s)
+    return s.node.expr if isinstance(s, torch.SymInt) else s
+
+
+def shape_keys(node: Any) -> Optional[tuple]:
+    """:func:`shape_of` with every size as its :func:`size_key` (None if not a tensor)."""
+    shape = shape_of(node)
+    return None if shape is None else tuple(size_key(s) for s in shape)
+
+
+def is_symbolic(size) -> bool:
+    """Whether a size (an int, SymInt or size key) is symbolic: it varies from call to call."""
+    return not isinstance(size, int)
+
+
 def is_state(node: fx.Node) -> bool:
     """A placeholder (or get_attr) holding a module parameter or buffer, not a user input."""
     if node.op == "get_attr":

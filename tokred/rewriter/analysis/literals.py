@@ -4,6 +4,10 @@ Dynamo bakes static sizes into the graph (``x.reshape(2, 197, 3, 6, 64)``). Wher
 the token count, each such literal on a token dim must change with it. A literal counts only where
 the token-axis dataflow says its output dim runs over tokens, so a hidden size that happens to
 equal N is left alone.
+
+In a dynamic graph the token count is a symbol, and a shape argument that holds it is a node
+(Dynamo's ``s27`` placeholder, or ``s52*s27`` computed from it) rather than an int: such an
+argument is a literal too, with its size key (a sympy expression) as its value.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Optional
 import torch
 from torch import fx
 
-from tokred.rewriter.analysis.graph import is_call, shape_of
+from tokred.rewriter.analysis.graph import example_value, is_call, shape_keys, size_key
 from tokred.rewriter.analysis.token_axis import TokenAxes
 
 SIZE_METHODS = ("view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full")
@@ -66,17 +70,28 @@ def set_path(node: fx.Node, path: tuple, value: Any) -> None:
     node.args = tuple(args)
 
 
+def literal_value(arg: Any):
+    """A shape argument as a literal's value: an int (not a bool), a size node's size key, else None."""
+    if isinstance(arg, bool):
+        return None
+    if isinstance(arg, int):
+        return arg
+    value = example_value(arg)
+    return size_key(value) if isinstance(value, torch.SymInt) else None
+
+
 def literals_of(node: fx.Node, axes: TokenAxes, token_counts: set) -> list:
-    """The token-count literals in ``node``'s arguments."""
-    shape = shape_of(node)
+    """The token-count literals in ``node``'s arguments (``token_counts``: size keys)."""
+    shape = shape_keys(node)
     dims = axes.of(node)
     if shape is None or not dims:
         return []
     found = []
     if is_call(node, torch.arange) and 0 in dims:
         for i, a in enumerate(node.args[:2]):
-            if isinstance(a, int) and a == shape[0] and a in token_counts:
-                found.append(ShapeLiteral(node, (i,), a, 0, a))
+            value = literal_value(a)
+            if value is not None and value == shape[0] and value in token_counts:
+                found.append(ShapeLiteral(node, (i,), value, 0, value))
         return found
     if node.target is operator.getitem and isinstance(node.args[1], (tuple, slice)):
         return found  # slices are handled by the surgery (they cut a buffer to N)
@@ -86,15 +101,18 @@ def literals_of(node: fx.Node, axes: TokenAxes, token_counts: set) -> list:
     offset = len(shape) - len(paths)
     for k, path in enumerate(paths):
         d = k + offset
-        value = get_path(node, path)
-        if d < 0 or d not in dims or not isinstance(value, int) or isinstance(value, bool):
+        value = literal_value(get_path(node, path))
+        if d < 0 or d not in dims or value is None or value != shape[d]:
             continue
-        if value != shape[d]:
-            continue
-        tokens = next((n for n in sorted(token_counts) if value % n == 0), None)
+        tokens = next((n for n in sorted(token_counts, key=_smallest_first) if value % n == 0), None)
         if tokens is not None:
             found.append(ShapeLiteral(node, path, value, d, tokens))
     return found
+
+
+def _smallest_first(count) -> tuple:
+    """Sort key of token counts: ints ascending, then symbolic ones."""
+    return (0, count, "") if isinstance(count, int) else (1, 0, str(count))
 
 
 def find_shape_literals(graph: fx.Graph, axes: TokenAxes, token_counts: set) -> list:

@@ -17,7 +17,7 @@ from torch import fx
 
 from tokred.rewriter.analysis.graph import (
     DROPOUT_FUNCS, LINEAR_TARGETS, MATMUL_TARGETS, SDPA_TARGETS, SOFTMAX_FUNCS, arg, common_module_path,
-    is_call, is_matmul, is_parameter_like, module_path, shape_of,
+    example_value, is_call, is_matmul, is_parameter_like, module_path, shape_of, size_key,
 )
 
 # ops that move data around without mixing tokens or channels
@@ -102,7 +102,7 @@ class AttentionSite:
 
     @property
     def self_attention(self) -> bool:
-        return self.q_len == self.kv_len and (self.q_proj is None or self.k_proj is None or
+        return size_key(self.q_len) == size_key(self.kv_len) and (self.q_proj is None or self.k_proj is None or
                                               _same_input(self.q_proj, self.k_proj))
 
 
@@ -242,8 +242,18 @@ def trace_projection(node, max_depth: int = 48) -> Optional[fx.Node]:
 
 
 def _scalar(x) -> Optional[float]:
+    """A number, or a node of one: under ``dynamic=True`` Dynamo passes a model's float attributes
+    (``self.scaling``) as inputs, read by ``.item()`` into a SymFloat. Its value is read with a
+    guard, as a static compile bakes the float in: a graph recompiles if the model's scale changes,
+    never per token count."""
     if isinstance(x, (int, float)) and not isinstance(x, bool):
         return float(x)
+    value = example_value(x) if isinstance(x, fx.Node) else None
+    if isinstance(value, torch.SymFloat):
+        try:
+            return float(value)
+        except Exception:  # an unbacked value (data-dependent): no number to read
+            return None
     return None
 
 

@@ -11,6 +11,10 @@ A dataflow over the graph, forward and backward until nothing changes:
 A token dim is recorded as an int (a dim of the node's shape). A dim that holds tokens flattened
 with outer dims (GPT-2's ``x.view(-1, C)``: size B*N) is recorded too; it has size k*N.
 Tuple-valued nodes (unbind, split, chunk) get a tuple of per-element sets.
+
+Sizes are compared as size keys (``graph.size_key``): ints, or sympy expressions in a dynamic
+graph, so that a symbolic token count (``s27``, flattened ``s52*s27``) is followed like a static
+one, and no comparison evaluates a symbolic size.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import fx
 from tokred.compat import torch_api
 from tokred.rewriter.analysis.graph import (
     DROPOUT_FUNCS, LAYER_NORM_FUNCS, LINEAR_TARGETS, RMS_NORM_FUNCS, SDPA_TARGETS,
-    example_value, is_call, is_matmul, is_state, shape_of,
+    example_value, is_call, is_matmul, is_state, shape_keys,
 )
 
 Dims = frozenset
@@ -94,6 +98,16 @@ def broadcast_map(in_shape: tuple, in_dims: Dims, out_shape: tuple) -> Dims:
                      and in_shape[d] == out_shape[d + off] and in_shape[d] != 1)
 
 
+def broadcast_shape(shapes: list) -> tuple:
+    """The broadcast of shapes given as size keys (``torch.broadcast_shapes`` takes no sympy sizes)."""
+    ndim = max(len(s) for s in shapes)
+    out = []
+    for d in range(ndim):
+        sizes = {s[d - ndim + len(s)] for s in shapes if d - ndim + len(s) >= 0} - {1}
+        out.append(next(iter(sizes)) if sizes else 1)  # two different sizes would not broadcast
+    return tuple(out)
+
+
 def reshape_map(in_shape: tuple, in_dims: Dims, out_shape: tuple, token_counts: set = frozenset()) -> Dims:
     """Token dims after a contiguous reshape: a dim keeps its identity by its inner element count.
 
@@ -145,7 +159,7 @@ def _perm_of(node: fx.Node, ndim: int) -> Optional[list]:
 
 
 def _tensor_args(node: fx.Node) -> list:
-    return [a for a in node.all_input_nodes if shape_of(a) is not None]
+    return [a for a in node.all_input_nodes if shape_keys(a) is not None]
 
 
 def _reduced_dims(node: fx.Node, ndim: int) -> Optional[tuple]:
@@ -163,7 +177,7 @@ def _reduced_dims(node: fx.Node, ndim: int) -> Optional[tuple]:
 
 def forward_dims(node: fx.Node, get: Callable, token_counts: set):
     """Token dims of ``node`` from its inputs' (``get(node_or_(node, i))``)."""
-    out_shape = shape_of(node)
+    out_shape = shape_keys(node)
     if node.op == "placeholder":
         if is_state(node) or out_shape is None:
             return EMPTY
@@ -175,19 +189,19 @@ def forward_dims(node: fx.Node, get: Callable, token_counts: set):
 
     if target is operator.getitem:
         src, idx = node.args[0], node.args[1]
-        if isinstance(src, fx.Node) and isinstance(idx, int) and shape_of(src) is None:
+        if isinstance(src, fx.Node) and isinstance(idx, int) and shape_keys(src) is None:
             value = get(src)
             return value[idx] if isinstance(value, tuple) and idx < len(value) else EMPTY
-        if out_shape is None or shape_of(src) is None:
+        if out_shape is None or shape_keys(src) is None:
             return EMPTY
-        return _getitem_dims(shape_of(src), get(src), idx, out_shape, get, token_counts)
+        return _getitem_dims(shape_keys(src), get(src), idx, out_shape, get, token_counts)
 
     if is_call(node, "unbind", torch.unbind):
         x = node.args[0]
-        shape, dims = shape_of(x), get(x)
+        shape, dims = shape_keys(x), get(x)
         dim = _norm_dim(int(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)), len(shape))
         one = frozenset(d - (d > dim) for d in dims if d != dim)
-        return tuple(one for _ in range(shape[dim]))
+        return tuple(one for _ in range(shape[dim])) if isinstance(shape[dim], int) else EMPTY
     if is_call(node, "split", torch.split, "chunk", torch.chunk, "tensor_split"):
         x = node.args[0]
         ev = example_value(node)
@@ -200,16 +214,16 @@ def forward_dims(node: fx.Node, get: Callable, token_counts: set):
 
     if target in SDPA_TARGETS:
         q = node.args[0]
-        return broadcast_map(shape_of(q), get(q), out_shape)
+        return broadcast_map(shape_keys(q), get(q), out_shape)
     if target in LINEAR_TARGETS:
         x = node.args[0]
-        return frozenset(d for d in get(x) if d < len(shape_of(x)) - 1)
+        return frozenset(d for d in get(x) if d < len(shape_keys(x)) - 1)
     if target is torch.addmm:
         a = node.args[1]
         return frozenset(d for d in get(a) if d == 0)
     if is_matmul(node):
         a, b = node.args[0], node.args[1]
-        sa, sb = shape_of(a), shape_of(b)
+        sa, sb = shape_keys(a), shape_keys(b)
         if sa is None or sb is None or len(sa) < 2 or len(sb) < 2:
             return EMPTY
         da, db = get(a), get(b)
@@ -225,13 +239,13 @@ def forward_dims(node: fx.Node, get: Callable, token_counts: set):
         return permute_map(get(node.args[0]), perm)
     if is_call(node, *RESHAPE_METHODS, *RESHAPE_FUNCS):
         x = node.args[0]
-        return reshape_map(shape_of(x), get(x), out_shape, token_counts) if shape_of(x) is not None else EMPTY
+        return reshape_map(shape_keys(x), get(x), out_shape, token_counts) if shape_keys(x) is not None else EMPTY
     if is_call(node, "cat", torch.cat, torch.concat, torch.concatenate):
         tensors = node.args[0]
         dim = _norm_dim(int(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)), ndim)
         dims = set()
         for t in tensors:
-            if isinstance(t, fx.Node) and shape_of(t) is not None and len(shape_of(t)) == ndim:
+            if isinstance(t, fx.Node) and shape_keys(t) is not None and len(shape_keys(t)) == ndim:
                 dims |= get(t)
         return frozenset(d for d in dims if d < ndim)
     if is_call(node, "stack", torch.stack):
@@ -246,7 +260,7 @@ def forward_dims(node: fx.Node, get: Callable, token_counts: set):
         return get(ids)
     if is_call(node, *REDUCTION_METHODS, *REDUCTION_FUNCS):
         x = node.args[0]
-        sx = shape_of(x)
+        sx = shape_keys(x)
         red = _reduced_dims(node, len(sx))
         if red is None:
             return EMPTY
@@ -266,7 +280,7 @@ def forward_dims(node: fx.Node, get: Callable, token_counts: set):
     # elementwise and anything else whose tensor inputs broadcast to the output
     dims = set()
     for a in _tensor_args(node):
-        sa = shape_of(a)
+        sa = shape_keys(a)
         if len(sa) <= ndim and all(s == 1 or s == o for s, o in zip(sa[::-1], out_shape[::-1])):
             dims |= broadcast_map(sa, get(a), out_shape)
     return frozenset(dims)
@@ -291,10 +305,10 @@ def _getitem_dims(in_shape: tuple, in_dims: Dims, idx, out_shape: tuple, get, to
         if adv_positions else True
     adv_shape = None
     if advanced:
-        shapes = [shape_of(a) for a in advanced]
+        shapes = [shape_keys(a) for a in advanced]
         if any(s is None for s in shapes):
             return EMPTY
-        adv_shape = tuple(torch.broadcast_shapes(*shapes))
+        adv_shape = broadcast_shape(shapes)
     adv_start = None
     for p, i in enumerate(expanded):
         if i is None:
@@ -319,7 +333,7 @@ def _getitem_dims(in_shape: tuple, in_dims: Dims, idx, out_shape: tuple, get, to
             return EMPTY
     if advanced:
         for a in advanced:
-            for d in broadcast_map(shape_of(a), get(a), adv_shape):
+            for d in broadcast_map(shape_keys(a), get(a), adv_shape):
                 dims.add(adv_start + d)
     return frozenset(d for d in dims if d < len(out_shape))
 
@@ -329,12 +343,12 @@ def _getitem_dims(in_shape: tuple, in_dims: Dims, idx, out_shape: tuple, get, to
 def backward_dims(node: fx.Node, out_dims, token_counts: set) -> dict:
     """Token dims that ``node``'s output dims imply for its inputs: {input_node: dims}."""
     result = {}
-    out_shape = shape_of(node)
+    out_shape = shape_keys(node)
     if isinstance(out_dims, tuple):
         # unbind / split / chunk: element dims back to the source
         if is_call(node, "unbind", torch.unbind):
             x = node.args[0]
-            sx = shape_of(x)
+            sx = shape_keys(x)
             dim = _norm_dim(int(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)), len(sx))
             union = frozenset().union(*out_dims) if out_dims else EMPTY
             result[x] = frozenset(d + (d >= dim) for d in union)
@@ -347,7 +361,7 @@ def backward_dims(node: fx.Node, out_dims, token_counts: set) -> dict:
     target = node.target
     if node.op not in ("call_function", "call_method"):
         return result
-    if target is operator.getitem and isinstance(node.args[1], int) and shape_of(node.args[0]) is None:
+    if target is operator.getitem and isinstance(node.args[1], int) and shape_keys(node.args[0]) is None:
         return result  # handled by the tuple producer
     if target in LINEAR_TARGETS:
         result[node.args[0]] = frozenset(d for d in out_dims if d < ndim - 1)
@@ -358,14 +372,14 @@ def backward_dims(node: fx.Node, out_dims, token_counts: set) -> dict:
         return result
     if is_call(node, *RESHAPE_METHODS, *RESHAPE_FUNCS):
         x = node.args[0]
-        if shape_of(x) is not None:
-            result[x] = reshape_map(out_shape, out_dims, shape_of(x), token_counts)
+        if shape_keys(x) is not None:
+            result[x] = reshape_map(out_shape, out_dims, shape_keys(x), token_counts)
         return result
     if is_call(node, "cat", torch.cat, torch.concat):
         dim = _norm_dim(int(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)), ndim)
         for t in node.args[0]:
-            if isinstance(t, fx.Node) and shape_of(t) is not None and len(shape_of(t)) == ndim:
-                result[t] = frozenset(d for d in out_dims if d == dim or shape_of(t)[d] == out_shape[d])
+            if isinstance(t, fx.Node) and shape_keys(t) is not None and len(shape_keys(t)) == ndim:
+                result[t] = frozenset(d for d in out_dims if d == dim or shape_keys(t)[d] == out_shape[d])
         return result
     elementwise = (node.op == "call_function" and target in ELEMENTWISE_FUNCS) or \
         (node.op == "call_method" and target in ELEMENTWISE_METHODS)
@@ -374,7 +388,7 @@ def backward_dims(node: fx.Node, out_dims, token_counts: set) -> dict:
         if target in LAYER_NORM_FUNCS or target in RMS_NORM_FUNCS:
             inputs = inputs[:1]
         for a in inputs:
-            sa = shape_of(a)
+            sa = shape_keys(a)
             if len(sa) > ndim:
                 continue
             off = ndim - len(sa)
