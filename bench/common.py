@@ -42,3 +42,13 @@ def load_average() -> str:
         return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "load: " + " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def save_figure(fig, ax, path: str | Path, dpi: int = 130, legend_size=None) -> None:
+    """Finish a results plot: legend, tight layout, PNG at ``path``, figure closed."""
+    import matplotlib.pyplot as plt
+
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)

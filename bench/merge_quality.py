@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tokred  # noqa: E402
-from bench.common import write_results  # noqa: E402
+from bench.common import save_figure, write_results  # noqa: E402
 from tokred.tools.demo import embed, fit_probe, load_minilm, load_wiki_topics, time_per_batch, tokenize  # noqa: E402
 
 CACHE = os.path.expanduser("~/.cache/tokred")
@@ -153,10 +153,7 @@ def plot(rows: list, path: str) -> None:
     ax.set_xlabel("measured speedup over dense (both inductor, CPU)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("tokred token merging: accuracy against speed")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    save_figure(fig, ax, path)
 
 
 def main() -> None:

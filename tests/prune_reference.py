@@ -359,10 +359,12 @@ def split_heads(t: Tensor, head_dim: int) -> Tensor:
 
 
 def rotate(t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding (half-split convention) of t [B, H, N, D] with cos/sin [B, N, D]."""
-    half = t.shape[-1] // 2
-    turned = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
-    return t * cos[:, None] + turned * sin[:, None]
+    """Rotary embedding (half-split convention) of t [B, H, N, D] with cos/sin [B, N, R]: the first
+    R <= D dims turn (partial rotary, as Phi's), the rest pass through."""
+    rot, rest = t[..., :cos.shape[-1]], t[..., cos.shape[-1]:]
+    half = rot.shape[-1] // 2
+    turned = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([rot * cos[:, None] + turned * sin[:, None], rest], dim=-1)
 
 
 def negative(dtype) -> float:
@@ -468,7 +470,7 @@ def causal_bias(position: Tensor, dtype) -> Tensor:
 
 
 def decoder_qk(layer, x_in: Tensor, cos: Tensor, sin: Tensor) -> tuple:
-    """q [B, H, N, D] and k [B, Hkv, N, D] of a Llama/Qwen2 decoder layer's attention, as its
+    """q [B, H, N, D] and k [B, Hkv, N, D] of a Llama/Qwen2/Phi decoder layer's attention, as its
     softmax reads them (q/k norms where the model has them, then rotary)."""
     attn = layer.self_attn
     h = layer.input_layernorm(x_in)
@@ -476,12 +478,20 @@ def decoder_qk(layer, x_in: Tensor, cos: Tensor, sin: Tensor) -> tuple:
     k = split_heads(attn.k_proj(h), attn.head_dim)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
+    if getattr(attn, "q_layernorm", None) is not None:  # Phi's qk_layernorm, over the hidden dims
+        q, k = attn.q_layernorm(q), attn.k_layernorm(k)
     return rotate(q, cos, sin), rotate(k, cos, sin)
+
+
+def final_norm(inner):
+    """The decoder's norm after its last layer (Llama's ``norm``, Phi's ``final_layernorm``)."""
+    return inner.norm if hasattr(inner, "norm") else inner.final_layernorm
 
 
 def hf_decoder_forward(model, input_ids: Tensor, opts: Optional[PruneOptions], use_cache: bool = True,
                        log: Optional[list] = None) -> DecoderResult:
-    """Pruned prefill of a transformers LlamaForCausalLM / Qwen2ForCausalLM (no padding).
+    """Pruned prefill of a transformers LlamaForCausalLM / Qwen2ForCausalLM / PhiForCausalLM (Phi's
+    blocks are parallel-residual: the layer is run whole, as any other; no padding).
 
     Every kept token keeps its original position: its rotary angle and its causal mask row are
     those of that position. The cache is the model's own DynamicCache, filled by the layers.
@@ -514,7 +524,7 @@ def hf_decoder_forward(model, input_ids: Tensor, opts: Optional[PruneOptions], u
             x = apply_cut(x, cut)
             position = position.gather(1, cut.kept)
             layers = []
-    logits = model.lm_head(inner.norm(exits.restore(x)))
+    logits = model.lm_head(final_norm(inner)(exits.restore(x)))
     return DecoderResult(logits, cache, n, seen)
 
 
@@ -529,7 +539,7 @@ def hf_decoder_step(model, token: Tensor, cache, position: int) -> Tensor:
         # No mask: a single query at the newest position may read every cached token.
         x = layer(x, attention_mask=None, position_ids=ids, **cache_argument(layer, cache), use_cache=True,
                   position_embeddings=(cos, sin))
-    return model.lm_head(inner.norm(x))
+    return model.lm_head(final_norm(inner)(x))
 
 
 def hf_decoder_generate(model, input_ids: Tensor, opts: Optional[PruneOptions], steps: int,

@@ -158,6 +158,27 @@ def test_merge_equals_the_reference_at_every_length(fresh_dynamo, r):
     assert all(s.status == REWRITTEN and "a symbolic token count" in s.reason for s in backend.report.attention_sites)
 
 
+def test_merge_caps_r_per_block_and_long_calls_share_one_graph(fresh_dynamo):
+    """r=3 on two blocks: calls long enough for r in every block share one graph (13, 17, 21);
+    shorter ones (r capped at half a block's tokens, as a static compile caps it) compile others;
+    each equals the reference at its own length."""
+    z = ZOO["hf_bert_sdpa"]()
+    backend, compiled = dynamic_backend(z.model, merge={"r": 3})
+
+    def check(n):
+        with torch.no_grad():
+            got = compiled(input_ids=ids_of(n), attention_mask=padding_mask(n)).last_hidden_state
+            want = tome_reference.hf_bert_forward(z.model, ids_of(n), padding_mask(n), r=3)[0].last_hidden_state
+        torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+
+    for n in (13, 17, 21):
+        check(n)
+    assert len(backend.reports) == 1
+    for n in (9, 11, 5):
+        check(n)
+    assert len(backend.reports) > 1
+
+
 def test_local_merge_at_a_symbolic_count_says_why(fresh_dynamo):
     z = ZOO["hf_bert_sdpa"]()
     backend, compiled = dynamic_backend(z.model, merge={"r": 2, "mode": "local"})

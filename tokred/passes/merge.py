@@ -153,6 +153,23 @@ def protected_split(prefix: int, protect: str) -> tuple[int, bool]:
     return 2 * (prefix // 2), prefix % 2 == 1
 
 
+def merged_count(n, r: int, prefix: int) -> tuple:
+    """(r, M): r capped at half of the ``n - prefix`` unprotected tokens, and the M = n - r left.
+
+    At a symbolic n the comparison is a guard, as a static compile's would be, and M is spelled
+    so that it holds n once: N - r where r fits (N - r, N - 2r, ... stay linear however many blocks
+    merge), (n + prefix + 1) // 2 where the cap applies. A spelling with n twice (n - min(r, ...))
+    doubles at every block, and the shape solver never finished MiniLM's sixth. So a dynamic graph
+    serves every length with the same number of capped blocks: one graph for all long calls.
+    """
+    if isinstance(n, int):
+        r = min(r, max(0, (n - prefix) // 2))
+        return r, n - r
+    if n - prefix >= 2 * r:
+        return r, n - r
+    return (n - prefix) // 2, (n + prefix + 1) // 2  # n >= prefix: the prefix tokens are among the n
+
+
 def tome_step(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor],
               group: torch.Tensor, r: int, prefix: int, protect: str = "tome"):
     """One bipartite soft matching merge of ``r`` tokens; the first ``prefix`` tokens are protected.
@@ -166,19 +183,36 @@ def tome_step(x: torch.Tensor, metric: torch.Tensor, size: Optional[torch.Tensor
     b, n, _ = x.shape
     if size is None:
         size = torch.ones(b, n, 1, dtype=torch.float32, device=x.device)
-    # at most half of the unprotected tokens (the plan's cap; computed here for a symbolic N)
-    r = torch.sym_min(r, torch.sym_max(0, (n - prefix) // 2))
+    r, m = merged_count(n, r, prefix)
     aside, class_row = protected_split(prefix, protect)
     # ToMe leaves the kept A tokens in score order unless it has a class token (then it sorts them)
     kept_order = "score" if protect == "tome" and prefix == 0 else "index"
     if aside == 0:
-        return _bipartite_merge(x, metric, size, group, r, class_row, kept_order)
+        return _counted(n, m, *_bipartite_merge(x, metric, size, group, r, class_row, kept_order))
     head = torch.arange(aside, device=x.device).unsqueeze(0).expand(b, aside)
     xr, sr, gr, rep, dest = _bipartite_merge(x[:, aside:], metric[:, aside:], size[:, aside:],
                                              group[:, aside:], r, class_row, kept_order)
-    return (torch.cat([x[:, :aside], xr], dim=1), torch.cat([size[:, :aside], sr], dim=1),
-            torch.cat([group[:, :aside], gr], dim=1), torch.cat([head, rep + aside], dim=1),
-            torch.cat([head, dest + aside], dim=1))
+    return _counted(n, m, torch.cat([x[:, :aside], xr], dim=1), torch.cat([size[:, :aside], sr], dim=1),
+                    torch.cat([group[:, :aside], gr], dim=1), torch.cat([head, rep + aside], dim=1),
+                    torch.cat([head, dest + aside], dim=1))
+
+
+def _counted(n, m, x, size, group, rep, dest):
+    """tome_step's outputs with their token dims spelled M (x, size, group, rep) and N (dest).
+
+    A symbolic N only: the merge's own sizes come out as (N + 1) // 2 - r + N // 2, which the
+    shape solver does not reduce to N - r, and the next block's merge would nest two copies of
+    it, doubling the expression at every block.
+    A view keeps the old expression (it proves the two equal and keeps the input's); as_strided
+    takes the size it is given, and is free (the same memory, the same strides).
+    """
+    if isinstance(n, int):
+        return x, size, group, rep, dest
+
+    def spelled(t, count):
+        return torch.as_strided(t, (t.shape[0], count, *t.shape[2:]), t.stride())
+
+    return spelled(x, m), spelled(size, m), spelled(group, m), spelled(rep, m), spelled(dest, n)
 
 
 def _bipartite_merge(x, metric, size, group, r: int, class_row: bool = False, kept_order: str = "index"):
@@ -253,6 +287,14 @@ def split_best(node_max: torch.Tensor, r: int, last: int = 0, kept_order: str = 
 def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a [B, ceil(N/2)], b [B, N//2] -> [B, N] with a at even and b at odd positions."""
     bsz, na, nb = a.shape[0], a.shape[1], b.shape[1]
+    if not isinstance(na, int):
+        # a symbolic N: gathers by position, no piece that is empty for one parity (its cat would
+        # guard on N's parity: a graph for odd N, one for even)
+        half = torch.arange(na + nb, device=a.device) // 2
+        odd = (torch.arange(na + nb, device=a.device) % 2 == 1).unsqueeze(0)
+        from_a = a.gather(1, half.unsqueeze(0).expand(bsz, -1))  # p // 2 < na at every p
+        from_b = b.gather(1, half.clamp(max=nb - 1).unsqueeze(0).expand(bsz, -1))
+        return torch.where(odd, from_b, from_a)
     pairs = torch.stack([a[:, :nb], b], dim=-1).reshape(bsz, 2 * nb)
     return torch.cat([pairs, a[:, nb:]], dim=1) if na > nb else pairs
 

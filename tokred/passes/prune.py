@@ -251,16 +251,11 @@ def _cannot_prune(block, score: str, fuse: bool, causal: bool, protected: int, l
     """Why the cut after ``block`` cannot be made ("" if it can); ``later``: the blocks after it,
     which run on the kept tokens."""
     site = block.attention
-    if block.unsupported:
-        return block.unsupported
     if site.logit_ops and score in ATTENTION_SCORES:
         return (f"score '{score}' recomputes plain scaled attention, and this site's logits pass through a "
                 f"soft-cap or a temperature before the softmax; use score 'transition', 'diversity' or 'random'")
     if block.output is None or block.mlp_add is None:
         return "the block's MLP residual add was not found"
-    blocked = next((b for b in later if b.unsupported), None)
-    if blocked is not None:
-        return f"block {blocked.module or blocked.index} after it: {blocked.unsupported}"
     if later and later[-1].output is None:
         return (f"the output of the last block ({later[-1].module or later[-1].index}) was not found: the "
                 f"pruned tokens could not be put back after it")

@@ -63,7 +63,8 @@ def tome_match_reference(metric: Tensor, group: Tensor) -> tuple[Tensor, Tensor]
                 torch.zeros((batch, num_a), dtype=torch.int64, device=metric.device))
     unit = metric.float()
     unit = unit / unit.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    a, b = unit[:, 0::2], unit[:, 1::2]
+    # contiguous: the strided halves' matmul would guard on N's parity (a graph for odd, one for even)
+    a, b = unit[:, 0::2].contiguous(), unit[:, 1::2].contiguous()
     group_a, group_b = group[:, 0::2, None], group[:, 1::2][:, None, :]
     allowed = (group_a >= 0) & (group_a == group_b)  # [B, Na, Nb]; group_b >= 0 follows from ==
     scores = (a @ b.transpose(1, 2)).masked_fill(~allowed, float("-inf"))

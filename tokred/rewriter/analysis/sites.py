@@ -136,11 +136,13 @@ class Block:
 
     @property
     def unsupported(self) -> str:
-        """Why token-reducing passes cannot rewrite this block yet ("" if they can try)."""
+        """Why a cut between this block's attention and its MLP (merge's) cannot be made ("" if it can
+        try); a cut after the block (prune's) needs only ``output``."""
         return PARALLEL_RESIDUAL if self.parallel else ""
 
 
-PARALLEL_RESIDUAL = "parallel-residual block (attention and MLP read the same input): not supported yet"
+PARALLEL_RESIDUAL = ("parallel-residual block (attention and MLP read the same input): no stream between "
+                     "them to merge on (prune cuts after the block)")
 
 
 def _same_input(a: fx.Node, b: fx.Node) -> bool:
