@@ -134,6 +134,27 @@ def test_token_axis_of_specific_nodes():
     assert axes.of(readout) == frozenset()
 
 
+def test_a_slice_to_the_end_of_a_head_dim_is_not_a_token_dim():
+    """Partial rotary (Phi, GPT-NeoX): ``q[..., r:]`` keeps the head dims past the rotary ones; here
+    it has N of them, as GPT-NeoX's tiny config had, and it is still not a token dim."""
+    d, rot = N + 4, 4
+
+    class PartialRotary(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(H * d, 3 * H * d), nn.Linear(H * d, H * d)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)
+            q = torch.cat([q[..., :rot] * 2.0, q[..., rot:]], dim=-1)
+            out = F.scaled_dot_product_attention(q, k, v)
+            return x + self.proj(out.transpose(1, 2).reshape(B, N, H * d))
+
+    gm, facts = capture(PartialRotary(), torch.randn(B, N, H * d))
+    rest = next(n for n in gm.graph.nodes if n.target is operator.getitem and shape_of(n) == (B, H, N, N))
+    assert facts.token_axes.of(rest) == {2}
+
+
 def test_shape_literals_are_token_dims_only():
     gm, facts = capture(Encoder(fused=True), torch.randn(B, N - 1, C))
     lits = facts.shape_literals

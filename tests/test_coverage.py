@@ -18,6 +18,7 @@ SAMPLE = {
     ("timm", "vit_tiny_patch16_224"): {"merge", "prune"},
     ("transformers", "llama"): {"prune", "sparse", "kv_cache"},
     ("transformers", "phi"): {"prune", "sparse", "kv_cache"},  # parallel-residual blocks: prune cuts after them
+    ("transformers", "gpt_neox"): {"prune", "sparse", "kv_cache"},  # q[..., r:] of N head dims: not tokens
     ("transformers", "mixtral"): {"sparse", "kv_cache"},  # prune: MoE routing literals, a reason
     ("timm", "eva02_tiny_patch14_224"): set(),  # rotary table of the patch tokens only: a reason
 }

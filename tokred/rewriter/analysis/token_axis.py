@@ -317,7 +317,10 @@ def _getitem_dims(in_shape: tuple, in_dims: Dims, idx, out_shape: tuple, get, to
             in_d += 1
         elif isinstance(i, slice):
             if out_d < len(out_shape):
-                if in_d in in_dims or (out_shape[out_d] in token_counts and
+                # a table cut to N (``pos[:, :N]``, ``ids[:, c:c + N]``) has a stop; a slice that runs
+                # to the end (Phi's and GPT-NeoX's ``q[..., r:]``, the head dims past the rotary
+                # ones) is the rest of its dim, a token count only by coincidence of sizes
+                if in_d in in_dims or (out_shape[out_d] in token_counts and i.stop is not None and
                                        out_shape[out_d] != in_shape[in_d] and in_d > 0):
                     dims.add(out_d)
             in_d += 1
