@@ -478,7 +478,7 @@ def decoder_qk(layer, x_in: Tensor, cos: Tensor, sin: Tensor) -> tuple:
     k = split_heads(attn.k_proj(h), attn.head_dim)
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
-    if getattr(attn, "q_layernorm", None) is not None:  # Phi's qk_layernorm, over the hidden dims
+    if getattr(attn, "q_layernorm", None) is not None:  # Phi's qk_layernorm, over each head's dims
         q, k = attn.q_layernorm(q), attn.k_layernorm(k)
     return rotate(q, cos, sin), rotate(k, cos, sin)
 
