@@ -7,9 +7,10 @@ padded to different lengths (cycling through ``--lengths``), as a serving queue 
 variant (dense, merge r, prune keep) is compiled by inductor twice: with ``dynamic=True`` (one
 graph for every length: the token count is symbolic) and with ``dynamic=False`` (a graph per
 length). Accuracy: a linear probe fitted on each variant's own embeddings of the training split
-(padded to the longest length), scored on that variant's test embeddings. Speed: seconds per pass over all test batches, the variants
-measured alternately in one run, relative to dense compiled per length. Writes
-bench/results/dynamic_lengths.md and dynamic_lengths.png (accuracy against speedup).
+(padded to the longest length), scored on that variant's test embeddings. Speed: seconds per
+pass over all test batches, the variants measured alternately in one run, relative to dense
+compiled per length. Writes bench/results/dynamic_lengths.md and dynamic_lengths.png (accuracy
+against speedup).
 """
 
 from __future__ import annotations

@@ -90,19 +90,23 @@ def _compiled_run(name: str, depth: int, options_json: str, decode_steps: int):
         with torch.no_grad():
             out = fn(*zm.args, **zm.kwargs)
             if decode_steps:
-                cache = returned_cache(out)
-                token = out.logits[:, -1:].argmax(-1)
-                steps, tokens = [], []
-                for _ in range(decode_steps):
-                    tokens.append(token)
-                    step = fn(input_ids=token, **cache_argument(zm.model, cache), use_cache=True)
-                    cache = returned_cache(step)
-                    steps.append(step.logits)
-                    token = step.logits[:, -1:].argmax(-1)
-                out = (out, steps, torch.cat(tokens, dim=1), cache)
+                out = (out, *greedy_steps(fn, zm.model, out, decode_steps))
     finally:
         torch._dynamo.reset()
     return out, be.report
+
+
+def greedy_steps(fn, model, prefill, steps: int) -> tuple:
+    """([step logits], tokens fed [B, steps], the last cache): greedy decode steps through ``fn``
+    (a compiled forward of ``model``) on the cache its ``prefill`` output returned."""
+    cache, token = returned_cache(prefill), prefill.logits[:, -1:].argmax(-1)
+    logits, tokens = [], []
+    for _ in range(steps):
+        tokens.append(token)
+        step = fn(input_ids=token, **cache_argument(model, cache), use_cache=True)
+        cache, token = returned_cache(step), step.logits[:, -1:].argmax(-1)
+        logits.append(step.logits)
+    return logits, torch.cat(tokens, dim=1), cache
 
 
 def compiled(name: str, prune: dict, depth: int = 2, inner: str = "aot_eager", decode_steps: int = 0):

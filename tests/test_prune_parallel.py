@@ -14,8 +14,8 @@ import torch
 
 import prune_reference
 import tokred
-from tokred.compat.transformers_api import cache_argument, returned_cache
 from tokred.rewriter.report import REWRITTEN
+from test_prune import greedy_steps
 from zoo import GQA_HEADS, GQA_HIDDEN, GQA_KV_HEADS, INTERMEDIATE, VOCAB, _hf_build, max_abs_diff
 
 TOL = 1e-4
@@ -34,20 +34,6 @@ def tiny_phi(layers: int = 3):
 
 def ids(n: int = 14) -> torch.Tensor:
     return torch.randint(10, VOCAB - 10, (2, n), generator=torch.Generator().manual_seed(n))
-
-
-def compiled_generate(model, prune: dict, steps: int):
-    """(backend, prefill output, [step logits], the last cache) of the model compiled through tokred."""
-    backend = tokred.backend(inner="aot_eager", prune=prune)
-    fn = torch.compile(model, backend=backend)
-    with torch.no_grad():
-        out = fn(input_ids=ids(), use_cache=True)
-        cache, token, logits = returned_cache(out), out.logits[:, -1:].argmax(-1), []
-        for _ in range(steps):
-            step = fn(input_ids=token, **cache_argument(model, cache), use_cache=True)
-            cache, token = returned_cache(step), step.logits[:, -1:].argmax(-1)
-            logits.append(step.logits)
-    return backend, out, logits, cache
 
 
 @pytest.mark.parametrize("prune", [
@@ -72,7 +58,10 @@ def test_phi_prefill_equals_the_reference(fresh_dynamo, prune):
 def test_phi_pruned_cache_and_decode_equal_the_reference(fresh_dynamo):
     model = tiny_phi()
     prune = {"keep": 0.5, "at": [0], "score": "query", "protect_last": 2}
-    _, out, steps, cache = compiled_generate(model, prune, STEPS)
+    fn = torch.compile(model, backend=tokred.backend(inner="aot_eager", prune=prune))
+    with torch.no_grad():
+        out = fn(input_ids=ids(), use_cache=True)
+        steps, _, cache = greedy_steps(fn, model, out, STEPS)
     with torch.no_grad():
         want_logits, want_steps, _, want_cache = prune_reference.hf_decoder_generate(
             model, ids(), prune_reference.prune_options(**prune), STEPS)

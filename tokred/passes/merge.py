@@ -290,8 +290,8 @@ def interleave(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if not isinstance(na, int):
         # a symbolic N: gathers by position, no piece that is empty for one parity (its cat would
         # guard on N's parity: a graph for odd N, one for even)
-        half = torch.arange(na + nb, device=a.device) // 2
-        odd = (torch.arange(na + nb, device=a.device) % 2 == 1).unsqueeze(0)
+        position = torch.arange(na + nb, device=a.device)
+        half, odd = position // 2, (position % 2 == 1).unsqueeze(0)
         from_a = a.gather(1, half.unsqueeze(0).expand(bsz, -1))  # p // 2 < na at every p
         from_b = b.gather(1, half.clamp(max=nb - 1).unsqueeze(0).expand(bsz, -1))
         return torch.where(odd, from_b, from_a)
