@@ -52,10 +52,10 @@ import torch
 from torch import fx
 
 from tokred.passes.sparse_site import (
-    allowed_from_bias, attends_over_cache, broadcasts, evaluate_constant, known_true, manual_mask_ops, own_window,
-    size_hint, training_dropout, unrepeated_kv, unscaled_query,
+    allowed_from_bias, attends_over_cache, broadcasts, known_true, manual_mask_ops, own_window, size_hint,
+    training_dropout, unrepeated_kv, unscaled_query,
 )
-from tokred.rewriter.analysis.graph import arg, shape_of, to_networkx
+from tokred.rewriter.analysis.graph import arg, evaluate_constant, shape_of, to_networkx
 from tokred.rewriter.analysis.sites import logit_ops_text
 from tokred.rewriter.driver import GraphPass, Skip
 from tokred.rewriter.report import note_unchanged, unchanged_reason

@@ -14,31 +14,11 @@ import torch
 from torch import fx
 
 from tokred.compat import torch_api
-from tokred.rewriter.analysis.graph import DROPOUT_FUNCS, arg, is_call, shape_of, to_networkx
+from tokred.rewriter.analysis.graph import DROPOUT_FUNCS, arg, is_call, shape_of
 from tokred.rewriter.analysis.sites import skip_layout
 
 
 # ----------------------------------------------------------------------------- the site's own mask
-
-def evaluate_constant(gm: fx.GraphModule, node: fx.Node, nxg: Optional[nx.DiGraph] = None) -> Optional[torch.Tensor]:
-    """The value of ``node`` when it depends on no graph input (a mask built from aranges), else None."""
-    nxg = to_networkx(gm.graph) if nxg is None else nxg
-    ancestors = nx.ancestors(nxg, node) | {node}
-    if any(n.op == "placeholder" for n in ancestors):
-        return None
-    sub = fx.Graph()
-    env: dict = {}
-    for n in gm.graph.nodes:
-        if n in ancestors:
-            env[n] = sub.node_copy(n, lambda x: env[x])
-    sub.output(env[node])
-    try:
-        with torch.no_grad():
-            value = fx.GraphModule(gm, sub)()
-    except Exception:  # a construct that does not run outside the graph: treat as not constant
-        return None
-    return value if isinstance(value, torch.Tensor) else None
-
 
 def allowed_from_bias(bias: torch.Tensor) -> Optional[torch.Tensor]:
     """A boolean "may attend" mask from a boolean or additive mask; None for a real bias (ALiBi)."""

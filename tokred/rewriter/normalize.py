@@ -1,5 +1,5 @@
 """One spelling per op before matching: in-place arithmetic becomes out-of-place where that
-cannot change what the graph computes.
+cannot change what the graph computes, and batched matmuls take one form.
 
     respelled = normalize(gm)   # number of nodes rewritten
 
@@ -12,6 +12,12 @@ replaced by the out-of-place one when nothing can see the difference:
 - nothing reads the mutated tensor after the in-place op, other than through its result.
 
 Anything else is left in place (the matcher then does not find that site, and says nothing wrong).
+
+Batched matmuls (:mod:`.normalize_matmul`): ``baddbmm(bias, a, b, beta=, alpha=)`` becomes
+``bmm(a, b) * alpha + bias * beta``; a ``bmm`` over heads flattened into the batch whose result
+is viewed [B, H, N, M] (DeBERTa, BLOOM) becomes a 4-D matmul of the viewed operands, and the
+weights' ``bmm`` with v likewise. The attention matcher then sees one pattern, with its scale and
+bias as logit ops and q, k, v as [B, H, N, D].
 
 A dynamic graph builds some shape arguments as a node, ``torch.Size([s52, s27, 192])``, where a
 static one passes the tuple ``(2, 9, 192)``: the sizes are inlined into the shape call, so that
@@ -27,6 +33,7 @@ from torch import fx
 
 from tokred.rewriter.analysis.graph import example_value
 from tokred.rewriter.analysis.literals import size_arg_paths
+from tokred.rewriter.normalize_matmul import fold_head_views, split_baddbmm
 
 # in-place op -> its out-of-place twin, as functions and as methods
 IN_PLACE_FUNCTIONS = {operator.itruediv: operator.truediv, operator.imul: operator.mul,
@@ -51,6 +58,8 @@ def normalize(gm: fx.GraphModule) -> int:
             node.target = twin
             respelled += 1
     respelled += _inline_sizes(gm.graph)
+    respelled += split_baddbmm(gm.graph)
+    respelled += fold_head_views(gm.graph)
     if respelled:
         gm.graph.lint()
         gm.recompile()

@@ -249,7 +249,8 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
                 continue
             if inp not in gathered_side:
                 with graph.inserting_before(node):  # its first reader: inp is defined by now
-                    gathered_side[inp], new_dims = _gather_side_input(graph, inp, dims, node, index)
+                    gathered_side[inp], new_dims = _gather_side_input(graph, inp, dims, node, index,
+                                                                      shape_keys(stream)[0])
                 axes.dims[gathered_side[inp]] = frozenset(new_dims)
                 side.append((inp, tuple(dims)))
             node.replace_input_with(inp, gathered_side[inp])
@@ -301,26 +302,43 @@ def _symbolic_literal(graph: fx.Graph, arg: fx.Node, lit, n, m):
     return graph.call_function(operator.mul, (graph.call_function(operator.floordiv, (arg, n)), m))
 
 
-def _gather_side_input(graph: fx.Graph, inp: fx.Node, dims: list, reader: fx.Node, index: fx.Node) -> tuple:
+def _gather_side_input(graph: fx.Graph, inp: fx.Node, dims: list, reader: fx.Node, index: fx.Node,
+                       batch) -> tuple:
     """Insert the gather of side input ``inp`` [B or 1, ..., N, ...] on its token ``dims``; returns the
-    gathered node and its token dims.
+    gathered node and its token dims (``batch``: the stream's batch size, as a size key).
 
-    A tensor without a batch dim whose token axis is dim 0 (a causal mask ``ones(N, N).tril()``
-    built in the model) is given leading size-1 dims up to its reader's rank first, so that the
-    per-sample gather broadcasts the same way (its reader must broadcast, e.g. masked_fill).
+    A tensor without a batch dim (its token axis at dim 0, as a causal mask ``ones(N, N).tril()``
+    built in the model, or a dim 0 of another size, as MPT's ALiBi table [H, 1, N]) is given
+    leading size-1 dims up to the rank it is broadcast to (its reader's, or the first op after
+    rank-keeping reads such as slices that raises it) first, so that the per-sample gather
+    broadcasts the same way.
     """
-    if 0 in dims:
-        rank, reader_rank = len(shape_of(inp)), len(shape_of(reader) or ())
-        if reader_rank <= rank:
-            raise RewriteError(f"node {inp.name} (read by {reader.name}) has its token axis at dim 0 and "
-                               f"no batch dim to gather per sample on")
-        lead = reader_rank - rank
+    shape = shape_keys(inp)
+    if 0 in dims or shape[0] not in (batch, 1):
+        rank, target = len(shape), _broadcast_rank(reader)
+        if target <= rank:
+            raise RewriteError(f"node {inp.name} (read by {reader.name}) carries the token axis but has no batch "
+                               f"dim to gather per sample on, and is not broadcast against one")
+        lead = target - rank
         for _ in range(lead):  # unsqueeze, not a reshape: its sizes may be symbolic
             inp = graph.call_method("unsqueeze", (inp, 0))
         dims = [d + lead for d in dims]
     for d in dims:
         inp = graph.call_function(tokens.gather_token_dim, (inp, index, d))
     return inp, dims
+
+
+def _broadcast_rank(reader: fx.Node, hops: int = 4) -> int:
+    """The rank a side input is broadcast to: its reader's output rank, or (where the reader keeps
+    the rank, as a slice does) that of the reader's one user, a few nodes on."""
+    rank = len(shape_of(reader) or ())
+    for _ in range(hops):
+        users = list(reader.users)
+        if len(users) != 1 or len(shape_of(users[0]) or ()) <= rank:
+            break
+        reader = users[0]
+        rank = len(shape_of(reader) or ())
+    return rank
 
 
 def _token_count(facts, stream: fx.Node) -> int:

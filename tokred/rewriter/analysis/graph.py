@@ -193,3 +193,23 @@ def walk(node: fx.Node, step: Callable[[fx.Node], Any] = lambda n: n.all_input_n
         seen.add(cur)
         yield cur
         frontier.extend(step(cur))
+
+
+def evaluate_constant(gm: fx.GraphModule, node: fx.Node, nxg: Optional[nx.DiGraph] = None) -> Optional[torch.Tensor]:
+    """The value of ``node`` when it depends on no graph input (a mask built from aranges), else None."""
+    nxg = to_networkx(gm.graph) if nxg is None else nxg
+    ancestors = nx.ancestors(nxg, node) | {node}
+    if any(n.op == "placeholder" for n in ancestors):
+        return None
+    sub = fx.Graph()
+    env: dict = {}
+    for n in gm.graph.nodes:
+        if n in ancestors:
+            env[n] = sub.node_copy(n, lambda x: env[x])
+    sub.output(env[node])
+    try:
+        with torch.no_grad():
+            value = fx.GraphModule(gm, sub)()
+    except Exception:  # a construct that does not run outside the graph: treat as not constant
+        return None
+    return value if isinstance(value, torch.Tensor) else None

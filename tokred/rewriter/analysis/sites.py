@@ -1,6 +1,7 @@
 """Attention sites, projection sites and blocks of a Dynamo (torch-level) graph.
 
-An attention site is an SDPA call or the decomposed chain ``softmax(q @ k^T * scale [+ mask]) @ v``.
+An attention site is an SDPA call or the written-out chain ``softmax(f(q @ k^T)) @ v`` (matched
+rule by rule in :mod:`.logits`: scales, masks, biases, soft-caps, temperatures).
 q, k, v are traced back through layout ops (view/reshape/permute/transpose/unbind/split/...),
 GQA's repeat_kv (expand + reshape) and rotary arithmetic to the projections that made them.
 """
@@ -16,8 +17,11 @@ import torch.nn.functional as F
 from torch import fx
 
 from tokred.rewriter.analysis.graph import (
-    DROPOUT_FUNCS, LINEAR_TARGETS, MATMUL_TARGETS, SDPA_TARGETS, SOFTMAX_FUNCS, arg, common_module_path,
-    example_value, is_call, is_matmul, is_parameter_like, module_path, shape_of, size_key,
+    DROPOUT_FUNCS, LINEAR_TARGETS, MATMUL_TARGETS, SDPA_TARGETS, SOFTMAX_FUNCS, arg, common_module_path, is_call,
+    is_parameter_like, module_path, shape_of, size_key,
+)
+from tokred.rewriter.analysis.logits import (
+    LOGIT_OP_WORDS, key_operand, match_logits, match_weights_matmul, query_scale, scalar_value,
 )
 
 # ops that move data around without mixing tokens or channels
@@ -86,8 +90,9 @@ class AttentionSite:
     scale: Optional[float] = None
     softmax: Optional[fx.Node] = None
     scores: Optional[fx.Node] = None  # q @ k^T (manual chain)
-    # manual chain: the ops between q @ k^T and softmax that are neither the scale nor the mask
-    # (a tanh soft-cap, a learned temperature); a pass that recomputes plain scaled logits skips them
+    # manual chain: the LogitSteps between q @ k^T and softmax that are neither a scale nor a mask
+    # (a tanh soft-cap, a learned temperature, a second product of the query); a pass that
+    # recomputes plain scaled logits skips them
     logit_ops: tuple = ()
     gqa: bool = False
     q_proj: Optional[fx.Node] = None
@@ -243,22 +248,6 @@ def trace_projection(node, max_depth: int = 48) -> Optional[fx.Node]:
     return None
 
 
-def _scalar(x) -> Optional[float]:
-    """A number, or a node of one: under ``dynamic=True`` Dynamo passes a model's float attributes
-    (``self.scaling``) as inputs, read by ``.item()`` into a SymFloat. Its value is read with a
-    guard, as a static compile bakes the float in: a graph recompiles if the model's scale changes,
-    never per token count."""
-    if isinstance(x, (int, float)) and not isinstance(x, bool):
-        return float(x)
-    value = example_value(x) if isinstance(x, fx.Node) else None
-    if isinstance(value, torch.SymFloat):
-        try:
-            return float(value)
-        except Exception:  # an unbacked value (data-dependent): no number to read
-            return None
-    return None
-
-
 # ----------------------------------------------------------------------------- attention sites
 
 def find_sdpa_site(node: fx.Node) -> AttentionSite:
@@ -267,146 +256,45 @@ def find_sdpa_site(node: fx.Node) -> AttentionSite:
     causal = bool(arg(node, 5, "is_causal", False)) or _looks_causal(mask)
     scale = arg(node, 6, "scale")
     gqa = bool(node.kwargs.get("enable_gqa", False))
-    site = _make_site("sdpa", node, q, k, v, mask, causal, _scalar(scale), None, None, gqa)
+    site = _make_site("sdpa", node, q, k, v, mask, causal, scalar_value(scale), None, None, gqa)
     site.masks = (("sdpa", mask),) if isinstance(mask, fx.Node) else ()
     return site
 
 
 def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
-    """``softmax(q @ k^T * scale [+ mask]) [dropout] @ v`` around a softmax node, or None."""
-    dim = arg(softmax, 1, "dim", None)
-    x_shape = shape_of(softmax)
-    if x_shape is None or len(x_shape) < 3 or dim not in (-1, len(x_shape) - 1):
+    """``softmax(f(q @ k^T)) [dropout] @ v`` around a softmax node (see :mod:`.logits`), or None."""
+    chain = match_logits(softmax)
+    found = match_weights_matmul(softmax) if chain is not None else None
+    if found is None:
         return None
-    # backward from softmax to the scores matmul, collecting scale, mask and other logit ops
-    scale, mask, cur, logit_ops, masks = None, None, softmax.args[0], [], []
-    for _ in range(16):
-        if not isinstance(cur, fx.Node):
-            return None
-        if is_matmul(cur):
-            break
-        if is_call(cur, operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div"):
-            a, b = cur.args[0], cur.args[1]
-            s = _scalar(b)
-            if s is not None:
-                scale = (scale or 1.0) * (s if cur.target in (operator.mul, torch.mul, "mul") else 1.0 / s)
-                cur = a
-                continue
-            # a learned temperature: a tensor from outside the chain scales the logits
-            for logits, other in ((a, b), (b, a)):
-                if isinstance(logits, fx.Node) and _reaches_matmul(logits) and not (
-                        isinstance(other, fx.Node) and _reaches_matmul(other)):
-                    logit_ops.append(cur)
-                    cur = logits
-                    break
-            else:
-                return None
-            continue
-        if is_call(cur, torch.tanh, "tanh"):
-            # a soft-cap c * tanh(x / c): the scalars seen so far act after the tanh, not on q @ k^T
-            logit_ops.append(cur)
-            scale, cur = None, cur.args[0]
-            continue
-        if is_call(cur, operator.add, torch.add, "add"):
-            a, b = cur.args[0], cur.args[1]
-            # the scores operand has the full [.., Nq, Nk] shape and comes from a matmul chain
-            if isinstance(a, fx.Node) and _reaches_matmul(a):
-                mask, cur = b, a
-            elif isinstance(b, fx.Node) and _reaches_matmul(b):
-                mask, cur = a, b
-            else:
-                return None
-            masks.append(("add", mask))
-            continue
-        if is_call(cur, "masked_fill", torch.masked_fill, torch.where):
-            if cur.target is torch.where:
-                mask, cur = cur.args[0], cur.args[1]
-                masks.append(("keep", mask))
-            else:
-                mask, cur = cur.args[1], cur.args[0]
-                masks.append(("fill", mask))
-            continue
-        if is_call(cur, "to", "float", "type", "type_as", "contiguous"):
-            cur = cur.args[0]
-            continue
-        return None
-    else:
-        return None
-    scores = cur
-    if not is_matmul(scores):
-        return None
-    q, kt = scores.args[0], scores.args[1]
-    # forward from softmax to the (attn @ v) matmul
-    cur = prev = softmax
-    for _ in range(6):
-        users = list(cur.users)
-        prev = cur
-        if len(users) != 1:
-            # attention weights returned as an output as well: follow the matmul user
-            mm = [u for u in users if is_matmul(u)]
-            if len(mm) != 1:
-                return None
-            cur = mm[0]
-            break
-        cur = users[0]
-        if is_matmul(cur):
-            break
-        if not (is_call(cur, "to", "float", "type", "type_as", "contiguous", "half", "bfloat16")
-                or (cur.op == "call_function" and cur.target in DROPOUT_FUNCS)):
-            return None
-    else:
-        return None
-    out = cur
-    if out.args[0] is not prev:  # the weights are the left operand: (attn @ v), not (x @ attn)
-        return None
-    v = out.args[1]
-    k = _untranspose(kt)
-    # q pre-scaled as in timm's eager path (q = q * scale; attn = q @ k^T)
-    if isinstance(q, fx.Node) and is_call(q, operator.mul, torch.mul, "mul") and _scalar(q.args[1]) is not None:
-        scale = (scale or 1.0) * _scalar(q.args[1])
-    causal = _looks_causal(mask)
-    site = _make_site("manual", out, q, k, v, mask, causal, scale, softmax, scores, False)
-    site.logit_ops = tuple(logit_ops)
-    site.masks = tuple((kind, m) for kind, m in masks if isinstance(m, fx.Node))
+    out, _ = found
+    scores = chain.scores
+    k, key_factor = key_operand(scores.args[1])
+    q = scores.args[0]
+    # the scalings nearer q @ k^T than a soft-cap's tanh act on q @ k^T; the others after the tanh
+    last_tanh = max((i for i, s in enumerate(chain.steps) if s.kind == "softcap"), default=-1)
+    factors = [s.factor for s in chain.steps[last_tanh + 1:] if s.kind == "scale"]
+    pre_scaled = query_scale(q)
+    if pre_scaled is not None:
+        factors.append(pre_scaled)
+    if key_factor != 1.0:
+        factors.append(key_factor)
+    scale = None
+    for f in factors:
+        scale = (scale or 1.0) * f
+    masks = tuple((s.kind, s.side) for s in chain.steps if s.kind in ("add", "fill", "keep")
+                  and isinstance(s.side, fx.Node))
+    mask = masks[-1][1] if masks else None  # the mask nearest q @ k^T
+    causal = any(_looks_causal(m) for _, m in masks)
+    site = _make_site("manual", out, q, k, out.args[1], mask, causal, scale, softmax, scores, False)
+    site.logit_ops = tuple(chain.of_kind(*LOGIT_OP_WORDS))
+    site.masks = masks
     return site
 
 
 def logit_ops_text(site: AttentionSite) -> str:
-    """The site's logit ops in words: "a tanh soft-cap", "a learned temperature", or both."""
-    words = ["a tanh soft-cap" if is_call(n, torch.tanh, "tanh") else "a learned temperature" for n in site.logit_ops]
-    return " and ".join(dict.fromkeys(words))
-
-
-def _reaches_matmul(node: fx.Node, depth: int = 12) -> bool:
-    """Whether ``node`` is q @ k^T, past scalings, casts, a soft-cap's tanh and other masks (the
-    logits operand of an add, a masked_fill or a where)."""
-    if not isinstance(node, fx.Node) or depth == 0:
-        return False
-    if is_matmul(node):
-        return True
-    if is_call(node, operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div", "to", "float",
-               torch.tanh, "tanh", "masked_fill", torch.masked_fill):
-        return _reaches_matmul(node.args[0], depth - 1)
-    if is_call(node, torch.where):
-        return _reaches_matmul(node.args[1], depth - 1)
-    if is_call(node, operator.add, torch.add, "add"):
-        return any(_reaches_matmul(a, depth - 1) for a in node.args[:2])
-    return False
-
-
-def _untranspose(kt):
-    """``k.transpose(-2, -1)`` -> k (the manual chain's key before its transpose). A permute that
-    does more than swap the last two dims (a key laid out [B, H, D, N] straight from [B, N, H, D])
-    is left as it is: its input is not the key as [B, H, N, D]."""
-    if is_call(kt, "transpose", torch.transpose) or is_call(kt, "mT", "t"):
-        return kt.args[0]
-    if is_call(kt, "permute", torch.permute) and len(kt.args) >= 2:
-        dims = kt.args[1:] if len(kt.args) > 2 or not isinstance(kt.args[1], (list, tuple)) else kt.args[1]
-        rank = len(dims)
-        norm = [d % rank for d in dims] if all(isinstance(d, int) for d in dims) else None
-        if norm == list(range(rank - 2)) + [rank - 1, rank - 2]:
-            return kt.args[0]
-    return kt
+    """The site's logit ops in words: "a tanh soft-cap", "a learned temperature", ..."""
+    return " and ".join(dict.fromkeys(LOGIT_OP_WORDS[step.kind] for step in site.logit_ops))
 
 
 def _looks_causal(mask) -> bool:
