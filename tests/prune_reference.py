@@ -31,6 +31,7 @@ from fractions import Fraction
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # the cache keyword of the installed transformers (only the spelling; the method is written out here)
@@ -400,6 +401,38 @@ def timm_vit_features(model, images: Tensor, opts: Optional[PruneOptions], log: 
     return model.norm(exits.restore(x))
 
 
+def timm_eva_features(model, images: Tensor, opts: Optional[PruneOptions], log: Optional[list] = None) -> Tensor:
+    """Pruned timm ``Eva.forward_features`` (EVA02: a rotary table [N - p, 2D] of the patch tokens
+    after the p prefix tokens): every kept patch keeps its own rotary row, [N, C] after the norm."""
+    from timm.layers import apply_rot_embed_cat
+
+    x, table = model._pos_embed(model.patch_embed(images))
+    x = model.norm_pre(x)
+    p, batch, n = model.num_prefix_tokens, x.shape[0], x.shape[1]
+    position = torch.arange(n).expand(batch, n).clone()
+    exits = Exits(batch, n)
+    cuts = {} if opts is None else {at: i for i, at in enumerate(opts.at)}
+    layers = []
+    for index, block in enumerate(model.blocks):
+        rope = table[position[:, p:] - p][:, None]  # [B, 1, M - p, 2D]: the rows of the kept patches
+        x_in, x = x, block(x, rope=rope)
+        attn = block.attn
+        h = block.norm1(x_in)
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else None
+        q, k, _ = F.linear(h, attn.qkv.weight, bias).reshape(batch, x.shape[1], 3, attn.num_heads, -1) \
+            .permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = (torch.cat([t[:, :, :p], apply_rot_embed_cat(t[:, :, p:], rope)], dim=2) for t in (q, k))
+        layers.append((q, k, attn.scale, None, x_in, x))
+        if index in cuts:
+            cut = plan_cut(opts, cuts[index], p, layers)
+            if log is not None:
+                log.append(cut)
+            exits.cut(x, cut)
+            x, position, layers = apply_cut(x, cut), position.gather(1, cut.kept), []
+    return model.norm(exits.restore(x))
+
+
 def timm_vit_forward(model, images: Tensor, opts: Optional[PruneOptions], log: Optional[list] = None) -> Tensor:
     """Pruned timm VisionTransformer: logits [B, classes]."""
     return model.forward_head(timm_vit_features(model, images, opts, log))
@@ -526,6 +559,42 @@ def hf_decoder_forward(model, input_ids: Tensor, opts: Optional[PruneOptions], u
             layers = []
     logits = model.lm_head(final_norm(inner)(exits.restore(x)))
     return DecoderResult(logits, cache, n, seen)
+
+
+def hf_opt_forward(model, input_ids: Tensor, opts: Optional[PruneOptions], log: Optional[list] = None) -> Tensor:
+    """Pruned prefill of a transformers OPTForCausalLM (pre-norm; learned absolute positions added
+    once at the embedding, so a kept token carries its position in its state): logits [B, N, V].
+    The layers run whole on the kept tokens, with the causal mask of their original positions."""
+    inner = model.model.decoder
+    batch, n = input_ids.shape
+    position = torch.arange(n).expand(batch, n).clone()
+    table = inner.embed_positions
+    x = inner.embed_tokens(input_ids) + table.weight[position + table.offset]
+    if inner.project_in is not None:
+        x = inner.project_in(x)
+    exits = Exits(batch, n)
+    cuts = {} if opts is None else {at: i for i, at in enumerate(opts.at)}
+    layers = []
+    for index, layer in enumerate(inner.layers):
+        x_in, bias = x, causal_bias(position, x.dtype)
+        out = layer(x, attention_mask=bias, position_ids=position)
+        x = out[0] if isinstance(out, tuple) else out
+        attn, h = layer.self_attn, layer.self_attn_layer_norm(x_in)
+        head_dim = attn.head_dim
+        layers.append((split_heads(attn.q_proj(h), head_dim), split_heads(attn.k_proj(h), head_dim), attn.scaling,
+                       bias, x_in, x))
+        if index in cuts:
+            cut = plan_cut(opts, cuts[index], 0, layers)
+            if log is not None:
+                log.append(cut)
+            exits.cut(x, cut)
+            x, position, layers = apply_cut(x, cut), position.gather(1, cut.kept), []
+    x = exits.restore(x)
+    if inner.final_layer_norm is not None:
+        x = inner.final_layer_norm(x)
+    if inner.project_out is not None:
+        x = inner.project_out(x)
+    return model.lm_head(x)
 
 
 def hf_decoder_step(model, token: Tensor, cache, position: int) -> Tensor:

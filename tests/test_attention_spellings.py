@@ -1,6 +1,6 @@
 """One attention, many spellings (tokred/rewriter/normalize_matmul.py, rewriter/analysis/logits.py):
-heads flattened into a bmm batch (DeBERTa), ALiBi through ``baddbmm`` (BLOOM), a scale on the
-key or in front of the logits, a position bias added before the mask (T5), a batchless ALiBi
+heads flattened into a bmm batch (DeBERTa), ALiBi through ``baddbmm`` (BLOOM), einsum (XLNet),
+a scale on the key or in front of the logits, a position bias added before the mask (T5), a batchless ALiBi
 table (MPT). Each spelling is found as the same site, compiles to the same output, and is merged
 or pruned to the same output as the plain 4-D spelling of the same weights."""
 
@@ -41,7 +41,7 @@ class Attention(torch.nn.Module):
         s = self.spelling
         if s in ("matmul", "matmul_alibi", "matmul_relative", "key_scaled", "scale_first"):
             if s == "key_scaled":
-                logits = q @ (k.transpose(-2, -1) / math.sqrt(HEAD_DIM))
+                logits = q @ (k.transpose(-2, -1) / math.sqrt(HEAD_DIM)) + 0  # DeBERTa adds a 0 bias so
             elif s == "scale_first":
                 logits = HEAD_DIM ** -0.5 * (q @ k.transpose(-2, -1))
             else:
@@ -53,6 +53,12 @@ class Attention(torch.nn.Module):
             if blocked is not None:
                 logits = logits.masked_fill(blocked, torch.finfo(x.dtype).min)
             out = logits.softmax(-1) @ v
+        elif s == "einsum":  # q, k, v as [B, N, H, D], contracted by einsum (XLNet's style)
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            logits = torch.einsum("bihd,bjhd->bhij", qt, kt) * HEAD_DIM ** -0.5
+            if blocked is not None:
+                logits = logits.masked_fill(blocked, torch.finfo(x.dtype).min)
+            out = torch.einsum("bhij,bjhd->bihd", logits.softmax(-1), vt).transpose(1, 2)
         else:  # heads flattened into the batch, as [B*H, N, D]
             q3, k3, v3 = (t.reshape(b * HEADS, n, HEAD_DIM) for t in (q, k, v))
             if s == "bmm":  # DeBERTa-v2: the key scaled by a tensor computed from constants
@@ -88,7 +94,7 @@ def model(spelling: str, causal: bool = False, depth: int = 3) -> torch.nn.Modul
 
 
 # spelling -> the plain 4-D spelling that computes the same function
-SAME_AS = {"matmul": "matmul", "key_scaled": "matmul", "scale_first": "matmul", "bmm": "matmul",
+SAME_AS = {"matmul": "matmul", "key_scaled": "matmul", "scale_first": "matmul", "bmm": "matmul", "einsum": "matmul",
            "baddbmm_alibi": "matmul_alibi", "matmul_alibi": "matmul_alibi", "matmul_relative": "matmul_relative"}
 SPELLINGS = list(SAME_AS)
 
@@ -184,7 +190,7 @@ def reference_prune(m: torch.nn.Sequential, x: torch.Tensor, score: str, keep: f
     return exits.restore(x)
 
 
-@pytest.mark.parametrize("spelling", ["matmul_alibi", "baddbmm_alibi", "matmul_relative", "bmm"])
+@pytest.mark.parametrize("spelling", ["matmul_alibi", "baddbmm_alibi", "matmul_relative", "bmm", "einsum"])
 @pytest.mark.parametrize("score", ["query", "transition"])
 def test_causal_prune_of_every_spelling_equals_the_reference(fresh_dynamo, spelling, score):
     """A causal model is pruned after block 0 as the plain reference prunes it, in every spelling

@@ -19,8 +19,11 @@ SAMPLE = {
     ("transformers", "llama"): {"prune", "sparse", "kv_cache"},
     ("transformers", "phi"): {"prune", "sparse", "kv_cache"},  # parallel-residual blocks: prune cuts after them
     ("transformers", "gpt_neox"): {"prune", "sparse", "kv_cache"},  # q[..., r:] of N head dims: not tokens
-    ("transformers", "mixtral"): {"sparse", "kv_cache"},  # prune: MoE routing literals, a reason
-    ("timm", "eva02_tiny_patch14_224"): set(),  # rotary table of the patch tokens only: a reason
+    ("transformers", "mixtral"): {"prune", "sparse", "kv_cache"},  # MoE routing: topk, sort, k*N literals
+    ("timm", "eva02_tiny_patch14_224"): {"prune"},  # rotary table of the patch tokens only: gathered after the prefix
+    ("transformers", "bloom"): {"prune"},  # ALiBi through baddbmm over [B*H, N, D]; sparse: two masks
+    ("transformers", "opt"): {"prune", "sparse", "kv_cache"},  # MLP on the flattened stream
+    ("transformers", "deberta-v2"): {"merge"},  # bmm over heads, the key scaled by a constant tensor
 }
 
 

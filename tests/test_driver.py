@@ -180,7 +180,7 @@ def test_a_wrong_shape_prediction_undoes_the_pass(monkeypatch, fresh_dynamo):
     from tokred.rewriter import verify
 
     cut_shape = verify.cut_shape
-    monkeypatch.setattr(verify, "cut_shape", lambda shape, dims, n, keep: cut_shape(shape, dims, n, keep + 1))
+    monkeypatch.setattr(verify, "cut_shape", lambda shape, dims, n, keep, *lead: cut_shape(shape, dims, n, keep + 1, *lead))
     zm = ZOO["timm_vit_tiny_sdpa"]()
     be = tokred.backend(inner="eager", merge={"r": 2})
     with torch.no_grad():

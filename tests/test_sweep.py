@@ -503,6 +503,8 @@ HF_SAMPLE = (
     "bert", "gpt2", "llama", "qwen3", "gemma3", "mixtral", "t5", "whisper", "vit", "clip",
     "gptj", "phi", "falcon", "gpt_neox",  # parallel-residual decoders
     "mamba",  # F.conv1d(x, weight=..., ...): keyword operands outside attention
+    "bloom", "mpt", "deberta", "deberta-v2", "xlnet",  # baddbmm + ALiBi, batchless ALiBi, bmm over heads, einsum
+    "opt",  # the MLP on the stream flattened to [B*N, C]
 )
 
 

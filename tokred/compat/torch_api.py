@@ -43,6 +43,7 @@ check_torch_version()
 
 import torch._dynamo  # noqa: E402  (after the version check: an old torch fails with the message above)
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 import torch.utils._pytree as pytree  # noqa: E402
 from torch.utils._python_dispatch import _disable_current_modes as disable_current_modes  # noqa: E402,F401
 
@@ -77,6 +78,17 @@ LINEAR_FUNCS = {torch._C._nn.linear}
 SDPA_FUNCS = {torch._C._nn.scaled_dot_product_attention}
 SOFTMAX_FUNCS = {f for f in (getattr(torch._C._nn, "softmax", None), getattr(torch, "_softmax", None)) if f}
 ACTIVATION_FUNCS = {f for f in (getattr(torch._C._nn, "gelu", None), getattr(torch._C._nn, "silu", None)) if f}
+
+
+def is_grouped_mm(target) -> bool:
+    """A grouped matrix product ``(x [T, C], w [E, C, F], offs) -> [T, F]`` (each row of x by its
+    group's matrix: MoE experts): ``F.grouped_mm`` / ``torch._grouped_mm`` (torch >= 2.9) or the
+    CPU fallback op transformers registers (``torch.ops.transformers.grouped_mm_fallback``)."""
+    known = [getattr(F, "grouped_mm", None), getattr(torch, "_grouped_mm", None)]
+    namespace = getattr(torch.ops, "transformers", None)
+    known.append(getattr(namespace, "grouped_mm_fallback", None) if namespace is not None else None)
+    packet = getattr(target, "overloadpacket", target)  # an OpOverload names its packet
+    return any(f is not None and (target is f or packet is f) for f in known)
 
 # ----------------------------------------------------------------------------- oneDNN (passes/cpu_linear.py)
 

@@ -199,7 +199,10 @@ class Prune(GraphPass):
         candidates = self.candidates if plan.by_ids else \
             (lambda g, stream: g.call_function(interval_candidates, (stream, start, tail)))
         sources = [(self.reduced.get(b.input, b.input), b) for b in blocks[plan.at - opts.accumulate + 1:plan.at + 1]]
-        make = _reduction(block, self.score, opts, plan, candidates, sources, self.last)
+        # the prefix tokens (class, registers) lead every kept index when none of them may be pruned
+        prefix = self.facts.prefix_tokens
+        leading = prefix if not plan.by_ids and prefix <= plan.start else 0
+        make = _reduction(block, self.score, opts, plan, candidates, sources, self.last, leading)
         later = self.facts.blocks_after(block)
         cut = cut_tokens(self.gm, self.facts, block.output, later[-1].output, make, plan.m, self.example_inputs,
                          self.options.verify, kv_outputs=_kv_outputs(later), shapes=self.shapes)
@@ -375,9 +378,10 @@ def _select(graph: fx.Graph, block, score: str, opts: PruneOptions, stream: fx.N
 
 
 def _reduction(block, score: str, opts: PruneOptions, plan: PrunePlan, candidates, sources: list,
-               last: Optional[PruneReduction]):
+               last: Optional[PruneReduction], leading: int = 0):
     """make_reduction for one pruning cut after ``block``; ``candidates`` is a node, or a function
-    of the graph and the stream that inserts it; ``last``: the previous cut (exit tracking)."""
+    of the graph and the stream that inserts it; ``last``: the previous cut (exit tracking);
+    ``leading``: prefix tokens never pruned (the kept index, in position order, starts with them)."""
 
     def make(graph: fx.Graph, stream: fx.Node) -> PruneReduction:
         cands = candidates(graph, stream) if callable(candidates) else candidates
@@ -403,7 +407,7 @@ def _reduction(block, score: str, opts: PruneOptions, plan: PrunePlan, candidate
         else:  # the attention scores weighted the fused token's average (EViT), other scores a mean
             restore = lambda g, cut_stream, end_node: g.call_function(restore_fused, (cut_stream, index, end_node))
         return PruneReduction(stream=kept, index=kept_index, restore=restore, candidates=cands, exits=exits,
-                              origin=origin)
+                              origin=origin, leading=leading)
 
     return make
 

@@ -14,7 +14,8 @@ replaced by the out-of-place one when nothing can see the difference:
 Anything else is left in place (the matcher then does not find that site, and says nothing wrong).
 
 Batched matmuls (:mod:`.normalize_matmul`): ``baddbmm(bias, a, b, beta=, alpha=)`` becomes
-``bmm(a, b) * alpha + bias * beta``; a ``bmm`` over heads flattened into the batch whose result
+``bmm(a, b) * alpha + bias * beta``; a two-operand ``einsum`` that is a batched matrix product
+becomes permutes around a ``matmul``; a ``bmm`` over heads flattened into the batch whose result
 is viewed [B, H, N, M] (DeBERTa, BLOOM) becomes a 4-D matmul of the viewed operands, and the
 weights' ``bmm`` with v likewise. The attention matcher then sees one pattern, with its scale and
 bias as logit ops and q, k, v as [B, H, N, D].
@@ -33,7 +34,7 @@ from torch import fx
 
 from tokred.rewriter.analysis.graph import example_value
 from tokred.rewriter.analysis.literals import size_arg_paths
-from tokred.rewriter.normalize_matmul import fold_head_views, split_baddbmm
+from tokred.rewriter.normalize_matmul import einsum_as_matmul, fold_head_views, split_baddbmm
 
 # in-place op -> its out-of-place twin, as functions and as methods
 IN_PLACE_FUNCTIONS = {operator.itruediv: operator.truediv, operator.imul: operator.mul,
@@ -59,6 +60,7 @@ def normalize(gm: fx.GraphModule) -> int:
             respelled += 1
     respelled += _inline_sizes(gm.graph)
     respelled += split_baddbmm(gm.graph)
+    respelled += einsum_as_matmul(gm.graph)
     respelled += fold_head_views(gm.graph)
     if respelled:
         gm.graph.lint()

@@ -220,3 +220,64 @@ def _weights_bmm(node: fx.Node) -> Optional[tuple]:
     if not is_call(source, *SOFTMAX_FUNCS, "softmax"):
         return None
     return weights, v, before[1]
+
+
+# ----------------------------------------------------------------------------- einsum
+
+def einsum_as_matmul(graph: fx.Graph) -> int:
+    """Every two-operand ``einsum`` that is a batched matrix product (one contracted index, one
+    free index per operand, the shared indices kept: XLNet's ``"ibnd,jbnd->bnij"``) as permutes
+    around a ``matmul``; returns how many were rewritten."""
+    changed = 0
+    for node in list(graph.nodes):
+        if not is_call(node, torch.einsum, torch.functional.einsum, "einsum") or node.kwargs:
+            continue
+        operands = node.args[1:] if len(node.args) != 2 or not isinstance(node.args[1], (list, tuple)) else node.args[1]
+        plan = _matmul_plan(node.args[0], len(operands)) if isinstance(node.args[0], str) else None
+        if plan is None or not all(isinstance(x, fx.Node) for x in operands):
+            continue
+        left, right, result = plan
+
+        def build(b, a=operands[0], c=operands[1], left=left, right=right, result=result):
+            product = b.call(torch.matmul, _permuted(b, a, left), _right_operand(b, c, right))
+            return _permuted(b, product, result)
+
+        changed += _rebuild(graph, node, build)
+    return changed
+
+
+def _matmul_plan(equation: str, count: int) -> Optional[tuple]:
+    """The permutes that make ``equation`` a matmul: (left, right, result) dim orders, or None."""
+    if count != 2 or "->" not in equation or "." in equation:
+        return None
+    inputs, out = equation.replace(" ", "").split("->")
+    if inputs.count(",") != 1:
+        return None
+    a, b = inputs.split(",")
+    if any(len(set(t)) != len(t) for t in (a, b, out)):
+        return None
+    batch = [i for i in out if i in a and i in b]
+    contracted = [i for i in a if i in b and i not in out]
+    free_a = [i for i in a if i in out and i not in b]
+    free_b = [i for i in b if i in out and i not in a]
+    if len(contracted) != 1 or len(free_a) != 1 or len(free_b) != 1 or \
+            len(batch) + 2 != len(out) or len(a) != len(batch) + 2 or len(b) != len(batch) + 2:
+        return None
+    left = [a.index(i) for i in batch + free_a + contracted]
+    right = [b.index(i) for i in batch + contracted + free_b]
+    product = batch + free_a + free_b
+    return left, right, [product.index(i) for i in out]
+
+
+def _permuted(b: _Builder, x: fx.Node, order: list) -> fx.Node:
+    return x if order == sorted(order) else b.call(torch.permute, x, tuple(order))
+
+
+def _right_operand(b: _Builder, x: fx.Node, order: list) -> fx.Node:
+    """The right matmul operand in ``order`` (batch, contracted, free); where that takes a permute,
+    spelled as the transpose of x in (batch, free, contracted) order: a key then reads as
+    ``k.transpose(-2, -1)`` with k [B, H, N, D], as the attention matcher reads keys."""
+    swapped = order[:-2] + [order[-1], order[-2]]
+    if order == sorted(order):
+        return x
+    return b.call(torch.transpose, _permuted(b, x, swapped), -2, -1)

@@ -61,11 +61,16 @@ class Reduction:
              (mask row/column, rotary row, position id) it takes
     restore: ``restore(graph, cut_stream, end) -> node`` [B, N, C]: puts the token axis back after
              ``end`` (exit early: scatter into the stream at the cut; unmerge: gather by a map)
+    leading: the first ``leading`` entries of ``index`` are positions 0 .. leading - 1 in every
+             sample (prefix tokens kept in place, as prune keeps its protected tokens): a side
+             input of the N - leading tokens after them (EVA's rotary table of the patch tokens)
+             is then gathered at ``index[:, leading:] - leading``, and its sizes cut to M - leading
     """
 
     stream: fx.Node
     index: fx.Node
     restore: Callable
+    leading: int = 0
 
 
 @dataclass
@@ -82,6 +87,7 @@ class TokenCut:
     token_dims: dict  # region node -> its token dims (from the analysis, before the rewrite)
     cache_outputs: frozenset = frozenset()  # positions of graph outputs that now hold M tokens (KV cache)
     reduction: Optional[Reduction] = None  # what make_reduction gave (a pass reads its own fields back)
+    leading: int = 0  # the reduction's ``leading``: token dims of N - leading hold M - leading now
 
 
 def keep_index(make_index: Callable) -> Callable:
@@ -146,7 +152,7 @@ def cut_tokens(gm: fx.GraphModule, facts, start: fx.Node, end: fx.Node, make_red
         cut = _reduce(gm, facts, start, end, make_reduction, keep, n, kv_outputs)
         gm.recompile()
         added = [node for node in gm.graph.nodes if node not in existing]
-        if shapes is not None and shapes.predict(cut.region, cut.token_dims, n, keep, added):
+        if shapes is not None and shapes.predict(cut.region, cut.token_dims, n, keep, added, cut.leading):
             return cut
         if example_inputs is not None:
             before = {node: shape_keys(node) for node in cut.region}
@@ -215,6 +221,7 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
         region = []
     else:
         region_set = (nx.descendants(nxg, stream) & (nx.ancestors(nxg, last) | {last}))
+        region_set |= _writes_into(region_set)
         order = {node: i for i, node in enumerate(graph.nodes)}
         region = sorted(region_set, key=order.__getitem__)
     region_set = set(region)
@@ -240,16 +247,25 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
     gathered_side = {}
     added = {node for node in graph.nodes if node not in existing}
     n_key = size_key(n)
+    lead = reduction.leading if isinstance(n, int) else 0  # (static counts only)
+    tail_key, tail_index = (n - lead if lead else None), None
     for node in region:
         for inp in list(node.all_input_nodes):
             if inp in region_set or inp in added:
                 continue
             dims = sorted(d for d in axes.of(inp) if shape_keys(inp)[d] == n_key)
+            at = index
+            if not dims and lead:  # a table of the tokens after the kept prefix
+                dims = sorted(d for d in axes.of(inp) if shape_keys(inp)[d] == tail_key)
+                if dims and tail_index is None:
+                    with graph.inserting_after(index):
+                        tail_index = graph.call_function(tokens.tail_index, (index, lead))
+                at = tail_index
             if not dims:
                 continue
             if inp not in gathered_side:
                 with graph.inserting_before(node):  # its first reader: inp is defined by now
-                    gathered_side[inp], new_dims = _gather_side_input(graph, inp, dims, node, index,
+                    gathered_side[inp], new_dims = _gather_side_input(graph, inp, dims, node, at,
                                                                       shape_keys(stream)[0])
                 axes.dims[gathered_side[inp]] = frozenset(new_dims)
                 side.append((inp, tuple(dims)))
@@ -267,6 +283,12 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
                 with graph.inserting_before(node):
                     set_path(node, lit.path, _symbolic_literal(graph, get_path(node, lit.path), lit, *sizes))
             rewritten += 1
+        if lead:  # k * (N - leading): the tokens after the kept prefix, k * (M - leading) now
+            done = {lit.path for lit in literals_of(node, axes, {n_key})}
+            for lit in literals_of(node, axes, {tail_key}):
+                if lit.path not in done and not is_symbolic(lit.value):
+                    set_path(node, lit.path, lit.value // tail_key * (keep - lead))
+                    rewritten += 1
 
     restored = None
     if region:
@@ -280,7 +302,7 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
     return TokenCut(stream=stream, gathered=gathered, index=index, restored=restored, region=region,
                     side_inputs=side, literals=rewritten,
                     token_dims={node: axes.of(node) for node in region},
-                    cache_outputs=output_positions(graph, cache_nodes), reduction=reduction)
+                    cache_outputs=output_positions(graph, cache_nodes), reduction=reduction, leading=lead)
 
 
 def _size_nodes(graph: fx.Graph, stream: fx.Node, gathered: fx.Node) -> tuple:
@@ -348,6 +370,18 @@ def _token_count(facts, stream: fx.Node) -> int:
     return shape[1]
 
 
+def _writes_into(region_set: set) -> set:
+    """In-place writes into region tensors (``x[index] = value``: no output, so no path to the
+    region's end) and the constants they write (MoE's ``inv_perm[perm] = arange(k*N)``, a literal
+    that must count the kept tokens): part of the region."""
+    writes = {user for node in region_set for user in node.users
+              if user.target is operator.setitem and user.args[0] is node}
+    constants = {inp for write in writes for inp in write.all_input_nodes
+                 if inp not in region_set and inp.op == "call_function" and not inp.all_input_nodes
+                 and all(u in writes for u in inp.users)}
+    return writes | constants
+
+
 def _check_escapes(nxg, stream, last, region_set, axes, kv_outputs=False) -> set:
     """Region nodes read outside the region (other than by the restore point) must not carry tokens.
 
@@ -400,7 +434,7 @@ def _check_region_shapes(cut: TokenCut, before: dict, keep, n) -> None:
             continue
         if new is None or len(new) != len(old):
             raise RewriteError(f"node {node.name}: shape changed from {old} to {new}")
-        expected = cut_shape(old, cut.token_dims[node], n, keep)
+        expected = cut_shape(old, cut.token_dims[node], n, keep, cut.leading)
         for d, (a, b) in enumerate(zip(expected, new)):
             # a symbolic size before and an int after: the graph was propagated with concrete
             # inputs (an export's dynamic batch); the propagation itself checked that it fits

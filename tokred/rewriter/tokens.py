@@ -33,6 +33,12 @@ def gather_token_dim(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Te
     return torch.gather(x, dim, index.reshape(view).expand(expand))
 
 
+def tail_index(index: torch.Tensor, leading: int) -> torch.Tensor:
+    """The kept tokens after a kept prefix of ``leading``, as positions among the tokens after
+    that prefix: index [B, M] -> [B, M - leading] (``index[:, leading:] - leading``)."""
+    return index[:, leading:] - leading
+
+
 def gather_stream(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """Kept tokens of the residual stream: x [B, N, C], index [B, M] -> [B, M, C]."""
     if graph_calls_kernel(x, "gather_tokens"):

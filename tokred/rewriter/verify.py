@@ -73,10 +73,19 @@ def infer_node(node: fx.Node):
     return result
 
 
-def cut_shape(shape: tuple, token_dims, n: int, keep: int) -> tuple:
+def cut_shape(shape: tuple, token_dims, n: int, keep: int, leading: int = 0) -> tuple:
     """``shape`` after a cut from ``n`` to ``keep`` tokens: each token dim of size n becomes keep,
-    one of size k*n (heads or groups merged into the dim) becomes k*keep; other dims stay."""
-    return tuple(a // n * keep if d in token_dims and a % n == 0 else a for d, a in enumerate(shape))
+    one of size k*n (heads or groups merged into the dim) becomes k*keep; with ``leading`` prefix
+    tokens kept in place, one of size k*(n - leading) (the tokens after them) k*(keep - leading);
+    other dims stay."""
+    def cut(a):
+        if a % n == 0:
+            return a // n * keep
+        if leading and a % (n - leading) == 0:
+            return a // (n - leading) * (keep - leading)
+        return a
+
+    return tuple(cut(a) if d in token_dims else a for d, a in enumerate(shape))
 
 
 class PredictedShapes:
@@ -93,7 +102,7 @@ class PredictedShapes:
     def __init__(self):
         self.expected: dict = {}  # node -> the shape the cuts so far give it
 
-    def predict(self, region: list, token_dims: dict, n, keep: int, added: list) -> bool:
+    def predict(self, region: list, token_dims: dict, n, keep: int, added: list, leading: int = 0) -> bool:
         """Set the shapes after a cut of ``region`` (nodes in graph order, their token dims as
         before the cut) from ``n`` to ``keep`` tokens, and infer the ``added`` nodes (graph order).
 
@@ -107,7 +116,7 @@ class PredictedShapes:
             return False
         staged = {}
         for node, value in tensors.items():
-            shape = cut_shape(tuple(value.shape), token_dims.get(node, ()), n, keep)
+            shape = cut_shape(tuple(value.shape), token_dims.get(node, ()), n, keep, leading)
             staged[node] = shape
             if shape != tuple(value.shape):
                 node.meta["example_value"] = node.meta["val"] = _empty_like(value, shape)

@@ -74,7 +74,7 @@ def post_dominators(graph: fx.Graph, nxg: nx.DiGraph) -> dict:
     return nx.immediate_dominators(nxg.reverse(copy=False), output)
 
 
-def norm_chain(add: fx.Node, ipdom: dict, max_steps: int = 4) -> list:
+def norm_chain(add: fx.Node, ipdom: dict, max_steps: int = 8) -> list:
     """``add`` and the nodes every path from it passes through while it stays a [B, N, C] stream
     computed without projections: a post-norm (LayerNorm call, or a hand-written RMSNorm whose
     internal branches rejoin) shows up here as the nodes after the add."""
@@ -113,12 +113,16 @@ def find_blocks(sites: list, nxg: nx.DiGraph, ipdom: dict) -> list:
         chain = norm_chain(attn_add, ipdom)
         steps, mlp_add = next(((i, add) for i, cand in enumerate(chain) if (add := _find_mlp_add(cand))),
                               (0, None))
+        unflattened = None  # the MLP on the stream flattened to [B*N, C] (OPT): the view back
+        if mlp_add is None:
+            steps, (mlp_add, unflattened) = next(
+                ((i, found) for i, cand in enumerate(chain) if (found := _find_flat_mlp_add(cand))), (0, (None, None)))
         mid, post_norm = chain[steps], steps > 0
         # post-norm: the same norm follows the MLP add (as many post-dominator steps); decided from the
         # attention side, since a pre-norm model's last MLP add is also followed by a (final) norm
         output = None
         if mlp_add is not None:
-            out_chain = norm_chain(mlp_add, ipdom)
+            out_chain = norm_chain(unflattened if unflattened is not None else mlp_add, ipdom)
             output = out_chain[steps] if steps < len(out_chain) else None
         module = site.module.rsplit(".", 1)[0] if "." in site.module else site.module
         if mlp_add is not None:
@@ -203,6 +207,22 @@ def _find_mlp_add(mid: fx.Node, max_nodes: int = 96) -> Optional[fx.Node]:
             other = next((a for a in user.args[:2] if isinstance(a, fx.Node) and a is not mid), None)
             if other is not None and _branch_has_projection(other, mid, max_nodes):
                 return user
+    return None
+
+
+def _find_flat_mlp_add(mid: fx.Node) -> Optional[tuple]:
+    """(the MLP add, its view back to [B, N, C]) where the MLP runs on ``mid`` flattened to
+    [B*N, C] and the stream is viewed back after its residual add (OPT's decoder layer); else None."""
+    stream = shape_keys(mid)
+    for flat in mid.users:
+        shape = shape_keys(flat)
+        if not (is_call(flat, "reshape", "view", torch.reshape, "flatten") and shape and stream and len(shape) == 2
+                and len(stream) == 3 and shape[-1] == stream[-1]):
+            continue
+        add = _find_mlp_add(flat)
+        back = [u for u in add.users] if add is not None else []
+        if len(back) == 1 and is_call(back[0], "reshape", "view", torch.reshape) and shape_keys(back[0]) == stream:
+            return add, back[0]
     return None
 
 

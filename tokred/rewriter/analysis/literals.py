@@ -90,8 +90,9 @@ def literals_of(node: fx.Node, axes: TokenAxes, token_counts: set) -> list:
     if is_call(node, torch.arange) and 0 in dims:
         for i, a in enumerate(node.args[:2]):
             value = literal_value(a)
-            if value is not None and value == shape[0] and value in token_counts:
-                found.append(ShapeLiteral(node, (i,), value, 0, value))
+            tokens = _token_count_of(value, token_counts) if value is not None and value == shape[0] else None
+            if tokens is not None:  # N, or k*N (MoE's arange over the k choices of every token)
+                found.append(ShapeLiteral(node, (i,), value, 0, tokens))
         return found
     if node.target is operator.getitem and isinstance(node.args[1], (tuple, slice)):
         return found  # slices are handled by the surgery (they cut a buffer to N)
@@ -104,10 +105,15 @@ def literals_of(node: fx.Node, axes: TokenAxes, token_counts: set) -> list:
         value = literal_value(get_path(node, path))
         if d < 0 or d not in dims or value is None or value != shape[d]:
             continue
-        tokens = next((n for n in sorted(token_counts, key=_smallest_first) if value % n == 0), None)
+        tokens = _token_count_of(value, token_counts)
         if tokens is not None:
             found.append(ShapeLiteral(node, path, value, d, tokens))
     return found
+
+
+def _token_count_of(value, token_counts: set):
+    """The token count a literal on a token dim holds: the smallest that divides it (value = k*N)."""
+    return next((n for n in sorted(token_counts, key=_smallest_first) if value % n == 0), None)
 
 
 def _smallest_first(count) -> tuple:

@@ -138,8 +138,8 @@ def add_rule(node, carries):
     if carries(a) and carries(b):
         return a, LogitStep("product", node, side=b)
     for logits, side in ((a, b), (b, a)):
-        if isinstance(side, fx.Node) and carries(logits):
-            return logits, LogitStep("add", node, side=side)
+        if carries(logits) and (isinstance(side, fx.Node) or scalar_value(side) is not None):
+            return logits, LogitStep("add", node, side=side)  # a number added (DeBERTa's + 0) masks nothing
     return None
 
 

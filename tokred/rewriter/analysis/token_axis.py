@@ -64,6 +64,7 @@ REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "max", "min", "norm", "var",
 REDUCTION_FUNCS = {torch.mean, torch.sum, torch.amax, torch.amin, torch.max, torch.min, torch.var,
                    torch.std, torch.norm, torch.argmax}
 CREATION_FUNCS = {torch.zeros, torch.ones, torch.full, torch.empty, torch.randn, torch.rand}
+SELECTIONS = ("topk", torch.topk, "sort", torch.sort)  # (values, indices) along one dim
 
 
 class TokenAxes:
@@ -119,11 +120,16 @@ def reshape_map(in_shape: tuple, in_dims: Dims, out_shape: tuple, token_counts: 
     for d in in_dims:
         if d >= len(in_shape) or in_shape[d] == 1:
             continue
-        inner, size = math.prod(in_shape[d + 1:]), in_shape[d]
-        for e in range(len(out_shape)):
-            if math.prod(out_shape[e + 1:]) != inner or out_shape[e] == 1:
-                continue
-            if out_shape[e] % size == 0 or (size % out_shape[e] == 0 and out_shape[e] in token_counts):
+        inner, outer, size = math.prod(in_shape[d + 1:]), math.prod(in_shape[:d]), in_shape[d]
+        for counts, count, split in ((lambda e: math.prod(out_shape[e + 1:]), inner, lambda s: s in token_counts),
+                                     # the same outer element count: merged with inner dims ([B*N, k] ->
+                                     # [B*N*k], MoE's top-k choices flattened) or split back with the
+                                     # tokens outer (B*N of them: a multiple of a token count)
+                                     (lambda e: math.prod(out_shape[:e]), outer,
+                                      lambda s: any(s % t == 0 for t in token_counts))):
+            e = next((e for e in range(len(out_shape)) if counts(e) == count and out_shape[e] != 1 and (
+                out_shape[e] % size == 0 or (size % out_shape[e] == 0 and split(out_shape[e])))), None)
+            if e is not None:
                 out.add(e)
                 break
     return frozenset(out)
@@ -160,6 +166,15 @@ def _perm_of(node: fx.Node, ndim: int) -> Optional[list]:
 
 def _tensor_args(node: fx.Node) -> list:
     return [a for a in node.all_input_nodes if shape_keys(a) is not None]
+
+
+def _selected_dim(node: fx.Node) -> Dims:
+    """The dim a topk takes k of ({} for a sort: it keeps every element of its dim)."""
+    if not is_call(node, "topk", torch.topk):
+        return EMPTY
+    shape = shape_keys(node.args[0])
+    dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else -1)
+    return frozenset({_norm_dim(dim, len(shape))}) if shape is not None and isinstance(dim, int) else EMPTY
 
 
 def _reduced_dims(node: fx.Node, ndim: int) -> Optional[tuple]:
@@ -207,6 +222,11 @@ def forward_dims(node: fx.Node, get: Callable, token_counts: set):
         ev = example_value(node)
         n = len(ev) if isinstance(ev, (list, tuple)) else 0
         return tuple(get(x) for _ in range(n))
+    if is_call(node, *SELECTIONS):
+        # (values, indices): the same dims as the input, less the dim topk takes k of (a sort,
+        # a permutation along its dim, keeps it: MoE routing sorts the [k*N] expert choices)
+        dims = get(node.args[0]) - _selected_dim(node)
+        return dims, dims
 
     if out_shape is None:
         return EMPTY
@@ -215,9 +235,11 @@ def forward_dims(node: fx.Node, get: Callable, token_counts: set):
     if target in SDPA_TARGETS:
         q = node.args[0]
         return broadcast_map(shape_keys(q), get(q), out_shape)
-    if target in LINEAR_TARGETS:
+    if target in LINEAR_TARGETS or torch_api.is_grouped_mm(target):
         x = node.args[0]
         return frozenset(d for d in get(x) if d < len(shape_keys(x)) - 1)
+    if is_call(node, "argsort", torch.argsort):
+        return get(node.args[0])
     if target is torch.addmm:
         a = node.args[1]
         return frozenset(d for d in get(a) if d == 0)
@@ -357,6 +379,8 @@ def backward_dims(node: fx.Node, out_dims, token_counts: set) -> dict:
             result[x] = frozenset(d + (d >= dim) for d in union)
         elif is_call(node, "split", torch.split, "chunk", torch.chunk):
             result[node.args[0]] = frozenset().union(*out_dims) if out_dims else EMPTY
+        elif is_call(node, *SELECTIONS):
+            result[node.args[0]] = (frozenset().union(*out_dims) if out_dims else EMPTY) - _selected_dim(node)
         return result
     if not out_dims or out_shape is None:
         return result
@@ -366,7 +390,7 @@ def backward_dims(node: fx.Node, out_dims, token_counts: set) -> dict:
         return result
     if target is operator.getitem and isinstance(node.args[1], int) and shape_keys(node.args[0]) is None:
         return result  # handled by the tuple producer
-    if target in LINEAR_TARGETS:
+    if target in LINEAR_TARGETS or torch_api.is_grouped_mm(target):
         result[node.args[0]] = frozenset(d for d in out_dims if d < ndim - 1)
         return result
     perm = _perm_of(node, ndim)
@@ -398,6 +422,18 @@ def backward_dims(node: fx.Node, out_dims, token_counts: set) -> dict:
             result[a] = frozenset(d - off for d in out_dims if d - off >= 0 and sa[d - off] == out_shape[d]
                                   and sa[d - off] != 1)
     return result
+
+
+def setitem_dims(node: fx.Node, get: Callable) -> dict:
+    """``x[index] = value`` (an in-place write, no output): the value is laid out as the index,
+    so it carries the index's token dims (MoE's ``inv_perm[perm] = arange(k*N)``)."""
+    if node.target is not operator.setitem or len(node.args) != 3:
+        return {}
+    _, index, value = node.args
+    si, sv = shape_keys(index), shape_keys(value)
+    if si is None or sv is None:
+        return {}
+    return {value: broadcast_map(si, get(index), sv)}
 
 
 # ----------------------------------------------------------------------------- the dataflow
@@ -433,10 +469,10 @@ def infer_token_axes(graph: fx.Graph, token_counts: set, seeds: dict, max_rounds
                 changed = True
         for node in reversed(nodes):
             out = dims.get(node)
-            if not out:
+            if not out and node.target is not operator.setitem:
                 continue
             try:
-                back = backward_dims(node, out, token_counts)
+                back = backward_dims(node, out, token_counts) if out else setitem_dims(node, get)
             except Exception:
                 back = {}
             for inp, d in back.items():
