@@ -20,7 +20,7 @@ SAMPLE = {
     ("transformers", "phi"): {"prune", "sparse", "kv_cache"},  # parallel-residual blocks: prune cuts after them
     ("transformers", "gpt_neox"): {"prune", "sparse", "kv_cache"},  # q[..., r:] of N head dims: not tokens
     ("transformers", "mixtral"): {"prune", "sparse", "kv_cache"},  # MoE routing: topk, sort, k*N literals
-    ("timm", "eva02_tiny_patch14_224"): {"prune"},  # rotary table of the patch tokens only: gathered after the prefix
+    ("timm", "eva02_tiny_patch14_224"): {"merge", "prune"},  # rotary table of the patches: gathered after the prefix
     ("transformers", "bloom"): {"prune"},  # ALiBi through baddbmm over [B*H, N, D]; sparse: two masks
     ("transformers", "opt"): {"prune", "sparse", "kv_cache"},  # MLP on the flattened stream
     ("transformers", "deberta-v2"): {"merge"},  # bmm over heads, the key scaled by a constant tensor

@@ -55,9 +55,13 @@ def method_options(method: str, **more) -> dict:
 def compiled_run(name: str, options_json: str, depth: int = 2, n: int = N):
     """(prefill logits, [(keys, values) per layer], decode tokens, [decode logits], report) of the
     tokred-compiled model: a prefill, then STEPS greedy steps with the positions given."""
+    return compiled_model_run(model(name, depth), json.loads(options_json), n)
+
+
+def compiled_model_run(m, options: dict, n: int = N):
+    """:func:`compiled_run` of a model object."""
     torch._dynamo.reset()
-    m = model(name, depth)
-    be = tokred.backend(inner="aot_eager", kv_cache=json.loads(options_json))
+    be = tokred.backend(inner="aot_eager", kv_cache=options)
     fn = torch.compile(m, backend=be)
     ids = prompt(n)
     try:
@@ -82,8 +86,8 @@ def run(name: str, options: dict, depth: int = 2, n: int = N):
     return compiled_run(name, json.dumps(options, sort_keys=True), depth, n)
 
 
-def reference(name: str, options: dict, depth: int = 2, n: int = N, budgets=None):
-    m = model(name, depth)
+def reference(name: str, options: dict, depth: int = 2, n: int = N, budgets=None, m=None):
+    m = model(name, depth) if m is None else m
     ids = prompt(n)
     logits, layers = kv_reference.compress(m, ids, budgets=budgets, **options)
     tokens, steps = kv_reference.decode(m, layers, logits[:, -1:].argmax(-1), n, STEPS)
@@ -134,6 +138,18 @@ def test_method_equals_reference(method):
     assert_same_run(got, reference("hf_llama_cache_sdpa", options))
     assert [k.shape[2] for k, _ in got[1]] == [N // 2, N // 2]
     assert got[4].changed
+
+
+@pytest.mark.parametrize("method", ["snapkv", "h2o"])
+def test_moe_decoder_equals_reference(method):
+    """Mixtral (GQA attention, a top-2 MoE MLP): the cache cut and decode as on Llama."""
+    from test_prune_blocks import tiny_mixtral
+
+    m = tiny_mixtral(2)
+    options = method_options(method)
+    got = compiled_model_run(m, options)
+    assert_same_run(got, reference("mixtral", options, m=m))
+    assert [k.shape[2] for k, _ in got[1]] == [N // 2, N // 2] and got[4].changed
 
 
 @pytest.mark.parametrize("method", ["snapkv", "knorm"])

@@ -10,7 +10,8 @@
   and greedy decode steps equal the reference (``hf_decoder_forward``, Mixtral's own layers).
 - EVA02's rotary table covers the patch tokens only ([N - 1, 2D], after the class token): with the
   class token always kept first, each kept patch takes its own row (``index[:, 1:] - 1``) and the
-  sizes of N - 1 become M - 1 (``timm_eva_features``).
+  sizes of N - 1 become M - 1 (``timm_eva_features``). Merged the same way, each merged token
+  takes its representative's row (tests/tome_reference.py: ``timm_eva_features``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 import prune_reference
 import tokred
+import tome_reference
 from tokred.rewriter.report import REWRITTEN
 from test_prune import greedy_steps
 from zoo import GQA_HEADS, GQA_HIDDEN, GQA_KV_HEADS, INTERMEDIATE, VOCAB, _hf_build, max_abs_diff
@@ -125,3 +127,17 @@ def test_eva02_rotary_patches_equal_the_reference(fresh_dynamo, prune):
     torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
     assert max_abs_diff(got, dense) > 1e-3  # it pruned
     assert [s.status for s in backend.report.attention_sites].count(REWRITTEN) == len(prune["at"]), backend.report
+
+
+def test_eva02_merge_equals_the_tome_reference(fresh_dynamo):
+    model = tiny_eva()
+    images = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(3))
+    backend = tokred.backend(inner="aot_eager", merge={"r": 2})
+    with torch.no_grad():
+        got = torch.compile(model.forward_features, backend=backend)(images)
+        want, tracker = tome_reference.timm_eva_features(model, images, r=2)
+        dense, _ = tome_reference.timm_eva_features(model, images, r=0)
+        torch.testing.assert_close(dense, model.forward_features(images))  # a faithful model
+    assert tracker.r_done == [2, 2, 2]
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+    assert [s.status for s in backend.report.attention_sites] == [REWRITTEN] * 3, backend.report

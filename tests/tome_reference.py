@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -248,6 +249,7 @@ class MergeTracker:
         self.padded_original = self.padded.clone()
         self.has_padding = padded is not None
         self.where = torch.arange(n).repeat(batch, 1)
+        self.position = torch.arange(n).repeat(batch, 1)  # the original position of each token's representative
         self.r_done: list = []
 
     def key_bias(self, prop_attn: bool, dtype: torch.dtype) -> Tensor:
@@ -267,6 +269,7 @@ class MergeTracker:
             return x
         x, self.size, dest, rep = merge_batch(x, metric, self.size, self.padded, r_eff, protected, protect)
         self.padded = self.padded.gather(1, rep)
+        self.position = self.position.gather(1, rep)
         self.where = dest.gather(1, self.where)
         return x
 
@@ -370,6 +373,33 @@ def timm_vit_features(model, images: Tensor, r=0, prop_attn: bool = True, protec
         x = x + block.ls1(attn_out)  # drop_path is the identity in eval
         x = tracker.merge(x, keys.mean(dim=1), r_block, protected, protect)
         x = x + block.ls2(block.mlp(block.norm2(x)))
+    return model.norm(tracker.unmerge(x)), tracker
+
+
+def timm_eva_features(model, images: Tensor, r=0, prop_attn: bool = True, protect: str = "tome"):
+    """ToMe on timm's ``Eva.forward_features`` (EVA02: a rotary table of the patch tokens after the
+    p prefix tokens): each merged token takes its representative's rotary row, as it takes its
+    other positional inputs; the metric is the keys as the attention reads them (after rotary).
+    -> ([B, N, C], tracker)."""
+    from timm.layers import apply_rot_embed_cat
+
+    x, table = model._pos_embed(model.patch_embed(images))
+    x = model.norm_pre(x)
+    p, (batch, n) = model.num_prefix_tokens, x.shape[:2]
+    tracker = MergeTracker(batch, n)
+    for block, r_block in zip(model.blocks, per_block(r, len(model.blocks))):
+        attn, h = block.attn, block.norm1(x)
+        m = h.shape[1]
+        rope = table[tracker.position[:, p:] - p][:, None]  # [B, 1, M - p, 2D]
+        bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias)) if attn.q_bias is not None else None
+        q, k, v = F.linear(h, attn.qkv.weight, bias).reshape(batch, m, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = (torch.cat([t[:, :, :p], apply_rot_embed_cat(t[:, :, p:], rope)], dim=2) for t in (q, k))
+        out = attn.proj(attn.norm(join_heads(attention(q, k, v, attn.scale, tracker.key_bias(prop_attn, x.dtype)))))
+        x = x + (out if block.gamma_1 is None else block.gamma_1 * out)
+        x = tracker.merge(x, k.mean(dim=1), r_block, p, protect)
+        mlp = block.mlp(block.norm2(x))
+        x = x + (mlp if block.gamma_2 is None else block.gamma_2 * mlp)
     return model.norm(tracker.unmerge(x)), tracker
 
 

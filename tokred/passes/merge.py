@@ -411,8 +411,9 @@ class Merge(GraphPass):
     def apply(self, block, plan: MergePlan) -> str:
         if self.opts.mode == "local":
             return self._apply_local(block, plan)
+        # the prefix tokens (class, registers) stay at 0 .. p - 1, their own representatives
         make = _global_reduction(block.attention, plan.r, plan.prefix, self.opts.protect, self.last,
-                                 self.opts.trace_source)
+                                 self.opts.trace_source, min(self.facts.prefix_tokens, plan.prefix))
         end = self.facts.stack_of(block)[-1].output  # tokens are restored where their stream ends
         cut = cut_tokens(self.gm, self.facts, block.mid, end, make, None if plan.symbolic else plan.n - plan.r,
                          self.example_inputs, self.options.verify, shapes=self.shapes)
@@ -477,8 +478,10 @@ def _blocked_after(later) -> str:
     return f"block {blocked.module or blocked.index} after it: {blocked.unsupported}" if blocked else ""
 
 
-def _global_reduction(site, r: int, prefix: int, protect: str, last: Optional[MergeReduction], trace: bool):
-    """make_reduction for one ToMe merge at a block's mid point; ``last``: the previous merge."""
+def _global_reduction(site, r: int, prefix: int, protect: str, last: Optional[MergeReduction], trace: bool,
+                      leading: int = 0):
+    """make_reduction for one ToMe merge at a block's mid point; ``last``: the previous merge;
+    ``leading``: protected prefix tokens that lead every representative index (see Reduction)."""
 
     def make(graph: fx.Graph, stream: fx.Node) -> MergeReduction:
         metric = graph.call_function(head_mean, (site.k,))
@@ -488,7 +491,8 @@ def _global_reduction(site, r: int, prefix: int, protect: str, last: Optional[Me
         merged, size, new_group, rep, dest = (graph.call_function(getitem, (step, i)) for i in range(5))
         source = graph.call_function(compose_dest, (last.source if last is not None else None, dest)) if trace else None
         restore = lambda g, cut_stream, end: g.call_function(tokens.gather_stream, (end, dest))
-        return MergeReduction(stream=merged, index=rep, restore=restore, size=size, group=new_group, source=source)
+        return MergeReduction(stream=merged, index=rep, restore=restore, size=size, group=new_group, source=source,
+                              leading=leading)
 
     return make
 
