@@ -12,6 +12,9 @@
   class token always kept first, each kept patch takes its own row (``index[:, 1:] - 1``) and the
   sizes of N - 1 become M - 1 (``timm_eva_features``). Merged the same way, each merged token
   takes its representative's row (tests/tome_reference.py: ``timm_eva_features``).
+- A parallel-residual ViT (timm's ``vit_*_xp``: attention and MLP read the same input, one add)
+  has no stream between attention and MLP: its tokens are merged after the block, by the block's
+  keys (``timm_parallel_vit_features``).
 """
 
 from __future__ import annotations
@@ -141,3 +144,23 @@ def test_eva02_merge_equals_the_tome_reference(fresh_dynamo):
     assert tracker.r_done == [2, 2, 2]
     torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
     assert [s.status for s in backend.report.attention_sites] == [REWRITTEN] * 3, backend.report
+
+
+def test_parallel_residual_vit_merge_equals_the_tome_reference(fresh_dynamo):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_xp_224", pretrained=False, img_size=64, depth=3, embed_dim=64,
+                              num_heads=2).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    backend = tokred.backend(inner="aot_eager", merge={"r": 3})
+    with torch.no_grad():
+        got = torch.compile(model.forward_features, backend=backend)(images)
+        want, tracker = tome_reference.timm_parallel_vit_features(model, images, r=3)
+        dense, _ = tome_reference.timm_parallel_vit_features(model, images, r=0)
+        torch.testing.assert_close(dense, model.forward_features(images))  # a faithful model
+    assert tracker.r_done == [3, 3]
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+    assert max_abs_diff(got, dense) > 1e-3  # it merged
+    statuses = [s.status for s in backend.report.attention_sites]
+    assert statuses == [REWRITTEN, REWRITTEN, "found"], backend.report
+    assert "the last of its stack" in backend.report.attention_sites[2].reason, backend.report

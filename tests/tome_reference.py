@@ -376,6 +376,25 @@ def timm_vit_features(model, images: Tensor, r=0, prop_attn: bool = True, protec
     return model.norm(tracker.unmerge(x)), tracker
 
 
+def timm_parallel_vit_features(model, images: Tensor, r=0, prop_attn: bool = True, protect: str = "tome"):
+    """ToMe on a timm ViT of parallel-residual blocks (``ParallelScalingBlock``: ``x + attn(ln x) +
+    mlp(ln x)`` in one add, no stream between attention and MLP): each block's r tokens are merged
+    after the block, by the block's attention keys, and the next blocks run on the merged tokens;
+    the last block merges nothing (no block would follow). -> ([B, N, C], tracker)."""
+    x = timm_embed(model, images)
+    protected = model.num_prefix_tokens
+    tracker = MergeTracker(x.shape[0], x.shape[1])
+    blocks = list(model.blocks)
+    for index, (block, r_block) in enumerate(zip(blocks, per_block(r, len(blocks)))):
+        b, n, _ = x.shape
+        _, _, k, _ = torch.split(block.in_proj(block.in_norm(x)), block.in_split, dim=-1)
+        keys = block.k_norm(k.view(b, n, block.num_heads, block.head_dim)).transpose(1, 2)
+        x = block(x, attn_mask=tracker.key_bias(prop_attn, x.dtype) if prop_attn else None)
+        if index < len(blocks) - 1:
+            x = tracker.merge(x, keys.mean(dim=1), r_block, protected, protect)
+    return model.norm(tracker.unmerge(x)), tracker
+
+
 def timm_eva_features(model, images: Tensor, r=0, prop_attn: bool = True, protect: str = "tome"):
     """ToMe on timm's ``Eva.forward_features`` (EVA02: a rotary table of the patch tokens after the
     p prefix tokens): each merged token takes its representative's rotary row, as it takes its

@@ -386,8 +386,10 @@ class Merge(GraphPass):
         if self.last is not None:
             self.sizes_before[block.index] = self.last.size
         reason = _cannot_merge(block, site)
-        symbolic = not reason and is_symbolic(size_key(shape_of(block.mid)[1]))
+        point = merge_point(block)
+        symbolic = not reason and is_symbolic(size_key(shape_of(point)[1]))
         if self.opts.mode == "local":
+            reason = reason or block.unsupported
             reason = reason or ("the query projection was not found" if site.q_proj is None else "")
             reason = reason or ("the token count is dynamic (a symbolic shape): r is taken of a fixed N at "
                                 "compile time; compile with dynamic=False, or use mode 'global'" if symbolic else "")
@@ -398,13 +400,15 @@ class Merge(GraphPass):
                              for name, start, end in _local_branches(block, site))
             branches = tuple(b for b in branches if b.r > 0)
             return MergePlan(block.index, 0, 0, self.prefix, branches) if branches else Keep("r=0 at this block")
-        reason = reason or _blocked_after(self.facts.blocks_after(block))
         if reason:
             return Skip(reason)
+        if block.parallel and not self.facts.blocks_after(block):
+            return Keep("a parallel-residual block, the last of its stack: merged after its output, no block "
+                        "would run on fewer tokens")
         if symbolic:  # r of each call's N, capped in the graph (tome_step) as below
-            n, r = size_key(shape_of(block.mid)[1]), self.rs[block.index]
+            n, r = size_key(shape_of(point)[1]), self.rs[block.index]
             return MergePlan(block.index, r, n, self.prefix, symbolic=True) if r > 0 else Keep("r=0 at this block")
-        n = shape_of(block.mid)[1]
+        n = shape_of(point)[1]
         r = min(self.rs[block.index], (n - self.prefix) // 2)  # at most half of the unprotected tokens
         return MergePlan(block.index, r, n, self.prefix) if r > 0 else Keep(f"r=0 at this block ({n} tokens)")
 
@@ -415,13 +419,15 @@ class Merge(GraphPass):
         make = _global_reduction(block.attention, plan.r, plan.prefix, self.opts.protect, self.last,
                                  self.opts.trace_source, min(self.facts.prefix_tokens, plan.prefix))
         end = self.facts.stack_of(block)[-1].output  # tokens are restored where their stream ends
-        cut = cut_tokens(self.gm, self.facts, block.mid, end, make, None if plan.symbolic else plan.n - plan.r,
-                         self.example_inputs, self.options.verify, shapes=self.shapes)
+        cut = cut_tokens(self.gm, self.facts, merge_point(block), end, make,
+                         None if plan.symbolic else plan.n - plan.r, self.example_inputs, self.options.verify,
+                         shapes=self.shapes)
         self.last, self.last_stack = cut.reduction, block.stack
+        where = "after the block (parallel residual)" if block.parallel else "after attention"
         if plan.symbolic:
-            return (f"merge r={plan.r}: N -> N - {plan.r} tokens after attention (r at most (N - {plan.prefix}) // 2; "
+            return (f"merge r={plan.r}: N -> N - {plan.r} tokens {where} (r at most (N - {plan.prefix}) // 2; "
                     f"N = each call's token count: a symbolic token count)")
-        return f"merge r={plan.r}: {plan.n} -> {plan.n - plan.r} tokens after attention"
+        return f"merge r={plan.r}: {plan.n} -> {plan.n - plan.r} tokens {where}"
 
     def _apply_local(self, block, plan: MergePlan) -> str:
         """tomesd: merge each branch input, unmerge the branch output before its residual add."""
@@ -459,23 +465,22 @@ class Merge(GraphPass):
                              f"{self.prefix} protected leading tokens (protect={opts.protect})")
 
 
+def merge_point(block) -> fx.Node:
+    """Where a block's tokens are merged: between its attention and its MLP (ToMe), or after the
+    block where it has no stream between them (a parallel-residual block: by its attention's keys;
+    the next blocks run on the merged tokens)."""
+    return block.output if block.parallel else block.mid
+
+
 def _cannot_merge(block, site) -> str:
     if site.causal:
         return "causal attention: merging would mix later tokens into earlier ones"
-    if block.unsupported:
-        return block.unsupported
     if block.mlp_add is None or block.output is None:
         return "the block's MLP residual add was not found"
-    if shape_of(block.mid) is None or len(shape_of(block.mid)) != 3:
+    point = merge_point(block)
+    if shape_of(point) is None or len(shape_of(point)) != 3:
         return "the residual stream is not [B, N, C]"
     return ""
-
-
-def _blocked_after(later) -> str:
-    """Why a global merge cannot run through ``later`` (the blocks after it, which see the merged
-    tokens and their sizes) ("" if it can)."""
-    blocked = next((b for b in later if b.unsupported), None)
-    return f"block {blocked.module or blocked.index} after it: {blocked.unsupported}" if blocked else ""
 
 
 def _global_reduction(site, r: int, prefix: int, protect: str, last: Optional[MergeReduction], trace: bool,

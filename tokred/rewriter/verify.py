@@ -121,7 +121,10 @@ class PredictedShapes:
             if shape != tuple(value.shape):
                 node.meta["example_value"] = node.meta["val"] = _empty_like(value, shape)
         for node in added:
-            _infer_with_inputs(node)
+            try:
+                _infer_with_inputs(node)
+            except Exception as exc:  # an op the cut inserted does not fit its inputs: say where
+                raise ShapeCheckError(node, exc) from exc
         self.expected.update(staged)
         return True
 

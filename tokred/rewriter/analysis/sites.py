@@ -141,13 +141,14 @@ class Block:
 
     @property
     def unsupported(self) -> str:
-        """Why a cut between this block's attention and its MLP (merge's) cannot be made ("" if it can
-        try); a cut after the block (prune's) needs only ``output``."""
+        """Why a cut between this block's attention and its MLP (the local merge's) cannot be made
+        ("" if it can try); a cut after the block (prune's, a global merge's in a parallel block)
+        needs only ``output``."""
         return PARALLEL_RESIDUAL if self.parallel else ""
 
 
 PARALLEL_RESIDUAL = ("parallel-residual block (attention and MLP read the same input): no stream between "
-                     "them to merge on (prune cuts after the block)")
+                     "them to merge on (the global mode merges after the block)")
 
 
 def _same_input(a: fx.Node, b: fx.Node) -> bool:
