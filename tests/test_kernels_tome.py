@@ -331,7 +331,7 @@ def test_triton_kernels_in_the_merge_step(triton_interpreter, monkeypatch, prefi
     order, not index order; the kernels must give what the references give for these too. N = 37
     and D, C = 20 take several 16-blocks; a padded suffix in batch row 1 adds a second group.
     """
-    from tokred.passes import merge as merge_pass
+    from tokred.passes import merge_graph as merge_pass
 
     generator = torch.Generator().manual_seed(11 + prefix)
     batch, num_tokens, r = 2, 37, 9
