@@ -275,7 +275,8 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
     rewritten = 0
     sizes = (n, keep) if keep is not None else None
     for node in region:
-        for lit in literals_of(node, axes, {n_key}):
+        found = literals_of(node, axes, {n_key})
+        for lit in found:
             if not is_symbolic(lit.value):
                 set_path(node, lit.path, lit.value // n * keep)
             else:  # a node (a symbolic N, or B*N with a symbolic batch): computed in the graph
@@ -284,7 +285,7 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
                     set_path(node, lit.path, _symbolic_literal(graph, get_path(node, lit.path), lit, *sizes))
             rewritten += 1
         if lead:  # k * (N - leading): the tokens after the kept prefix, k * (M - leading) now
-            done = {lit.path for lit in literals_of(node, axes, {n_key})}
+            done = {lit.path for lit in found}
             for lit in literals_of(node, axes, {tail_key}):
                 if lit.path not in done and not is_symbolic(lit.value):
                     set_path(node, lit.path, lit.value // tail_key * (keep - lead))
