@@ -19,10 +19,10 @@ import torch
 from torch import fx
 
 from tokred.rewriter.analysis.graph import DROPOUT_FUNCS, SOFTMAX_FUNCS, is_call, shape_of, size_key
+from tokred.rewriter.analysis.logits import ADDS, CASTS, DIVS, MULS
 from tokred.rewriter.verify import infer_node
 
-SCALAR_OPS = (operator.mul, torch.mul, "mul", operator.truediv, torch.div, "div")
-ADDS = (operator.add, torch.add, "add")
+SCALAR_OPS = MULS + DIVS
 VIEWS = ("view", "reshape", torch.reshape)
 
 
@@ -146,7 +146,7 @@ def _split(b: _Builder, x, heads: int) -> Optional[fx.Node]:
     if is_call(x, torch.bmm, "bmm"):
         return b.call(torch.matmul, _unflatten_operand(b, x.args[0], heads), _unflatten_operand(b, x.args[1], heads))
     if is_call(x, *SCALAR_OPS):
-        divides = x.target not in (operator.mul, torch.mul, "mul")
+        divides = x.target not in MULS
         for i in ((0,) if divides else (0, 1)):  # c * x as well as x * c; only x / c
             if _is_scalar(x.args[1 - i]):
                 inner = _split(b, x.args[i], heads)
@@ -214,7 +214,7 @@ def _weights_bmm(node: fx.Node) -> Optional[tuple]:
             size_key(before[0] * before[1]) != size_key(after[0]):
         return None
     source = weights
-    while is_call(source, "to", "float", "type", "type_as", "contiguous") or (
+    while is_call(source, *CASTS) or (
             isinstance(source, fx.Node) and source.op == "call_function" and source.target in DROPOUT_FUNCS):
         source = source.args[0]
     if not is_call(source, *SOFTMAX_FUNCS, "softmax"):

@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from tokred.rewriter.analysis.graph import (
-    DROPOUT_FUNCS, SOFTMAX_FUNCS, arg, evaluate_constant, example_value, is_call, is_matmul, shape_of, size_key,
+    DROPOUT_FUNCS, arg, evaluate_constant, example_value, is_call, is_matmul, shape_of, size_key,
 )
 
 CASTS = ("to", "float", "half", "bfloat16", "type", "type_as", "contiguous")
@@ -160,10 +160,6 @@ LOGIT_RULES: tuple[Callable, ...] = (cast_rule, view_rule, scale_rule, softcap_r
 
 
 # ----------------------------------------------------------------------------- the match
-
-def _is_softmax(node) -> bool:
-    return is_call(node, *SOFTMAX_FUNCS, "softmax")
-
 
 def match_logits(softmax: fx.Node) -> Optional[LogitChain]:
     """The chain from q @ k^T to ``softmax`` (over its last dim), or None where the softmax's
