@@ -109,6 +109,24 @@ def greedy_steps(fn, model, prefill, steps: int) -> tuple:
     return logits, torch.cat(tokens, dim=1), cache
 
 
+def assert_pruned_decode_equals_reference(model, ids: torch.Tensor, prune: dict, steps: int = DECODE_STEPS) -> None:
+    """A transformers decoder compiled with ``prune``: its prefill logits, its pruned cache (N tokens
+    in the layers up to the cut, M after) and ``steps`` greedy decode steps on that cache equal the
+    reference's (``hf_decoder_generate``, the model's own layers)."""
+    fn = torch.compile(model, backend=tokred.backend(inner="aot_eager", prune=prune))
+    with torch.no_grad():
+        out = fn(input_ids=ids, use_cache=True)
+        got_steps, _, cache = greedy_steps(fn, model, out, steps)
+        want_logits, want_steps, _, want_cache = hf_decoder_generate(model, ids, prune_options(**prune), steps)
+    assert max_abs_diff(out.logits, want_logits) <= TOL
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    assert lengths == [layer.keys.shape[2] for layer in want_cache.layers]
+    assert lengths[0] == ids.shape[1] + steps > lengths[-1]  # layer 0 before the cut, the rest after
+    assert max_abs_diff(cache, want_cache) <= TOL
+    for got, want in zip(got_steps, want_steps):
+        assert max_abs_diff(got, want) <= TOL
+
+
 def compiled(name: str, prune: dict, depth: int = 2, inner: str = "aot_eager", decode_steps: int = 0):
     """(output, report) of zoo model ``name`` compiled by tokred with ``prune`` options (memoised)."""
     options = json.dumps({"inner": inner, "prune": prune}, sort_keys=True)

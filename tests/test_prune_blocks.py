@@ -26,7 +26,8 @@ import prune_reference
 import tokred
 import tome_reference
 from tokred.rewriter.report import REWRITTEN
-from test_prune import greedy_steps
+from test_prune import assert_pruned_decode_equals_reference
+from test_prune_parallel import ids
 from zoo import GQA_HEADS, GQA_HIDDEN, GQA_KV_HEADS, INTERMEDIATE, VOCAB, _hf_build, max_abs_diff
 
 TOL = 1e-4
@@ -40,28 +41,6 @@ def tiny_opt(layers: int = 3):
     return _hf_build(OPTForCausalLM, config, "sdpa")
 
 
-def ids(n: int = 14) -> torch.Tensor:
-    return torch.randint(10, VOCAB - 10, (2, n), generator=torch.Generator().manual_seed(n))
-
-
-@pytest.mark.parametrize("prune", [
-    {"keep": 0.5, "at": [0], "score": "query"},
-    {"keep": [0.7, 0.6], "at": [0, 1], "score": "transition", "protect_last": 2},
-], ids=["query-at0", "transition-two-cuts"])
-def test_opt_prefill_equals_the_reference(fresh_dynamo, prune):
-    model = tiny_opt()
-    backend = tokred.backend(inner="aot_eager", prune=prune)
-    with torch.no_grad():
-        got = torch.compile(model, backend=backend)(input_ids=ids(), use_cache=False).logits
-        want = prune_reference.hf_opt_forward(model, ids(), prune_reference.prune_options(**prune))
-        dense = model(input_ids=ids(), use_cache=False).logits
-    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
-    assert max_abs_diff(got, dense) > 1e-3  # it pruned
-    report = backend.report
-    assert [s.status for s in report.attention_sites].count(REWRITTEN) == len(prune["at"]), report
-    assert report.blocks == 3, report
-
-
 def tiny_mixtral(layers: int = 3):
     """transformers MixtralForCausalLM: GQA attention, a sparse MoE MLP (4 experts, top 2)."""
     from transformers import MixtralConfig, MixtralForCausalLM
@@ -72,38 +51,34 @@ def tiny_mixtral(layers: int = 3):
     return _hf_build(MixtralForCausalLM, config, "sdpa")
 
 
+def decoder_logits(model, input_ids, opts):
+    """The reference prefill's logits of a Llama-like decoder (Mixtral's layers as they are)."""
+    return prune_reference.hf_decoder_forward(model, input_ids, opts, use_cache=False).logits
+
+
+@pytest.mark.parametrize("build, reference", [(tiny_opt, prune_reference.hf_opt_forward),
+                                              (tiny_mixtral, decoder_logits)],
+                         ids=["opt", "mixtral"])
 @pytest.mark.parametrize("prune", [
     {"keep": 0.5, "at": [0], "score": "query"},
     {"keep": [0.7, 0.6], "at": [0, 1], "score": "transition", "protect_last": 2},
 ], ids=["query-at0", "transition-two-cuts"])
-def test_mixtral_prefill_equals_the_reference(fresh_dynamo, prune):
-    model = tiny_mixtral()
+def test_prefill_equals_the_reference(fresh_dynamo, build, reference, prune):
+    model = build()
     backend = tokred.backend(inner="aot_eager", prune=prune)
     with torch.no_grad():
         got = torch.compile(model, backend=backend)(input_ids=ids(), use_cache=False).logits
-        want = prune_reference.hf_decoder_forward(model, ids(), prune_reference.prune_options(**prune),
-                                                  use_cache=False).logits
+        want = reference(model, ids(), prune_reference.prune_options(**prune))
         dense = model(input_ids=ids(), use_cache=False).logits
     torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
     assert max_abs_diff(got, dense) > 1e-3  # it pruned
-    assert [s.status for s in backend.report.attention_sites].count(REWRITTEN) == len(prune["at"]), backend.report
+    report = backend.report
+    assert [s.status for s in report.attention_sites].count(REWRITTEN) == len(prune["at"]), report
+    assert report.blocks == 3, report
 
 
 def test_mixtral_pruned_cache_and_decode_equal_the_reference(fresh_dynamo):
-    model, steps = tiny_mixtral(), 3
-    prune = {"keep": 0.5, "at": [0], "score": "query"}
-    fn = torch.compile(model, backend=tokred.backend(inner="aot_eager", prune=prune))
-    with torch.no_grad():
-        out = fn(input_ids=ids(), use_cache=True)
-        got_steps, _, cache = greedy_steps(fn, model, out, steps)
-        want_logits, want_steps, _, want_cache = prune_reference.hf_decoder_generate(
-            model, ids(), prune_reference.prune_options(**prune), steps)
-    assert max_abs_diff(out.logits, want_logits) <= TOL
-    lengths = [layer.keys.shape[2] for layer in cache.layers]
-    assert lengths == [layer.keys.shape[2] for layer in want_cache.layers]
-    assert lengths[0] == ids().shape[1] + steps > lengths[-1]  # layer 0 before the cut, the rest after
-    for got, want in zip(got_steps, want_steps):
-        assert max_abs_diff(got, want) <= TOL
+    assert_pruned_decode_equals_reference(tiny_mixtral(), ids(), {"keep": 0.5, "at": [0], "score": "query"})
 
 
 def tiny_eva(depth: int = 3):

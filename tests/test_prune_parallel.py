@@ -15,7 +15,7 @@ import torch
 import prune_reference
 import tokred
 from tokred.rewriter.report import REWRITTEN
-from test_prune import greedy_steps
+from test_prune import assert_pruned_decode_equals_reference
 from zoo import GQA_HEADS, GQA_HIDDEN, GQA_KV_HEADS, INTERMEDIATE, VOCAB, _hf_build, max_abs_diff
 
 TOL = 1e-4
@@ -56,19 +56,5 @@ def test_phi_prefill_equals_the_reference(fresh_dynamo, prune):
 
 
 def test_phi_pruned_cache_and_decode_equal_the_reference(fresh_dynamo):
-    model = tiny_phi()
-    prune = {"keep": 0.5, "at": [0], "score": "query", "protect_last": 2}
-    fn = torch.compile(model, backend=tokred.backend(inner="aot_eager", prune=prune))
-    with torch.no_grad():
-        out = fn(input_ids=ids(), use_cache=True)
-        steps, _, cache = greedy_steps(fn, model, out, STEPS)
-    with torch.no_grad():
-        want_logits, want_steps, _, want_cache = prune_reference.hf_decoder_generate(
-            model, ids(), prune_reference.prune_options(**prune), STEPS)
-    assert max_abs_diff(out.logits, want_logits) <= TOL
-    lengths = [layer.keys.shape[2] for layer in cache.layers]
-    assert lengths == [layer.keys.shape[2] for layer in want_cache.layers]
-    assert lengths[0] == ids().shape[1] + STEPS > lengths[-1]  # layer 0 before the cut, the rest after
-    assert max_abs_diff(cache, want_cache) <= TOL
-    for got, want in zip(steps, want_steps):
-        assert max_abs_diff(got, want) <= TOL
+    assert_pruned_decode_equals_reference(tiny_phi(), ids(), {"keep": 0.5, "at": [0], "score": "query",
+                                                              "protect_last": 2}, STEPS)

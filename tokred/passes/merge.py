@@ -283,8 +283,8 @@ def _cannot_merge(block, site) -> str:
 
 def _global_reduction(site, r: int, prefix: int, protect: str, last: Optional[MergeReduction], trace: bool,
                       leading: int = 0):
-    """make_reduction for one ToMe merge at a block's mid point; ``last``: the previous merge;
-    ``leading``: protected prefix tokens that lead every representative index (see Reduction)."""
+    """make_reduction for one ToMe merge at a block's :func:`merge_point`; ``last``: the previous
+    merge; ``leading``: protected prefix tokens that lead every representative index (see Reduction)."""
 
     def make(graph: fx.Graph, stream: fx.Node) -> MergeReduction:
         metric = graph.call_function(head_mean, (site.k,))

@@ -34,7 +34,9 @@ from tokred.compat.torch_api import FakeTensor
 from tokred.rewriter import tokens
 from tokred.rewriter.analysis.graph import is_symbolic, shape_keys, shape_of, size_key, to_networkx
 from tokred.rewriter.analysis.literals import get_path, literals_of, set_path
-from tokred.rewriter.verify import PredictedShapes, check_output_contract, cut_shape, output_signature, propagate_shapes
+from tokred.rewriter.verify import (
+    PredictedShapes, check_output_contract, cut_shape, cut_size, output_signature, propagate_shapes,
+)
 
 
 class RewriteError(ValueError):
@@ -278,7 +280,7 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
         found = literals_of(node, axes, {n_key})
         for lit in found:
             if not is_symbolic(lit.value):
-                set_path(node, lit.path, lit.value // n * keep)
+                set_path(node, lit.path, cut_size(lit.value, n, keep))
             else:  # a node (a symbolic N, or B*N with a symbolic batch): computed in the graph
                 sizes = sizes or _size_nodes(graph, stream, gathered)
                 with graph.inserting_before(node):
@@ -288,7 +290,7 @@ def _reduce(gm, facts, stream, last, make_reduction, keep, n, kv_outputs=False) 
             done = {lit.path for lit in found}
             for lit in literals_of(node, axes, {tail_key}):
                 if lit.path not in done and not is_symbolic(lit.value):
-                    set_path(node, lit.path, lit.value // tail_key * (keep - lead))
+                    set_path(node, lit.path, cut_size(lit.value, n, keep, lead))
                     rewritten += 1
 
     restored = None

@@ -73,19 +73,20 @@ def infer_node(node: fx.Node):
     return result
 
 
-def cut_shape(shape: tuple, token_dims, n: int, keep: int, leading: int = 0) -> tuple:
-    """``shape`` after a cut from ``n`` to ``keep`` tokens: each token dim of size n becomes keep,
-    one of size k*n (heads or groups merged into the dim) becomes k*keep; with ``leading`` prefix
-    tokens kept in place, one of size k*(n - leading) (the tokens after them) k*(keep - leading);
-    other dims stay."""
-    def cut(a):
-        if a % n == 0:
-            return a // n * keep
-        if leading and a % (n - leading) == 0:
-            return a // (n - leading) * (keep - leading)
-        return a
+def cut_size(a: int, n: int, keep: int, leading: int = 0) -> int:
+    """A token size after a cut from ``n`` to ``keep`` tokens: k*n (heads or groups merged into the
+    dim) becomes k*keep; with ``leading`` prefix tokens kept in place, k*(n - leading) (the tokens
+    after them) becomes k*(keep - leading); any other size stays."""
+    if a % n == 0:
+        return a // n * keep
+    if leading and a % (n - leading) == 0:
+        return a // (n - leading) * (keep - leading)
+    return a
 
-    return tuple(cut(a) if d in token_dims else a for d, a in enumerate(shape))
+
+def cut_shape(shape: tuple, token_dims, n: int, keep: int, leading: int = 0) -> tuple:
+    """``shape`` after a cut: :func:`cut_size` of each token dim, the other dims as they are."""
+    return tuple(cut_size(a, n, keep, leading) if d in token_dims else a for d, a in enumerate(shape))
 
 
 class PredictedShapes:

@@ -220,7 +220,7 @@ def _find_flat_mlp_add(mid: fx.Node) -> Optional[tuple]:
                 and len(stream) == 3 and shape[-1] == stream[-1]):
             continue
         add = _find_mlp_add(flat)
-        back = [u for u in add.users] if add is not None else []
+        back = list(add.users) if add is not None else []
         if len(back) == 1 and is_call(back[0], "reshape", "view", torch.reshape) and shape_keys(back[0]) == stream:
             return add, back[0]
     return None

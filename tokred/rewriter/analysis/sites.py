@@ -8,6 +8,7 @@ GQA's repeat_kv (expand + reshape) and rotary arithmetic to the projections that
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Optional
@@ -280,9 +281,7 @@ def find_manual_site(softmax: fx.Node) -> Optional[AttentionSite]:
         factors.append(pre_scaled)
     if key_factor != 1.0:
         factors.append(key_factor)
-    scale = None
-    for f in factors:
-        scale = (scale or 1.0) * f
+    scale = math.prod(factors) if factors else None
     masks = tuple((s.kind, s.side) for s in chain.steps if s.kind in ("add", "fill", "keep")
                   and isinstance(s.side, fx.Node))
     mask = masks[-1][1] if masks else None  # the mask nearest q @ k^T
